@@ -1,0 +1,1 @@
+"""mpqc compiler core."""

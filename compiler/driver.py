@@ -1,0 +1,175 @@
+"""The compile driver behind both the CLI and the Python API.
+
+``compile_model`` imports the model, loads data, builds the pipeline for the level
+and target (or parses ``passes``), runs it, and writes the outputs atomically: the
+ONNX model, the report (JSON, optional HTML) and the target bundle. Outputs are
+written only after the whole pipeline succeeded, so a failure leaves nothing.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .data import Dataset, load_dataset
+from .errors import OptionError
+from .export import atomic_write_bytes, to_onnx
+from .frontend import load_graph
+from .info import model_info
+from .ir import Graph
+from .passes import Pass, PassContext, PassManager, parse_pipeline
+from .pipelines import build_pipeline
+from .targets import Target, get_target
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompileResult:
+    graph: Graph
+    float_graph: Graph
+    report: dict[str, Any]
+    context: PassContext
+    timings: list = field(default_factory=list)
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_write_bytes(path, to_onnx(self.graph).SerializeToString(deterministic=True))
+
+    def onnx_bytes(self) -> bytes:
+        return to_onnx(self.graph).SerializeToString(deterministic=True)
+
+
+def _as_dataset(d, graph: Graph, option: str, default_split: str) -> Dataset | None:
+    if d is None:
+        return None
+    if isinstance(d, Dataset):
+        return d
+    if isinstance(d, (str, os.PathLike)):
+        return load_dataset(str(d), graph.inputs[0], default_split=default_split, option=option)
+    if isinstance(d, tuple):
+        from .data import check_input
+        x, y = d
+        return Dataset(check_input(np.asarray(x), graph.inputs[0], option), None if y is None else np.asarray(y),
+                       f"<array>{option}")
+    from .data import check_input
+    return Dataset(check_input(np.asarray(d), graph.inputs[0], option), None, f"<array>{option}")
+
+
+def json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if hasattr(o, "to_json"):
+        return o.to_json()
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def report_json_bytes(report: dict) -> bytes:
+    return (json.dumps(report, indent=1, sort_keys=True, default=json_default, allow_nan=False) + "\n").encode()
+
+
+def _clean_nan(o):
+    if isinstance(o, float) and not np.isfinite(o):
+        return None if np.isnan(o) else ("inf" if o > 0 else "-inf")
+    if isinstance(o, dict):
+        return {k: _clean_nan(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean_nan(v) for v in o]
+    return o
+
+
+def compile_model(model: str | os.PathLike | Graph, *, level: int = 1, target: str | Target | None = "npu8",
+                  calib=None, eval=None, train=None, metric: str | None = None,
+                  passes: str | list[Pass] | None = None, output: str | os.PathLike | None = None,
+                  report: str | os.PathLike | None = None, html: str | os.PathLike | None = None,
+                  bundle: str | os.PathLike | None = None, seed: int = 0, quiet: bool = True,
+                  batch_size: int = 64, verify_each: bool = False, print_after: set[str] | None = None,
+                  time_passes: bool = False, printer=None, options: dict | None = None) -> CompileResult:
+    """Compile ``model`` and write the requested outputs. See ``mpqc --help`` for the options."""
+    t0 = time.perf_counter()
+    graph = model if isinstance(model, Graph) else load_graph(model)
+    tgt = get_target(target) if isinstance(target, str) else target
+    ctx = PassContext(target=tgt, seed=seed, quiet=quiet, batch_size=batch_size)
+    ctx.calib = _as_dataset(calib, graph, "--calib", "calib")
+    ctx.eval = _as_dataset(eval, graph, "--eval", "eval")
+    ctx.train = _as_dataset(train, graph, "--train", "train")
+    ctx.metric = metric
+    ctx.options = dict(options or {})  # type: ignore[attr-defined]
+    if passes is None:
+        pipeline = build_pipeline(level, tgt)
+    elif isinstance(passes, str):
+        pipeline = parse_pipeline(passes)
+    else:
+        pipeline = list(passes)
+    ctx.report.update({
+        "mpqc_version": _version(),
+        "model": graph.name,
+        "level": level if passes is None else None,
+        "target": tgt.to_json() if tgt is not None else None,
+        "pipeline": [p.spec() for p in pipeline],
+        "data": {k: (None if d is None else {"source": d.source, "samples": len(d), "labels": d.y is not None})
+                 for k, d in (("calib", ctx.calib), ("eval", ctx.eval), ("train", ctx.train))},
+        "float_model": model_info(graph),
+    })
+    float_graph = graph.copy()
+    ctx.float_graph = float_graph
+    pm = PassManager(pipeline, verify_each=verify_each, print_after=print_after, time_passes=time_passes,
+                     printer=printer)
+    pm.run(graph, ctx)
+    # the float reference for later comparisons is the canonical float network
+    ctx.report["compiled_model"] = model_info(graph)
+    if time_passes:  # timings vary run to run: only on request, so reports stay byte-identical
+        ctx.report["timings"] = [{"pass": t.name, "seconds": round(t.seconds, 4), "modified": t.modified}
+                                 for t in pm.timings]
+        ctx.report["total_seconds"] = round(time.perf_counter() - t0, 3)
+    result = CompileResult(graph, ctx.float_graph or float_graph, ctx.report, ctx, pm.timings)
+    write_outputs(result, output=output, report=report, html=html, bundle=bundle)
+    return result
+
+
+def write_outputs(result: CompileResult, *, output=None, report=None, html=None, bundle=None) -> None:
+    """Serialize everything first, then write each file atomically."""
+    blobs: list[tuple[Any, bytes]] = []
+    if output is not None:
+        blobs.append((output, result.onnx_bytes()))
+    if bundle is not None:
+        from .bundle import bundle_bytes
+        npz, manifest = bundle_bytes(result.graph, result.report)
+        blobs.append((bundle, npz))
+        blobs.append((Path(str(bundle)).with_suffix(".json"), manifest))
+    rep = _clean_nan(result.report)
+    if report is not None:
+        blobs.append((report, report_json_bytes(rep)))
+    if html is not None:
+        from .html_report import render_html
+        blobs.append((html, render_html(rep).encode()))
+    for path, data in blobs:
+        atomic_write_bytes(path, data)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("mpqc")
+    except Exception:  # pragma: no cover
+        return "0"
+
+
+def check_outputs_differ(*paths) -> None:
+    seen = {}
+    for opt, p in paths:
+        if p is None:
+            continue
+        rp = os.path.realpath(p)
+        if rp in seen:
+            raise OptionError(f"{opt} and {seen[rp]} name the same file {str(p)!r}")
+        seen[rp] = opt

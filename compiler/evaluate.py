@@ -1,0 +1,75 @@
+"""Evaluate a model file on a data split with one of the runtimes (``mpqc eval``)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .data import load_dataset
+from .errors import ModelError, OptionError
+from .frontend import load_graph
+from .ir import Graph
+from .metrics import NEEDS_REFERENCE, check_metric, evaluate
+
+RUNTIMES = ("float", "emulator", "ort")
+
+
+def run_model(model: Graph | str | os.PathLike, x: np.ndarray, *, runtime: str = "float",
+              batch_size: int = 64, progress: str | None = None) -> np.ndarray:
+    """First output of ``model`` on ``x`` under ``runtime``."""
+    if runtime == "ort":
+        return run_ort(model, x, batch_size=batch_size)
+    if runtime == "emulator":
+        from ..runtime.emulator import run_emulator
+        return run_emulator(model, x, batch_size=batch_size, progress=progress)
+    if runtime != "float":
+        raise OptionError(f"--runtime {runtime!r} is unknown; choose one of {', '.join(RUNTIMES)}")
+    from ..runtime.executor import run_batched
+    g = model if isinstance(model, Graph) else load_graph(model)
+    return run_batched(g, x, batch_size=batch_size, progress=progress)[0]
+
+
+def ort_session(model: Graph | str | os.PathLike):
+    import onnxruntime as ort
+    from .export import to_onnx
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    src = to_onnx(model, check=False).SerializeToString() if isinstance(model, Graph) else str(model)
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+def run_ort(model, x: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
+    sess = ort_session(model)
+    name = sess.get_inputs()[0].name
+    outs = [sess.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+    return np.concatenate(outs, axis=0)
+
+
+def evaluate_file(model: str, data: str, *, metric: str | None = None, reference: str | None = None,
+                  runtime: str = "float", batch_size: int = 64) -> dict:
+    is_bundle = str(model).endswith(".npz")
+    if is_bundle and runtime != "emulator":
+        raise OptionError(f"{model!r} is a target bundle: evaluate it with --runtime emulator")
+    if not is_bundle and not Path(model).exists():
+        raise ModelError(f"model file {model!r} does not exist")
+    if is_bundle:
+        from ..runtime.emulator import bundle_input_value
+        inp = bundle_input_value(model)
+        graph_or_path = model
+    else:
+        g = load_graph(model)
+        inp = g.inputs[0]
+        graph_or_path = g if runtime != "ort" else model
+    ds = load_dataset(data, inp, default_split="eval", option="--data")
+    metric = metric or ("top1" if ds.y is not None else "agreement")
+    check_metric(metric, ds.y is not None)
+    ref = None
+    if metric in NEEDS_REFERENCE:
+        if reference is None:
+            raise OptionError(f"--metric {metric} compares with a float model: give --reference FLOAT.onnx")
+        ref = run_model(reference, ds.x, runtime="float", batch_size=batch_size)
+    out = run_model(graph_or_path, ds.x, runtime=runtime, batch_size=batch_size, progress="eval")
+    value = evaluate(metric, out, ds.y, ref)
+    return {"model": str(model), "data": ds.source, "samples": len(ds), "metric": metric, "value": value,
+            "runtime": runtime}

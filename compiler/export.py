@@ -1,0 +1,97 @@
+"""IR -> ONNX export through onnx-graphsurgeon, checked with full shape inference.
+
+Files are written atomically (temporary file in the same folder, then rename), so
+a failure never leaves a partial model behind.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .errors import CompilerError
+from .ir import Graph, Value
+
+PRODUCER = "mpqc"
+
+
+def to_onnx(graph: Graph, *, check: bool = True, opset: int | None = None) -> onnx.ModelProto:
+    import onnx_graphsurgeon as gs
+
+    tmap: dict[int, object] = {}
+
+    def conv(v: Value | None):
+        if v is None:
+            return gs.Variable.empty()
+        t = tmap.get(id(v))
+        if t is None:
+            if v.is_const:
+                t = gs.Constant(v.name, v.const if v.const.flags.c_contiguous else v.const.copy())
+            else:
+                shape = None if v.shape is None else [d if d is not None else None for d in v.shape]
+                t = gs.Variable(v.name, dtype=v.dtype, shape=shape)
+            tmap[id(v)] = t
+        return t
+
+    inputs = [conv(v) for v in graph.inputs]
+    nodes = []
+    for n in graph.nodes:
+        attrs = {}
+        for k, a in n.attrs.items():
+            if isinstance(a, np.ndarray):
+                a = gs.Constant(f"{n.name}_{k}", a)
+            attrs[k] = a
+        # intermediate shapes are re-inferred on export: drop them to avoid stale ones
+        outs = []
+        for v in n.outputs:
+            t = conv(v)
+            if v not in graph.outputs:
+                t.shape = None
+                t.dtype = None
+            outs.append(t)
+        nodes.append(gs.Node(n.op_type, n.name, attrs, [conv(v) for v in n.inputs], outs,
+                             domain=n.domain or None))
+    outputs = [conv(v) for v in graph.outputs]
+    ver = opset or graph.opset
+    g = gs.Graph(nodes=nodes, inputs=inputs, outputs=outputs, name=graph.name, opset=ver)
+    model = gs.export_onnx(g, do_type_check=False)
+    model.producer_name = PRODUCER
+    model.ir_version = min(model.ir_version, 10)
+    del model.opset_import[:]
+    model.opset_import.append(onnx.helper.make_opsetid("", ver))
+    for k, v in sorted(graph.metadata.items()):
+        model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=str(v)))
+    if check:
+        try:
+            model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+            onnx.checker.check_model(model, full_check=True)
+        except Exception as e:
+            raise CompilerError(f"exported model fails the ONNX checker: {str(e).splitlines()[0][:300]}",
+                                hint="this is an mpqc bug; please report it with the model") from None
+    return model
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=str(p.parent))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def save_onnx(graph: Graph, path: str | os.PathLike, **kw) -> onnx.ModelProto:
+    model = to_onnx(graph, **kw)
+    atomic_write_bytes(path, model.SerializeToString(deterministic=True))
+    return model

@@ -1,0 +1,196 @@
+"""ONNX import: file -> checked, upgraded, shape-inferred, constant-folded -> mpqc IR.
+
+Steps: read and check the protobuf; bring opsets older than 13 up to 17 with
+``onnx.version_converter`` (so the runtime sees one set of op semantics); infer
+shapes; import through onnx-graphsurgeon, fold constants (including shape
+subgraphs whose dims are static), clean up and sort; then convert to ``Graph``.
+Every op left must be one the runtime executes, else ``UnsupportedOpError``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import ModelError, UnsupportedOpError
+from .ir import Graph, Node, Value
+
+log = logging.getLogger(__name__)
+
+#: opsets below this are converted up to TARGET_OPSET on import
+MIN_NATIVE_OPSET = 13
+TARGET_OPSET = 17
+
+
+def onnx_dtype_to_np(elem_type: int) -> np.dtype:
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    except Exception:  # pragma: no cover - exotic types
+        return np.dtype(np.float32)
+
+
+def read_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read and check an ONNX file; any failure is a one-line ModelError."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelError(f"model file {str(p)!r} does not exist")
+    if p.is_dir():
+        raise ModelError(f"model path {str(p)!r} is a directory, expected an .onnx file")
+    try:
+        model = onnx.load(str(p))
+    except Exception as e:  # protobuf DecodeError and friends
+        raise ModelError(f"{str(p)!r} is not a readable ONNX model ({type(e).__name__}: {str(e)[:120]})",
+                         hint="check that the file is a complete .onnx export") from None
+    if not model.graph.node:
+        raise ModelError(f"{str(p)!r} holds no graph nodes: not an ONNX model, or an empty one")
+    return model
+
+
+def check_model(model: onnx.ModelProto, origin: str = "model") -> None:
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{origin} fails the ONNX checker: {msg[:300]}") from None
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return TARGET_OPSET
+
+
+def upgrade_opset(model: onnx.ModelProto, origin: str = "model") -> onnx.ModelProto:
+    """Convert models older than opset 13 to opset 17 (old model-zoo models are opset 7-9)."""
+    ver = default_opset(model)
+    if ver >= MIN_NATIVE_OPSET:
+        return model
+    try:
+        from onnx import version_converter
+        return version_converter.convert_version(model, TARGET_OPSET)
+    except Exception as e:
+        log.info("opset conversion of %s from %d failed (%s); importing as is", origin, ver, e)
+        return model
+
+
+def _attr_value(v):
+    import onnx_graphsurgeon as gs
+    if isinstance(v, gs.Constant):
+        return np.array(v.values)
+    if isinstance(v, onnx.TensorProto):
+        return numpy_helper.to_array(v)
+    if isinstance(v, gs.Graph) or isinstance(v, onnx.GraphProto):
+        return v  # subgraph: only ops with subgraphs use it, and none is supported
+    if isinstance(v, (list, tuple)):
+        return [_attr_value(x) for x in v]
+    return v
+
+
+def _shape_of(var) -> tuple | None:
+    shp = getattr(var, "shape", None)
+    if shp is None:
+        return None
+    out = []
+    for d in shp:
+        if isinstance(d, (int, np.integer)) and int(d) >= 0:
+            out.append(int(d))
+        elif isinstance(d, str) and d:
+            out.append(d)
+        else:
+            out.append(None)
+    return tuple(out)
+
+
+def from_onnx(model: onnx.ModelProto, *, origin: str = "model", fold: bool = True,
+              check_ops: bool = True) -> Graph:
+    """Convert an in-memory ModelProto to a Graph (see module docstring)."""
+    import onnx_graphsurgeon as gs
+
+    model = upgrade_opset(model, origin)
+    try:
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception as e:
+        log.info("shape inference of %s failed: %s", origin, e)
+    try:
+        g = gs.import_onnx(model)
+    except Exception as e:
+        raise ModelError(f"{origin} cannot be imported: {str(e).splitlines()[0][:200]}") from None
+    if fold:
+        try:
+            g.fold_constants(fold_shapes=True, error_ok=True)
+        except Exception as e:  # folding is an optimisation: never fatal
+            log.info("constant folding at import failed: %s", e)
+    g.cleanup(remove_unused_graph_inputs=False).toposort()
+
+    graph = Graph(name=g.name or "graph", opset=max(default_opset(model), 13))
+    for p in model.metadata_props:
+        graph.metadata[p.key] = p.value
+    vmap: dict[int, Value] = {}
+
+    def conv(t) -> Value | None:
+        if t is None:
+            return None
+        if isinstance(t, gs.Variable) and t.name == "":
+            return None  # omitted optional input
+        v = vmap.get(id(t))
+        if v is None:
+            if isinstance(t, gs.Constant):
+                arr = np.array(t.values)
+                v = Value(t.name, const=arr)
+            else:
+                dt = np.dtype(t.dtype) if t.dtype is not None else np.dtype(np.float32)
+                try:
+                    dt = onnx_dtype_to_np(t.dtype) if isinstance(t.dtype, int) else np.dtype(t.dtype)
+                except TypeError:
+                    dt = np.dtype(np.float32)
+                v = Value(t.name, _shape_of(t), dt)
+            vmap[id(t)] = v
+        return v
+
+    graph.inputs = [conv(t) for t in g.inputs if not isinstance(t, gs.Constant)]
+    used_names: set[str] = set()
+    for i, n in enumerate(g.nodes):
+        name = n.name or f"{n.op}_{i}"
+        while name in used_names:
+            name = f"{name}_{i}"
+        used_names.add(name)
+        node = Node(n.op, name, {k: _attr_value(a) for k, a in n.attrs.items()}, n.domain or "")
+        for t in n.inputs:
+            graph._append_input(node, conv(t))
+        for t in n.outputs:
+            v = conv(t)
+            v.producer = node
+            node.outputs.append(v)
+        graph.nodes.append(node)
+    graph.outputs = [conv(t) for t in g.outputs]
+    if check_ops:
+        check_supported(graph)
+    graph.verify()
+    return graph
+
+
+def check_supported(graph: Graph) -> None:
+    from ..runtime.ops import KERNELS
+    for n in graph.nodes:
+        if n.domain not in ("", "ai.onnx") or n.op_type not in KERNELS:
+            supported = ", ".join(sorted(KERNELS))
+            op = n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}"
+            raise UnsupportedOpError(
+                f"node {n.name!r} uses operator {op}, which mpqc does not support. "
+                f"Supported: {supported}")
+
+
+def load_graph(path: str | os.PathLike, *, fold: bool = True, check_ops: bool = True) -> Graph:
+    """Read an ONNX file and import it (the ``mpqc.load`` entry point)."""
+    model = read_model(path)
+    origin = Path(path).name
+    check_model(model, origin)
+    graph = from_onnx(model, origin=origin, fold=fold, check_ops=check_ops)
+    if not graph.name or graph.name == "graph":
+        graph.name = Path(path).stem
+    return graph

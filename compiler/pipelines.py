@@ -1,0 +1,55 @@
+"""Pipelines per ``-O`` level and target, as explicit pass lists (no level checks inside passes).
+
+* ``-O0`` canonicalize: fold constants and shapes, drop Identity/Dropout, fold
+  "same" Pads into Convs, fold BatchNorm, Reshape -> Flatten, dead code, shapes.
+* ``-O1`` canonicalize + fixed-point formats at the target's default widths + QDQ.
+* ``-O2`` ``-O1`` with the influence-driven bit-width search before QDQ insertion.
+* ``-O3`` ``-O2`` with pruning and fine-tuning (when those passes are present).
+"""
+from __future__ import annotations
+
+from .errors import OptionError
+from .passes import PASS_REGISTRY, Pass, _ensure_passes_loaded, parse_pipeline
+from .targets import Target
+
+CANONICALIZE = [
+    "fold-constants",
+    "remove-identity",
+    "infer-shapes",
+    "fold-constants",
+    "fold-pad-into-conv",
+    "fold-batchnorm",
+    "reshape-to-flatten",
+    "eliminate-dead-code",
+    "infer-shapes",
+]
+
+LEVELS = (0, 1, 2, 3)
+
+
+def pipeline_spec(level: int, target: Target | None) -> list[str]:
+    """The pass specs of a level, before parsing."""
+    if level not in LEVELS:
+        raise OptionError(f"-O{level} is not a level; use -O0, -O1, -O2 or -O3")
+    spec = list(CANONICALIZE)
+    if level == 0:
+        return spec
+    if target is None:
+        raise OptionError(f"-O{level} needs a --target (see 'mpqc targets')")
+    spec.append("choose-formats")
+    if level >= 2:
+        spec.append("assign-bit-widths")
+    if level >= 3:
+        spec.extend(["prune-channels", "finetune"])
+    spec.append("insert-qdq")
+    return spec
+
+
+def build_pipeline(level: int, target: Target | None = None) -> list[Pass]:
+    _ensure_passes_loaded()
+    spec = pipeline_spec(level, target)
+    missing = [s for s in spec if s.split("{")[0] not in PASS_REGISTRY]
+    if missing:
+        raise OptionError(f"-O{level} needs passes that this build of mpqc does not have yet: "
+                          f"{', '.join(dict.fromkeys(missing))}; use a lower -O level")
+    return parse_pipeline(",".join(spec))

@@ -1,0 +1,78 @@
+"""Target profiles: what a chip executes, as data (ARCHITECTURE.md "Targets").
+
+A ``Target`` lists allowed weight and activation widths (highest first: the first
+is the default for ``-O1``), the scale kind, whether weights may be per channel,
+the accumulator width, the ops it runs, and a cost model: weight bytes at the
+chosen widths and MACs weighted by ``mac_cost[(w_bits, a_bits)]``.
+``levels`` gives the reduction ladder that mixed-precision searches walk
+(npu8: weights 8 -> 4, activations 16 -> 8).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import OptionError
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    description: str
+    weight_bits: tuple[int, ...]
+    act_bits: tuple[int, ...]
+    scale: str = "pow2"  # "pow2" or "float"
+    per_channel: bool = True
+    accumulator_bits: int = 32
+    min_bits: int = 2  # b_m: lowest width a search may reach
+    binary_decomposed: bool = False
+    ops: tuple[str, ...] = ("Conv", "Gemm", "MatMul", "Add", "Relu", "Clip", "MaxPool", "AveragePool",
+                            "GlobalAveragePool", "Flatten", "Reshape", "Concat", "Transpose", "Pad",
+                            "Mul", "Sub", "Div", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish",
+                            "Softmax", "Sum", "LRN")
+    mac_cost_per_bit: float = 1.0  # MAC cost proportional to w_bits * a_bits / 64
+
+    @property
+    def default_weight_bits(self) -> int:
+        return self.weight_bits[0]
+
+    @property
+    def default_act_bits(self) -> int:
+        # the narrowest activation width that is the chip's "native" path: 8 when offered
+        return 8 if 8 in self.act_bits else self.act_bits[0]
+
+    def lower_weight_bits(self, bits: int) -> int | None:
+        """The next allowed weight width below ``bits`` (None at the bottom)."""
+        lower = sorted(b for b in self.weight_bits if b < bits and b >= self.min_bits)
+        return lower[-1] if lower else None
+
+    def lower_act_bits(self, bits: int) -> int | None:
+        lower = sorted(b for b in self.act_bits if b < bits and b >= self.min_bits)
+        return lower[-1] if lower else None
+
+    def mac_cost(self, w_bits: int, a_bits: int) -> float:
+        return self.mac_cost_per_bit * w_bits * a_bits / 64.0
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "description": self.description, "weight_bits": list(self.weight_bits),
+                "act_bits": list(self.act_bits), "scale": self.scale, "per_channel": self.per_channel,
+                "accumulator_bits": self.accumulator_bits, "min_bits": self.min_bits,
+                "binary_decomposed": self.binary_decomposed}
+
+
+TARGETS: dict[str, Target] = {t.name: t for t in [
+    Target("npu8", "8-bit NPU: weights 8/4 bit, activations 16/8 bit, power-of-two scales, int32 accumulators",
+           weight_bits=(8, 4), act_bits=(16, 8), min_bits=4),
+    Target("npu4", "low-bit NPU: weights 8/4/2 bit, activations 8/4 bit, power-of-two scales",
+           weight_bits=(8, 4, 2), act_bits=(8, 4), min_bits=2),
+    Target("bdcnn", "binary-decomposed weights (k bases), activations as Q bit-planes (Q in 2..8), popcount",
+           weight_bits=(8,), act_bits=(8, 7, 6, 5, 4, 3, 2), min_bits=2, binary_decomposed=True),
+    Target("ort-int8", "onnxruntime CPU int8 path: float scales, int8 weights and activations",
+           weight_bits=(8,), act_bits=(8,), scale="float", min_bits=8),
+]}
+
+
+def get_target(name: str) -> Target:
+    t = TARGETS.get(name)
+    if t is None:
+        raise OptionError(f"unknown --target {name!r}; choose one of {', '.join(TARGETS)} (see 'mpqc targets')")
+    return t

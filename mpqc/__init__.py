@@ -1,0 +1,1 @@
+"""mpqc: mixed-precision quantization and pruning compiler."""

@@ -1,0 +1,249 @@
+"""The ``mpqc`` command line.
+
+    mpqc MODEL.onnx [-O0|-O1|-O2|-O3] [--target T] [--calib F.npz:calib] [--eval F.npz:eval] -o OUT.onnx
+    mpqc info MODEL.onnx [--json]
+    mpqc eval MODEL.onnx --data F.npz:SPLIT [--metric M] [--runtime float|emulator|ort] [--json]
+    mpqc targets | mpqc passes
+
+User errors print one line ``mpqc: error: ...`` and exit with code 2, with no
+traceback and no output file left behind.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from mpqc.compiler.errors import CompilerError, OptionError
+
+SUBCOMMANDS = ("info", "eval", "targets", "passes", "compile")
+
+EPILOG = """\
+examples:
+  mpqc model.onnx -O0 -o canonical.onnx
+  mpqc model.onnx -O1 --target npu8 --calib data.npz:calib -o model_q.onnx --report report.json
+  mpqc model.onnx -O2 --target npu4 --calib data.npz:calib --eval data.npz:eval --max-drop 0.01 \\
+       -o model_q.onnx --report report.json --html report.html
+  mpqc model.onnx --passes "fold-constants,fold-batchnorm" -o out.onnx
+  mpqc info model.onnx
+  mpqc eval model_q.onnx --data data.npz:test --metric top1
+
+other commands: info, eval, targets, passes (each has --help).
+data files are .npz archives with x_SPLIT (and y_SPLIT for labels); FILE.npz:SPLIT picks a split.
+exit codes: 0 success, 2 user error (bad model, data or option), 1 internal error.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        self.exit(2, f"mpqc: error: {message} (see '{self.prog} --help')\n")
+
+
+def compile_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="mpqc", description="Mixed-precision quantization and pruning compiler for ONNX CNNs: "
+                "imports a float model, searches per-layer bit widths (and prunes) under an accuracy target, "
+                "and exports a QDQ ONNX model, a target bundle and a report.",
+                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="input float model (.onnx)")
+    p.add_argument("-o", "--output", help="output model (.onnx); written only if compilation succeeds")
+    g = p.add_argument_group("pipeline")
+    g.add_argument("-O", dest="level", type=int, default=None, choices=[0, 1, 2, 3], metavar="LEVEL",
+                   help="optimisation level: 0 canonicalize, 1 fixed point at default widths, "
+                        "2 mixed precision by layer influence, 3 + pruning and fine-tuning (default 1)")
+    g.add_argument("--target", default="npu8", help="target profile (see 'mpqc targets'; default npu8)")
+    g.add_argument("--passes", help="run this pass list instead of a level, e.g. "
+                                    "'fold-batchnorm,assign-bit-widths{strategy=min-influence}'")
+    d = p.add_argument_group("data")
+    d.add_argument("--calib", metavar="FILE.npz[:SPLIT]", help="calibration data (default split: calib)")
+    d.add_argument("--eval", metavar="FILE.npz[:SPLIT]", help="evaluation data for searches (default split: eval)")
+    d.add_argument("--train", metavar="FILE.npz[:SPLIT]", help="training data (default split: train)")
+    d.add_argument("--metric", help="evaluation value: top1, top5, mean-score, agreement, mse, psnr "
+                                    "(default top1 with labels, else agreement)")
+    d.add_argument("--batch-size", type=int, default=64, help="batch size of every run (default 64)")
+    s = p.add_argument_group("accuracy target (-O2 and above)")
+    s.add_argument("--max-drop", type=float, help="largest allowed drop of the evaluation value relative to "
+                                                  "the float model (e.g. 0.01)")
+    s.add_argument("--target-score", type=float, help="lowest allowed absolute evaluation value")
+    s.add_argument("--strategy", help="bit-width search strategy (see 'mpqc passes')")
+    o = p.add_argument_group("outputs")
+    o.add_argument("--report", metavar="OUT.json", help="JSON report: per-layer bits, formats, search trace")
+    o.add_argument("--html", metavar="OUT.html", help="HTML report with plots")
+    o.add_argument("--emit-bundle", metavar="OUT.npz", help="target bundle (.npz) plus a .json manifest")
+    x = p.add_argument_group("diagnostics")
+    x.add_argument("--print-after", action="append", default=[], metavar="PASS",
+                   help="print the IR after this pass ('all' for every pass); repeatable")
+    x.add_argument("--time-passes", action="store_true", help="print the time each pass took")
+    x.add_argument("--verify-each", action="store_true", help="verify the IR after every pass")
+    x.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
+    x.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
+    x.add_argument("-v", "--verbose", action="count", default=0, help="log what passes do (-vv: debug)")
+    return p
+
+
+def info_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="mpqc info", description="Show a model's ops, parameters, MACs and weight bytes per layer.")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("-O", dest="level", type=int, default=None, choices=[0],
+                   help="canonicalize first (-O0), as the compiler would see the model")
+    return p
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="mpqc eval", description="Evaluate a model (or a target bundle) on a data split.")
+    p.add_argument("model", help=".onnx model, or a bundle .npz written by --emit-bundle")
+    p.add_argument("--data", required=True, metavar="FILE.npz[:SPLIT]", help="data (default split: eval)")
+    p.add_argument("--metric", help="top1, top5, mean-score, agreement, mse, psnr (default top1 with labels)")
+    p.add_argument("--reference", metavar="FLOAT.onnx", help="float model for agreement/mse/psnr")
+    p.add_argument("--runtime", default="float", choices=["float", "emulator", "ort"],
+                   help="float: mpqc's float runtime (QDQ nodes fake-quantize); emulator: bit-exact fixed "
+                        "point; ort: onnxruntime (default float)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("-q", "--quiet", action="store_true")
+    return p
+
+
+def _setup(quiet: bool, verbose: int = 0) -> None:
+    from mpqc.compiler.progress import set_quiet
+    set_quiet(quiet)
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="mpqc: %(name)s: %(message)s", stream=sys.stderr)
+
+
+def cmd_compile(argv: list[str]) -> int:
+    args = compile_parser().parse_args(argv)
+    _setup(args.quiet, args.verbose)
+    from mpqc.compiler.driver import check_outputs_differ, compile_model
+    if args.passes and args.level is not None:
+        raise OptionError("give either -O LEVEL or --passes, not both")
+    level = 1 if args.level is None else args.level
+    if args.batch_size < 1:
+        raise OptionError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.max_drop is not None and not (0 <= args.max_drop < 1):
+        raise OptionError(f"--max-drop must be in [0, 1), got {args.max_drop}")
+    if args.max_drop is not None and args.target_score is not None:
+        raise OptionError("give either --max-drop or --target-score, not both")
+    check_outputs_differ(("--output", args.output), ("--report", args.report), ("--html", args.html),
+                         ("--emit-bundle", args.emit_bundle), ("model", args.model))
+    options = {k: v for k, v in (("max_drop", args.max_drop), ("target_score", args.target_score),
+                                 ("strategy", args.strategy)) if v is not None}
+    res = compile_model(args.model, level=level, target=args.target, calib=args.calib, eval=args.eval,
+                        train=args.train, metric=args.metric, passes=args.passes, output=args.output,
+                        report=args.report, html=args.html, bundle=args.emit_bundle, seed=args.seed,
+                        quiet=args.quiet, batch_size=args.batch_size, verify_each=args.verify_each,
+                        print_after=set(args.print_after), time_passes=args.time_passes,
+                        options=options)
+    if not args.quiet:
+        print(summary_text(res.report), file=sys.stderr)
+    return 0
+
+
+def summary_text(report: dict) -> str:
+    from mpqc.compiler.info import format_table
+    fm, cm = report["float_model"], report["compiled_model"]
+    lines = [f"{report['model']}: {fm['nodes']} -> {cm['nodes']} nodes, weights {fm['weight_bytes']:,.0f} -> "
+             f"{cm['weight_bytes']:,.0f} bytes"]
+    acc = report.get("accuracy")
+    if acc:
+        lines.append("accuracy: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                              for k, v in acc.items()))
+    layers = cm.get("layers", [])
+    if layers and any(l.get("act_bits") for l in layers):
+        lines.append(format_table(["layer", "op", "w bits", "a bits", "bytes"],
+                                  [[l["name"], l["op"], l["weight_bits"], l["act_bits"], f"{l['weight_bytes']:,.0f}"]
+                                   for l in layers], "llrrr"))
+    return "\n".join(lines)
+
+
+def cmd_info(argv: list[str]) -> int:
+    args = info_parser().parse_args(argv)
+    from mpqc.compiler.frontend import load_graph
+    from mpqc.compiler.info import format_info, model_info
+    g = load_graph(args.model)
+    if args.level == 0:
+        from mpqc.compiler.passes import PassContext, PassManager
+        from mpqc.compiler.pipelines import build_pipeline
+        PassManager(build_pipeline(0)).run(g, PassContext())
+    else:
+        from mpqc.passes.infer_shapes import infer_shapes
+        infer_shapes(g)
+    info = model_info(g)
+    if args.json:
+        print(json.dumps(info, indent=1, sort_keys=True))
+    else:
+        print(format_info(info))
+    return 0
+
+
+def cmd_eval(argv: list[str]) -> int:
+    args = eval_parser().parse_args(argv)
+    _setup(args.quiet)
+    from mpqc.compiler.evaluate import evaluate_file
+    res = evaluate_file(args.model, args.data, metric=args.metric, reference=args.reference,
+                        runtime=args.runtime, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(res, indent=1, sort_keys=True))
+    else:
+        print(f"{res['metric']} = {res['value']:.4f} on {res['samples']} samples of {res['data']} "
+              f"({res['runtime']} runtime)")
+    return 0
+
+
+def cmd_targets(argv: list[str]) -> int:
+    from mpqc.compiler.info import format_table
+    from mpqc.compiler.targets import TARGETS
+    p = _Parser(prog="mpqc targets", description="List the target profiles.")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    if args.json:
+        print(json.dumps([t.to_json() for t in TARGETS.values()], indent=1))
+        return 0
+    rows = [[t.name, "/".join(map(str, t.weight_bits)), "/".join(map(str, t.act_bits)), t.scale,
+             "yes" if t.per_channel else "no", t.accumulator_bits, t.description] for t in TARGETS.values()]
+    print(format_table(["target", "weights", "activations", "scale", "per-channel", "acc", "description"],
+                       rows, "lllllrl"))
+    return 0
+
+
+def cmd_passes(argv: list[str]) -> int:
+    import dataclasses
+    from mpqc.compiler.passes import PASS_REGISTRY, _ensure_passes_loaded
+    _Parser(prog="mpqc passes", description="List the registered passes and their options.").parse_args(argv)
+    _ensure_passes_loaded()
+    for name in sorted(PASS_REGISTRY):
+        cls = PASS_REGISTRY[name]
+        doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+        first = doc[0].split(":", 1)[-1].strip() if doc else ""
+        opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls)
+                         if f.default is not dataclasses.MISSING)
+        print(f"{name:<24} {first}")
+        if opts:
+            print(f"{'':<24}   options: {opts}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmds = {"info": cmd_info, "eval": cmd_eval, "targets": cmd_targets, "passes": cmd_passes,
+            "compile": cmd_compile}
+    try:
+        if argv and argv[0] in cmds and not Path(argv[0]).exists():
+            return cmds[argv[0]](argv[1:])
+        return cmd_compile(argv)
+    except CompilerError as e:
+        msg = " ".join(str(e).split("\n"))
+        print(f"mpqc: error: {msg}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("mpqc: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("mpqc: error: out of memory; lower --batch-size", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""mpqc runtime: executors over the IR."""

@@ -1,0 +1,692 @@
+"""Float reference kernels, one function per ONNX operator.
+
+A kernel is ``fn(node, *inputs) -> array | tuple[array, ...]`` where ``inputs``
+are numpy arrays (``None`` for omitted optional inputs). ``KERNELS`` maps op type
+to kernel; the frontend refuses any op not in it. Semantics follow the ONNX
+operator specification at opset 13-21 (older models are upgraded on import).
+Convolutions go through im2col and BLAS; depthwise convolutions accumulate tap by
+tap, which is much faster than a per-group loop.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from ..compiler.errors import UnsupportedOpError
+
+KERNELS: dict[str, Callable] = {}
+
+
+def kernel(*names: str):
+    def deco(fn):
+        for n in names:
+            KERNELS[n] = fn
+        return fn
+    return deco
+
+
+def _unsupported(node, what: str):
+    raise UnsupportedOpError(f"node {node.name!r} ({node.op_type}): {what} is not supported")
+
+
+# --------------------------------------------------------------------------- spatial helpers
+def conv_pads(node, in_spatial, kernel, strides, dilations) -> list[int]:
+    """Explicit pads [b1..bn, e1..en] from ``pads`` or ``auto_pad``."""
+    nd = len(in_spatial)
+    auto = node.attr("auto_pad", "NOTSET")
+    if isinstance(auto, bytes):
+        auto = auto.decode()
+    if auto in ("NOTSET", "", None):
+        pads = list(node.attr("pads", [0] * (2 * nd)))
+        return [int(p) for p in pads]
+    if auto == "VALID":
+        return [0] * (2 * nd)
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        begins, ends = [], []
+        for i in range(nd):
+            out = -(-in_spatial[i] // strides[i])
+            eff_k = (kernel[i] - 1) * dilations[i] + 1
+            total = max(0, (out - 1) * strides[i] + eff_k - in_spatial[i])
+            small, big = total // 2, total - total // 2
+            if auto == "SAME_UPPER":
+                begins.append(small); ends.append(big)
+            else:
+                begins.append(big); ends.append(small)
+        return begins + ends
+    _unsupported(node, f"auto_pad={auto}")
+
+
+def _pad_spatial(x: np.ndarray, pads: list[int], value=0.0) -> np.ndarray:
+    nd = len(pads) // 2
+    if not any(pads):
+        return x
+    width = [(0, 0)] * (x.ndim - nd) + [(pads[i], pads[i + nd]) for i in range(nd)]
+    # negative pads crop
+    if any(p < 0 for p in pads):
+        sl = [slice(None)] * (x.ndim - nd)
+        for i in range(nd):
+            b, e = pads[i], pads[i + nd]
+            sl.append(slice(max(-b, 0), x.shape[x.ndim - nd + i] - max(-e, 0)))
+        x = x[tuple(sl)]
+        width = [(0, 0)] * (x.ndim - nd) + [(max(pads[i], 0), max(pads[i + nd], 0)) for i in range(nd)]
+    return np.pad(x, width, mode="constant", constant_values=value)
+
+
+def _windows(xp: np.ndarray, kernel, strides, dilations, out_spatial) -> np.ndarray:
+    """View of shape (N, C, *out_spatial, *kernel) over an already padded input."""
+    nd = len(kernel)
+    eff = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+    win = sliding_window_view(xp, eff, axis=tuple(range(2, 2 + nd)))
+    sl = [slice(None), slice(None)]
+    sl += [slice(0, (o - 1) * s + 1, s) for o, s in zip(out_spatial, strides)]
+    sl += [slice(None, None, d) for d in dilations]
+    return win[tuple(sl)]
+
+
+def _out_size(in_size, k, s, d, pb, pe, ceil=False):
+    eff = (k - 1) * d + 1
+    num = in_size + pb + pe - eff
+    if ceil:
+        o = -(-num // s) + 1
+        # the last window must start inside the input or left padding
+        if (o - 1) * s >= in_size + pb:
+            o -= 1
+        return o
+    return num // s + 1
+
+
+# --------------------------------------------------------------------------- convolution
+def conv_nd(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, *, strides, pads, dilations,
+            group: int, acc_dtype=None) -> np.ndarray:
+    """N-d grouped convolution with explicit pads; ``acc_dtype`` sets the accumulation type."""
+    nd = x.ndim - 2
+    N, C = x.shape[:2]
+    M = w.shape[0]
+    kernel = w.shape[2:]
+    dt = acc_dtype or np.result_type(x.dtype, w.dtype)
+    xp = _pad_spatial(x.astype(dt, copy=False), pads)
+    out_sp = [_out_size(x.shape[2 + i], kernel[i], strides[i], dilations[i], pads[i], pads[i + nd])
+              for i in range(nd)]
+    cg, mg = C // group, M // group
+    w = w.astype(dt, copy=False)
+    if group > 1 and cg == 1 and mg >= 1 and nd == 2:
+        out = _depthwise2d(xp, w, group, mg, strides, dilations, out_sp)
+    else:
+        win = _windows(xp, kernel, strides, dilations, out_sp)  # N, C, *out, *k
+        outs = []
+        for g in range(group):
+            wg = w[g * mg:(g + 1) * mg].reshape(mg, -1)  # mg, cg*prod(k)
+            xg = win[:, g * cg:(g + 1) * cg]
+            # -> N, *out, cg, *k
+            perm = (0,) + tuple(range(2, 2 + nd)) + (1,) + tuple(range(2 + nd, 2 + 2 * nd))
+            cols = np.ascontiguousarray(xg.transpose(perm)).reshape(N, *out_sp, -1)
+            outs.append(cols @ wg.T)  # N, *out, mg
+        out = np.concatenate(outs, axis=-1) if group > 1 else outs[0]
+        out = np.moveaxis(out, -1, 1)
+    if b is not None:
+        out = out + b.astype(dt, copy=False).reshape((1, M) + (1,) * nd)
+    return np.ascontiguousarray(out)
+
+
+def _depthwise2d(xp, w, group, mg, strides, dilations, out_sp):
+    N = xp.shape[0]
+    kh, kw = w.shape[2:]
+    sh, sw = strides
+    dh, dw = dilations
+    oh, ow = out_sp
+    # channel c of the input feeds outputs c*mg .. c*mg+mg-1
+    xr = np.repeat(xp, mg, axis=1) if mg > 1 else xp
+    out = np.zeros((N, group * mg, oh, ow), dtype=np.result_type(xp.dtype, w.dtype))
+    for i in range(kh):
+        for j in range(kw):
+            patch = xr[:, :, i * dh: i * dh + (oh - 1) * sh + 1: sh, j * dw: j * dw + (ow - 1) * sw + 1: sw]
+            out += patch * w[:, 0, i, j][None, :, None, None]
+    return out
+
+
+def conv_params(node, x_shape, w_shape):
+    nd = len(x_shape) - 2
+    kernel = list(node.attr("kernel_shape", w_shape[2:]))
+    strides = list(node.attr("strides", [1] * nd))
+    dil = list(node.attr("dilations", [1] * nd))
+    pads = conv_pads(node, list(x_shape[2:]), kernel, strides, dil)
+    return strides, pads, dil
+
+
+@kernel("Conv")
+def k_conv(node, x, w, b=None):
+    strides, pads, dil = conv_params(node, x.shape, w.shape)
+    group = int(node.attr("group", 1))
+    return conv_nd(x, w, b, strides=strides, pads=pads, dilations=dil, group=group)
+
+
+@kernel("ConvTranspose")
+def k_conv_transpose(node, x, w, b=None):
+    nd = x.ndim - 2
+    group = int(node.attr("group", 1))
+    kernel = list(node.attr("kernel_shape", w.shape[2:]))
+    strides = list(node.attr("strides", [1] * nd))
+    dil = list(node.attr("dilations", [1] * nd))
+    out_pad = list(node.attr("output_padding", [0] * nd))
+    N, C = x.shape[:2]
+    cg = C // group
+    mg = w.shape[1]
+    M = mg * group
+    in_sp = list(x.shape[2:])
+    eff = [(kernel[i] - 1) * dil[i] + 1 for i in range(nd)]
+    full = [(in_sp[i] - 1) * strides[i] + eff[i] + out_pad[i] for i in range(nd)]
+    auto = node.attr("auto_pad", "NOTSET")
+    if isinstance(auto, bytes):
+        auto = auto.decode()
+    out_shape = node.attr("output_shape")
+    if out_shape is not None:
+        out_shape = list(out_shape)[-nd:]
+        total = [full[i] - out_shape[i] for i in range(nd)]
+        if auto == "SAME_LOWER":
+            pads = [total[i] - total[i] // 2 for i in range(nd)] + [total[i] // 2 for i in range(nd)]
+        else:
+            pads = [total[i] // 2 for i in range(nd)] + [total[i] - total[i] // 2 for i in range(nd)]
+    elif auto in ("SAME_UPPER", "SAME_LOWER"):
+        target = [in_sp[i] * strides[i] for i in range(nd)]
+        total = [max(0, full[i] - target[i]) for i in range(nd)]
+        if auto == "SAME_UPPER":
+            pads = [total[i] // 2 for i in range(nd)] + [total[i] - total[i] // 2 for i in range(nd)]
+        else:
+            pads = [total[i] - total[i] // 2 for i in range(nd)] + [total[i] // 2 for i in range(nd)]
+    else:
+        pads = list(node.attr("pads", [0] * (2 * nd)))
+    dt = np.result_type(x.dtype, w.dtype)
+    # scatter-add: out[n, m, i*s + k*d] += x[n, c, i] * w[c, m, k]
+    out = np.zeros((N, M, *full), dtype=dt)
+    for g in range(group):
+        xg = x[:, g * cg:(g + 1) * cg]  # N, cg, *in
+        wg = w[g * cg:(g + 1) * cg]  # cg, mg, *k
+        # contributions: N, mg, *in, *k
+        contrib = np.tensordot(xg, wg, axes=([1], [0]))  # N, *in, mg, *k
+        contrib = np.moveaxis(contrib, 1 + nd, 1)  # N, mg, *in, *k
+        for kidx in np.ndindex(*kernel):
+            sl = [slice(None), slice(g * mg, (g + 1) * mg)]
+            for i in range(nd):
+                start = kidx[i] * dil[i]
+                sl.append(slice(start, start + (in_sp[i] - 1) * strides[i] + 1, strides[i]))
+            out[tuple(sl)] += contrib[(Ellipsis,) + tuple(kidx)]
+    sl = [slice(None), slice(None)] + [slice(pads[i], full[i] - pads[i + nd]) for i in range(nd)]
+    out = out[tuple(sl)]
+    if b is not None:
+        out = out + b.reshape((1, M) + (1,) * nd)
+    return np.ascontiguousarray(out.astype(dt, copy=False))
+
+
+# --------------------------------------------------------------------------- dense
+@kernel("Gemm")
+def k_gemm(node, a, b, c=None):
+    if node.attr("transA", 0):
+        a = a.T
+    if node.attr("transB", 0):
+        b = b.T
+    y = float(node.attr("alpha", 1.0)) * (a @ b) if node.attr("alpha", 1.0) != 1.0 else a @ b
+    if c is not None:
+        beta = float(node.attr("beta", 1.0))
+        y = y + (beta * c if beta != 1.0 else c)
+    return y.astype(np.result_type(a.dtype, b.dtype), copy=False)
+
+
+@kernel("MatMul")
+def k_matmul(node, a, b):
+    return np.matmul(a, b)
+
+
+# --------------------------------------------------------------------------- elementwise
+@kernel("Add")
+def k_add(node, a, b):
+    return (a + b).astype(np.result_type(a, b), copy=False)
+
+
+@kernel("Sub")
+def k_sub(node, a, b):
+    return (a - b).astype(np.result_type(a, b), copy=False)
+
+
+@kernel("Mul")
+def k_mul(node, a, b):
+    return (a * b).astype(np.result_type(a, b), copy=False)
+
+
+@kernel("Div")
+def k_div(node, a, b):
+    if np.issubdtype(a.dtype, np.integer):
+        return np.trunc(a / b).astype(a.dtype)
+    return (a / b).astype(a.dtype, copy=False)
+
+
+@kernel("Sum")
+def k_sum(node, *xs):
+    out = xs[0]
+    for x in xs[1:]:
+        out = out + x
+    return out.astype(xs[0].dtype, copy=False)
+
+
+@kernel("Max")
+def k_max(node, *xs):
+    out = xs[0]
+    for x in xs[1:]:
+        out = np.maximum(out, x)
+    return out
+
+
+@kernel("Min")
+def k_min(node, *xs):
+    out = xs[0]
+    for x in xs[1:]:
+        out = np.minimum(out, x)
+    return out
+
+
+@kernel("Neg")
+def k_neg(node, x):
+    return -x
+
+
+@kernel("Abs")
+def k_abs(node, x):
+    return np.abs(x)
+
+
+@kernel("Sqrt")
+def k_sqrt(node, x):
+    return np.sqrt(x)
+
+
+@kernel("Exp")
+def k_exp(node, x):
+    return np.exp(x)
+
+
+@kernel("Reciprocal")
+def k_reciprocal(node, x):
+    return (1.0 / x).astype(x.dtype)
+
+
+@kernel("Pow")
+def k_pow(node, x, y):
+    return np.power(x, y).astype(x.dtype)
+
+
+@kernel("Relu")
+def k_relu(node, x):
+    return np.maximum(x, np.zeros((), x.dtype))
+
+
+@kernel("LeakyRelu")
+def k_leaky(node, x):
+    a = x.dtype.type(node.attr("alpha", 0.01))
+    return np.where(x >= 0, x, x * a)
+
+
+@kernel("PRelu")
+def k_prelu(node, x, slope):
+    return np.where(x >= 0, x, x * slope).astype(x.dtype)
+
+
+@kernel("Clip")
+def k_clip(node, x, lo=None, hi=None):
+    if lo is None and "min" in node.attrs:
+        lo = node.attrs["min"]
+    if hi is None and "max" in node.attrs:
+        hi = node.attrs["max"]
+    out = x
+    if lo is not None:
+        out = np.maximum(out, np.asarray(lo, dtype=x.dtype))
+    if hi is not None:
+        out = np.minimum(out, np.asarray(hi, dtype=x.dtype))
+    return out.astype(x.dtype, copy=False)
+
+
+@kernel("Sigmoid")
+def k_sigmoid(node, x):
+    with np.errstate(over="ignore"):
+        return (1.0 / (1.0 + np.exp(-x))).astype(x.dtype)
+
+
+@kernel("Tanh")
+def k_tanh(node, x):
+    return np.tanh(x)
+
+
+@kernel("HardSigmoid")
+def k_hardsigmoid(node, x):
+    a = float(node.attr("alpha", 0.2))
+    b = float(node.attr("beta", 0.5))
+    return np.clip(x * x.dtype.type(a) + x.dtype.type(b), 0, 1).astype(x.dtype)
+
+
+@kernel("HardSwish")
+def k_hardswish(node, x):
+    return (x * np.clip(x * x.dtype.type(1 / 6) + x.dtype.type(0.5), 0, 1)).astype(x.dtype)
+
+
+@kernel("Softmax", "LogSoftmax")
+def k_softmax(node, x):
+    axis = int(node.attr("axis", -1))
+    m = np.max(x, axis=axis, keepdims=True)
+    e = np.exp(x - m)
+    s = np.sum(e, axis=axis, keepdims=True)
+    if node.op_type == "LogSoftmax":
+        return (x - m - np.log(s)).astype(x.dtype)
+    return (e / s).astype(x.dtype)
+
+
+@kernel("Identity", "Dropout")
+def k_identity(node, x, *rest):
+    if node.op_type == "Dropout":
+        if len(node.outputs) > 1:
+            return x, np.ones(x.shape, dtype=bool)
+    return x
+
+
+@kernel("BatchNormalization")
+def k_batchnorm(node, x, scale, bias, mean, var):
+    eps = float(node.attr("epsilon", 1e-5))
+    shp = (1, -1) + (1,) * (x.ndim - 2)
+    inv = (scale / np.sqrt(var + eps)).astype(x.dtype)
+    return (x * inv.reshape(shp) + (bias - mean * inv).reshape(shp).astype(x.dtype)).astype(x.dtype)
+
+
+@kernel("LRN")
+def k_lrn(node, x):
+    alpha = float(node.attr("alpha", 1e-4))
+    beta = float(node.attr("beta", 0.75))
+    bias = float(node.attr("bias", 1.0))
+    size = int(node.attr("size"))
+    C = x.shape[1]
+    sq = (x.astype(np.float64)) ** 2
+    lo, hi = (size - 1) // 2, size // 2  # floor((size-1)/2), ceil((size-1)/2)
+    padded = np.pad(sq, [(0, 0), (lo, hi)] + [(0, 0)] * (x.ndim - 2))
+    csum = np.cumsum(padded, axis=1)
+    csum = np.concatenate([np.zeros_like(csum[:, :1]), csum], axis=1)
+    win = csum[:, size:size + C] - csum[:, 0:C]
+    return (x / (bias + alpha / size * win) ** beta).astype(x.dtype)
+
+
+# --------------------------------------------------------------------------- pooling
+def _pool(node, x, kind: str):
+    nd = x.ndim - 2
+    kernel = list(node.attr("kernel_shape"))
+    strides = list(node.attr("strides", [1] * nd))
+    dil = list(node.attr("dilations", [1] * nd))
+    ceil = bool(node.attr("ceil_mode", 0))
+    pads = conv_pads(node, list(x.shape[2:]), kernel, strides, dil)
+    if node.attr("storage_order", 0):
+        _unsupported(node, "storage_order=1")
+    out_sp = [_out_size(x.shape[2 + i], kernel[i], strides[i], dil[i], pads[i], pads[i + nd], ceil)
+              for i in range(nd)]
+    # extra right padding so that ceil-mode windows fit
+    extra = [max(0, (out_sp[i] - 1) * strides[i] + (kernel[i] - 1) * dil[i] + 1
+                 - (x.shape[2 + i] + pads[i] + pads[i + nd])) for i in range(nd)]
+    full_pads = pads[:nd] + [pads[nd + i] + extra[i] for i in range(nd)]
+    axes = tuple(range(-nd, 0))
+    if kind == "max":
+        fill = -np.inf if np.issubdtype(x.dtype, np.floating) else np.iinfo(x.dtype).min
+        xp = _pad_spatial(x, full_pads, fill)
+        win = _windows(xp, kernel, strides, dil, out_sp)
+        return np.max(win, axis=axes).astype(x.dtype)
+    xp = _pad_spatial(x.astype(np.float64), full_pads, 0.0)
+    win = _windows(xp, kernel, strides, dil, out_sp)
+    s = np.sum(win, axis=axes)
+    ones = np.ones((1, 1) + tuple(x.shape[2:]))
+    if node.attr("count_include_pad", 0):
+        # padded (explicit pads) cells count, ceil-mode overhang does not
+        ones_p = _pad_spatial(np.ones((1, 1) + tuple(x.shape[2:])), pads, 1.0)
+        ones_p = _pad_spatial(ones_p, [0] * nd + extra, 0.0)
+        cnt = np.sum(_windows(ones_p, kernel, strides, dil, out_sp), axis=axes)
+    else:
+        cnt = np.sum(_windows(_pad_spatial(ones, full_pads, 0.0), kernel, strides, dil, out_sp), axis=axes)
+    return (s / cnt).astype(x.dtype)
+
+
+@kernel("MaxPool")
+def k_maxpool(node, x):
+    y = _pool(node, x, "max")
+    if len(node.outputs) > 1:
+        _unsupported(node, "the Indices output")
+    return y
+
+
+@kernel("AveragePool")
+def k_avgpool(node, x):
+    return _pool(node, x, "avg")
+
+
+@kernel("GlobalAveragePool")
+def k_gap(node, x):
+    return np.mean(x, axis=tuple(range(2, x.ndim)), keepdims=True, dtype=np.float64).astype(x.dtype)
+
+
+@kernel("GlobalMaxPool")
+def k_gmp(node, x):
+    return np.max(x, axis=tuple(range(2, x.ndim)), keepdims=True)
+
+
+# --------------------------------------------------------------------------- shape and data movement
+@kernel("Flatten")
+def k_flatten(node, x):
+    axis = int(node.attr("axis", 1))
+    if axis < 0:
+        axis += x.ndim
+    lead = int(np.prod(x.shape[:axis])) if axis else 1
+    return x.reshape(lead, -1)
+
+
+def reshape_target(in_shape, shape, allowzero=0):
+    shape = [int(s) for s in np.asarray(shape).reshape(-1)]
+    out = []
+    for i, s in enumerate(shape):
+        if s == 0 and not allowzero:
+            out.append(in_shape[i])
+        else:
+            out.append(s)
+    return out
+
+
+@kernel("Reshape")
+def k_reshape(node, x, shape):
+    return x.reshape(reshape_target(x.shape, shape, node.attr("allowzero", 0)))
+
+
+@kernel("Transpose")
+def k_transpose(node, x):
+    perm = node.attr("perm")
+    return np.transpose(x, perm if perm is not None else None)
+
+
+@kernel("Concat")
+def k_concat(node, *xs):
+    axis = int(node.attr("axis"))
+    xs = [x for x in xs if x is not None]
+    return np.concatenate(xs, axis=axis)
+
+
+@kernel("Split")
+def k_split(node, x, split=None):
+    axis = int(node.attr("axis", 0))
+    n_out = len(node.outputs)
+    if split is None:
+        split = node.attr("split")
+    if split is None:
+        size = x.shape[axis]
+        n_split = node.attr("num_outputs", n_out)
+        chunk = -(-size // n_split)
+        split = [min(chunk, size - i * chunk) for i in range(n_split)]
+    idx = np.cumsum(np.asarray(split, dtype=np.int64))[:-1]
+    return tuple(np.split(x, idx, axis=axis))
+
+
+@kernel("Pad")
+def k_pad(node, x, pads=None, value=None, axes=None):
+    mode = node.attr("mode", "constant")
+    if isinstance(mode, bytes):
+        mode = mode.decode()
+    if pads is None:
+        pads = node.attr("pads")
+    pads = [int(p) for p in np.asarray(pads).reshape(-1)]
+    r = x.ndim
+    if axes is not None:
+        axes = [int(a) % r for a in np.asarray(axes).reshape(-1)]
+        full = [0] * (2 * r)
+        k = len(axes)
+        for i, a in enumerate(axes):
+            full[a] = pads[i]
+            full[a + r] = pads[i + k]
+        pads = full
+    cval = 0 if value is None else np.asarray(value).reshape(-1)[0] if np.asarray(value).size else 0
+    if value is None and "value" in node.attrs:
+        cval = node.attrs["value"]
+    # negative pads crop first
+    sl = tuple(slice(max(-pads[i], 0), x.shape[i] - max(-pads[i + r], 0)) for i in range(r))
+    x = x[sl]
+    width = [(max(pads[i], 0), max(pads[i + r], 0)) for i in range(r)]
+    if mode == "constant":
+        return np.pad(x, width, mode="constant", constant_values=cval).astype(x.dtype)
+    if mode == "reflect":
+        return np.pad(x, width, mode="reflect")
+    if mode == "edge":
+        return np.pad(x, width, mode="edge")
+    if mode == "wrap":
+        return np.pad(x, width, mode="wrap")
+    _unsupported(node, f"mode={mode}")
+
+
+@kernel("Shape")
+def k_shape(node, x):
+    shp = np.array(x.shape, dtype=np.int64)
+    start = node.attr("start", 0)
+    end = node.attr("end")
+    return shp[start:end] if end is not None else shp[start:]
+
+
+@kernel("Size")
+def k_size(node, x):
+    return np.array(x.size, dtype=np.int64)
+
+
+@kernel("Gather")
+def k_gather(node, x, idx):
+    axis = int(node.attr("axis", 0))
+    idx = np.where(idx < 0, idx + x.shape[axis], idx)
+    return np.take(x, idx, axis=axis)
+
+
+@kernel("Unsqueeze")
+def k_unsqueeze(node, x, axes=None):
+    if axes is None:
+        axes = node.attr("axes")
+    axes = [int(a) for a in np.asarray(axes).reshape(-1)]
+    r = x.ndim + len(axes)
+    axes = sorted(a % r for a in axes)
+    for a in axes:
+        x = np.expand_dims(x, a)
+    return x
+
+
+@kernel("Squeeze")
+def k_squeeze(node, x, axes=None):
+    if axes is None:
+        axes = node.attr("axes")
+    if axes is None:
+        return np.squeeze(x)
+    axes = tuple(int(a) % x.ndim for a in np.asarray(axes).reshape(-1))
+    return np.squeeze(x, axis=axes)
+
+
+@kernel("Cast")
+def k_cast(node, x):
+    from onnx.helper import tensor_dtype_to_np_dtype
+    return x.astype(tensor_dtype_to_np_dtype(int(node.attr("to"))))
+
+
+@kernel("ConstantOfShape")
+def k_constant_of_shape(node, shape):
+    val = node.attr("value")
+    val = np.zeros(1, np.float32) if val is None else np.asarray(val).reshape(-1)
+    return np.full([int(s) for s in np.asarray(shape).reshape(-1)], val[0], dtype=val.dtype)
+
+
+@kernel("Constant")
+def k_constant(node):
+    if "value" in node.attrs:
+        return np.asarray(node.attrs["value"])
+    for key, dt in (("value_float", np.float32), ("value_int", np.int64)):
+        if key in node.attrs:
+            return np.array(node.attrs[key], dtype=dt)
+    for key, dt in (("value_floats", np.float32), ("value_ints", np.int64)):
+        if key in node.attrs:
+            return np.array(node.attrs[key], dtype=dt)
+    _unsupported(node, "this Constant attribute")
+
+
+@kernel("Slice")
+def k_slice(node, x, starts=None, ends=None, axes=None, steps=None):
+    if starts is None:
+        starts, ends, axes = node.attr("starts"), node.attr("ends"), node.attr("axes")
+    starts = np.asarray(starts).reshape(-1)
+    ends = np.asarray(ends).reshape(-1)
+    axes = list(range(len(starts))) if axes is None else [int(a) % x.ndim for a in np.asarray(axes).reshape(-1)]
+    steps = [1] * len(starts) if steps is None else np.asarray(steps).reshape(-1)
+    sl = [slice(None)] * x.ndim
+    for s, e, a, st in zip(starts, ends, axes, steps):
+        s, e, st = int(s), int(e), int(st)
+        dim = x.shape[a]
+        # clamp as the spec does
+        if s < 0:
+            s += dim
+        if e < 0:
+            e += dim
+        if st > 0:
+            s = min(max(s, 0), dim)
+            e = min(max(e, 0), dim)
+        else:
+            s = min(max(s, -1), dim - 1)
+            e = min(max(e, -1), dim - 1)
+        sl[a] = slice(s, e if not (st < 0 and e == -1) else None, st)
+    return x[tuple(sl)]
+
+
+@kernel("Expand")
+def k_expand(node, x, shape):
+    shape = [int(s) for s in np.asarray(shape).reshape(-1)]
+    return x * np.ones(shape, dtype=x.dtype)
+
+
+@kernel("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin")
+def k_reduce(node, x, axes=None):
+    if axes is None:
+        axes = node.attr("axes")
+    keep = bool(node.attr("keepdims", 1))
+    if axes is None or (isinstance(axes, np.ndarray) and axes.size == 0):
+        if node.attr("noop_with_empty_axes", 0):
+            return x
+        ax = None
+    else:
+        ax = tuple(int(a) % x.ndim for a in np.asarray(axes).reshape(-1))
+    fn = {"ReduceMean": np.mean, "ReduceSum": np.sum, "ReduceMax": np.max, "ReduceMin": np.min}[node.op_type]
+    return fn(x, axis=ax, keepdims=keep).astype(x.dtype)
+
+
+# --------------------------------------------------------------------------- quantization ops
+@kernel("QuantizeLinear")
+def k_quantize(node, x, scale, zp=None):
+    from ..compiler.qformat import quantize_linear
+    return quantize_linear(x, scale, zp, axis=int(node.attr("axis", 1)),
+                           out_dtype=zp.dtype if zp is not None else np.uint8)
+
+
+@kernel("DequantizeLinear")
+def k_dequantize(node, x, scale, zp=None):
+    from ..compiler.qformat import dequantize_linear
+    return dequantize_linear(x, scale, zp, axis=int(node.attr("axis", 1)))
+
+
+SUPPORTED_OPS = tuple(sorted(KERNELS))
