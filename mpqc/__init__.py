@@ -1,1 +1,52 @@
-"""mpqc: mixed-precision quantization and pruning compiler."""
+"""mpqc: mixed-precision quantization and pruning compiler for ONNX CNNs.
+
+Python API (mirrors the CLI)::
+
+    import mpqc
+    g = mpqc.load("model.onnx")              # canonicalized IR Graph (-O0)
+    res = mpqc.compile("model.onnx", level=2, target="npu8",
+                       calib="data.npz:calib", eval="data.npz:eval", output="q.onnx")
+    res.graph, res.report
+    y = mpqc.run(g, x)                       # float runtime
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from mpqc.compiler.driver import CompileResult, compile_model
+from mpqc.compiler.errors import (CompilerError, DataError, ModelError, OptionError, PassError,
+                                  TargetError, UnsupportedOpError, VerifyError)
+from mpqc.compiler.ir import Graph, Node, Value
+
+
+def load(path, *, canonicalize: bool = True) -> Graph:
+    """Import an ONNX model; with ``canonicalize`` (default) run the -O0 pipeline on it."""
+    from mpqc.compiler.frontend import load_graph
+    from mpqc.compiler.passes import PassContext, PassManager
+    from mpqc.compiler.pipelines import build_pipeline
+    g = load_graph(path)
+    if canonicalize:
+        PassManager(build_pipeline(0)).run(g, PassContext())
+    return g
+
+
+def compile(model, **kwargs) -> CompileResult:  # noqa: A001 - mirrors the CLI verb
+    """Compile a model; keyword arguments as ``compiler.driver.compile_model``."""
+    return compile_model(model, **kwargs)
+
+
+def run(graph: Graph, x, *, batch_size: int = 64):
+    """Float-runtime outputs of ``graph`` on ``x`` (first output)."""
+    from mpqc.runtime.executor import run_batched
+    return run_batched(graph, x, batch_size=batch_size)[0]
+
+
+def save(graph: Graph, path) -> None:
+    """Export ``graph`` to ONNX (atomically)."""
+    from mpqc.compiler.export import save_onnx
+    save_onnx(graph, path)
+
+
+__all__ = ["load", "compile", "run", "save", "Graph", "Node", "Value", "CompileResult", "CompilerError",
+           "DataError", "ModelError", "OptionError", "PassError", "TargetError", "UnsupportedOpError",
+           "VerifyError", "__version__"]
