@@ -182,11 +182,12 @@ class Graph:
         if isinstance(outputs, int):
             outputs = [Value(self.unique_name(f"{node.name}_out{i}" if outputs > 1 else f"{node.name}_out"))
                        for i in range(outputs)]
+        for v in outputs:  # check before wiring anything, so a refusal leaves the graph as it was
+            if v.producer is not None:
+                raise VerifyError(f"value {v.name!r} already produced by node {v.producer.name!r}")
         for v in inputs:
             self._append_input(node, v)
         for v in outputs:
-            if v.producer is not None:
-                raise VerifyError(f"value {v.name!r} already produced by node {v.producer.name!r}")
             v.producer = node
             node.outputs.append(v)
         if index is None:
@@ -213,6 +214,8 @@ class Graph:
 
     def remove_node(self, node: Node, *, force: bool = False) -> None:
         """Detach ``node`` from its inputs and drop it. Its outputs must be unused unless ``force``."""
+        if not any(n is node for n in self.nodes):
+            raise VerifyError(f"cannot remove node {node.name!r}: it is not in graph {self.name!r}")
         if not force:
             for v in node.outputs:
                 if v.uses or v in self.outputs:
@@ -346,6 +349,10 @@ class Graph:
         for v in self.outputs:
             if not v.is_const and id(v) not in defined:
                 raise VerifyError(f"graph output {v.name!r} is not produced by any node")
+        by_name: dict[str, Value] = {}
+        for v in self.values():  # export addresses tensors by name: constants included
+            if by_name.setdefault(v.name, v) is not v:
+                raise VerifyError(f"two different tensors are named {v.name!r}")
         names = [n.name for n in self.nodes]
         if len(set(names)) != len(names):
             dup = sorted({x for x in names if names.count(x) > 1})[:3]
@@ -372,7 +379,9 @@ class Graph:
 
         g = Graph(self.name, [], [cv(v) for v in self.inputs], [], self.opset, dict(self.metadata))
         for n in self.nodes:
-            nn = Node(n.op_type, n.name, dict(n.attrs), n.domain)
+            nn = Node(n.op_type, n.name, {k: (list(a) if isinstance(a, list) else a.copy()
+                                              if isinstance(a, np.ndarray) else a) for k, a in n.attrs.items()},
+                      n.domain)
             nn.qconfig = n.qconfig
             nn.prune = n.prune
             vmap[id(n)] = nn

@@ -1,0 +1,29 @@
+"""Shared pytest fixtures.
+
+``bench``: the folder of benchmark models and data (``../shared/bench`` next to the
+repository, or ``$MPQC_BENCH``); tests that need it skip with a reason when absent.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(os.environ.get("MPQC_BENCH") or Path(__file__).resolve().parents[2] / "shared" / "bench")
+
+
+def bench_path(name: str) -> Path:
+    """Path of a benchmark file; skips the calling test when it is absent."""
+    p = BENCH / name
+    if not p.exists():
+        pytest.skip(f"benchmark file {p} is absent (set MPQC_BENCH to the folder holding it)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def bench() -> Path:
+    """The benchmark folder (skips the test when it is absent)."""
+    if not BENCH.is_dir():
+        pytest.skip(f"benchmark folder {BENCH} is absent (set MPQC_BENCH to the folder holding it)")
+    return BENCH

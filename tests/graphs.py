@@ -1,0 +1,95 @@
+"""Helpers to build small IR graphs in tests and run them with onnxruntime or the float runtime."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from mpqc.compiler.ir import Graph, Node, Value
+
+
+class GraphBuilder:
+    """Terse construction of a Graph: ``b.input``, ``b.const``, ``b.op``, ``b.output``."""
+
+    def __init__(self, name: str = "g", opset: int = 17):
+        self.graph = Graph(name=name, opset=opset)
+
+    def input(self, name: str, shape: Sequence, dtype=np.float32) -> Value:
+        v = Value(name, shape, dtype)
+        self.graph.inputs.append(v)
+        return v
+
+    def const(self, name: str, array) -> Value:
+        return Value(name, const=np.asarray(array))
+
+    def node(self, op_type: str, inputs: Sequence[Value | None], n_out: int = 1, name: str | None = None,
+             **attrs) -> Node:
+        return self.graph.add_node(op_type, inputs, n_out, attrs, name=name)
+
+    def op(self, op_type: str, inputs: Sequence[Value | None], n_out: int = 1, name: str | None = None,
+           **attrs):
+        """Add a node and return its output (or outputs, when ``n_out > 1``)."""
+        n = self.node(op_type, inputs, n_out, name, **attrs)
+        return n.outputs[0] if n_out == 1 else tuple(n.outputs)
+
+    def output(self, *values: Value) -> Graph:
+        self.graph.outputs.extend(values)
+        return self.graph
+
+
+def rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def randn(*shape, seed: int = 0, scale: float = 1.0) -> np.ndarray:
+    return (rng(seed).standard_normal(shape) * scale).astype(np.float32)
+
+
+def ort_session(model):
+    """onnxruntime session for a Graph, a ModelProto, bytes or a path."""
+    import onnx
+    import onnxruntime as ort
+
+    from mpqc.compiler.export import to_onnx
+    if isinstance(model, Graph):
+        model = to_onnx(model)
+    if isinstance(model, onnx.ModelProto):
+        model = model.SerializeToString()
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so,
+                                providers=["CPUExecutionProvider"])
+
+
+def run_ort(model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return ort_session(model).run(None, feeds)
+
+
+def run_float(graph: Graph, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    from mpqc.runtime.executor import Executor
+    res = Executor(graph).run(feeds)
+    return [res[v] for v in graph.outputs]
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    """max |a - b| / max |b| (0 when both are zero)."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    den = float(np.max(np.abs(b))) if b.size else 0.0
+    num = float(np.max(np.abs(a - b))) if a.size else 0.0
+    return num / den if den else num
+
+
+def ops(graph: Graph) -> list[str]:
+    return [n.op_type for n in graph.nodes]
+
+
+def run_pass(graph: Graph, name: str, **options):
+    """Run one registered pass (verifying the graph after it) and return its PassResult."""
+    from mpqc.compiler.passes import PassContext, make_pass
+    p = make_pass(name, {k: str(v) for k, v in options.items()})
+    res = p.run(graph, PassContext())
+    graph.verify()
+    return res
