@@ -61,7 +61,8 @@ class AnalysisManager:
 
     @staticmethod
     def _key(cls, graph, params) -> tuple:
-        return (cls, id(graph), tuple(sorted((k, _freeze(v)) for k, v in params.items())))
+        # the graph itself (hashed by identity), not id(graph): a freed graph's id can be reused
+        return (cls, graph, tuple(sorted((k, _freeze(v)) for k, v in params.items())))
 
     def get(self, cls: type[Analysis], graph: Graph, **params) -> Any:
         key = self._key(cls, graph, params)
@@ -188,13 +189,20 @@ def _convert(value: str, tp, pass_name: str, opt: str):
                 errs.append(e)
         raise errs[0]
     if origin in (tuple, list):
-        inner = args[0] if args else str
         parts = [p for p in re.split(r"[:;]", value) if p != ""]
-        return tuple(_convert(p, inner, pass_name, opt) for p in parts)
+        if origin is tuple and args and (len(args) != 2 or args[1] is not Ellipsis):
+            if len(parts) != len(args):  # fixed-length tuple such as tuple[int, float]
+                raise OptionError(f"pass {pass_name!r}: option {opt}={value!r} needs {len(args)} values "
+                                  "separated by ':'")
+            return tuple(_convert(p, a, pass_name, opt) for p, a in zip(parts, args))
+        inner = args[0] if args else str
+        out = tuple(_convert(p, inner, pass_name, opt) for p in parts)
+        return list(out) if origin is list else out
     if origin is typing.Literal:
-        if value not in args:
-            raise OptionError(f"pass {pass_name!r}: option {opt}={value!r} must be one of {', '.join(map(str, args))}")
-        return value
+        for a in args:  # Literal["a", "b"] or Literal[2, 4, 8]: match the text of each choice
+            if str(a) == value:
+                return a
+        raise OptionError(f"pass {pass_name!r}: option {opt}={value!r} must be one of {', '.join(map(str, args))}")
     try:
         if tp is bool:
             if value.lower() in ("1", "true", "yes", "on"):
