@@ -196,8 +196,7 @@ def _convert(value: str, tp, pass_name: str, opt: str):
                                   "separated by ':'")
             return tuple(_convert(p, a, pass_name, opt) for p, a in zip(parts, args))
         inner = args[0] if args else str
-        out = tuple(_convert(p, inner, pass_name, opt) for p in parts)
-        return list(out) if origin is list else out
+        return tuple(_convert(p, inner, pass_name, opt) for p in parts)
     if origin is typing.Literal:
         for a in args:  # Literal["a", "b"] or Literal[2, 4, 8]: match the text of each choice
             if str(a) == value:
