@@ -51,6 +51,8 @@ def _sym_of(v: Value | None, sym: dict[int, list]) -> list | None:
 def _symbolic(node: Node, sym: dict[int, list]):
     """Symbolic result of a shape-arithmetic node, or None when it cannot be tracked."""
     op = node.op_type
+    if op == "Cast" and int(node.attr("to", 0)) != 7:
+        return None  # shape vectors are int64: a Cast to another type must be folded by value
     ins = [_sym_of(v, sym) for v in node.inputs]
     if op == "Shape":
         x = node.inputs[0]
@@ -108,7 +110,10 @@ def _reshape_with_copy_dims(node: Node, target: list) -> list | None:
         _, src, axis = t
         d = data.shape[i] if i < len(data.shape) else None
         s = src.shape[axis] if src.shape is not None else None
-        same = (d is not None and d == s) or (i == 0 and axis == 0 and not isinstance(d, int))
+        # equal dims, or the batch dim of both when one of them is unknown (two different symbols
+        # such as "N" and "M" may differ at run time: not folded)
+        same = (d is not None and d == s) or (i == 0 and axis == 0 and not isinstance(d, int)
+                                               and (d is None or s is None))
         if not same:
             return None
         out.append(0)
@@ -124,6 +129,9 @@ class FoldConstantsPass(Pass):
         from mpqc.runtime.executor import float_node_fn
         modified = False
         sym: dict[int, list] = {}
+        if any(n.op_type == "Shape" and n.inputs[0].shape is None for n in graph.nodes):
+            from .infer_shapes import infer_shapes
+            infer_shapes(graph)  # the symbolic shape folding reads the shapes of Shape's inputs
         for node in list(graph.nodes):
             ins = [v for v in node.inputs if v is not None]
             if node.op_type in NEVER_FOLD:

@@ -22,6 +22,8 @@ def infer_shapes(graph: Graph) -> bool:
     """Update value shapes in place; return True when any shape changed."""
     from mpqc.compiler.export import to_onnx
     model = to_onnx(graph, check=False)
+    for o in model.graph.output:  # graph outputs are re-inferred too: their declared shape may be stale
+        o.ClearField("type")
     try:
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:
