@@ -35,6 +35,8 @@ class Dataset:
 def parse_spec(spec: str, default_split: str) -> tuple[str, str]:
     """``"a.npz:calib"`` -> ("a.npz", "calib"); ``"a.npz"`` -> ("a.npz", default_split)."""
     path, sep, split = str(spec).rpartition(":")
+    if sep and path and not split:  # "a.npz:" -> the default split
+        return path, default_split
     if not sep or not path or "/" in split or split.endswith(".npz"):
         return str(spec), default_split
     return path, split
