@@ -106,6 +106,63 @@ def _shape_of(var) -> tuple | None:
     return tuple(out)
 
 
+def _check_dtype(name: str, dt, origin: str) -> np.dtype:
+    from ..runtime.ops import SUPPORTED_DTYPES
+    if dt is None or dt not in SUPPORTED_DTYPES:
+        raise UnsupportedOpError(
+            f"{origin}: tensor {name!r} has element type {dt}, which mpqc does not support "
+            f"(supported: bool, int8-64, uint8-64, float16/32/64)")
+    return dt
+
+
+def _variable_dtype(t, origin: str) -> np.dtype:
+    """numpy dtype of a graph-surgeon Variable; unknown -> float32; unsupported -> error."""
+    if t.dtype is None:
+        return np.dtype(np.float32)
+    from ..runtime.ops import SUPPORTED_DTYPES
+    if isinstance(t.dtype, (int, np.integer)):  # an ONNX type gs could not map (bfloat16, float8...)
+        try:
+            dt = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(int(t.dtype)))
+        except (TypeError, ValueError, KeyError):
+            dt = None
+        if dt not in SUPPORTED_DTYPES:
+            try:
+                dt = onnx.TensorProto.DataType.Name(int(t.dtype))
+            except ValueError:
+                pass
+        return _check_dtype(t.name, dt, origin)
+    try:
+        dt = np.dtype(t.dtype)
+    except TypeError:
+        raise UnsupportedOpError(f"{origin}: tensor {t.name!r} is not a plain tensor ({str(t.dtype).split()[0]}); "
+                                 f"mpqc supports tensor values only") from None
+    return _check_dtype(t.name, dt, origin)
+
+
+def _split_shape_start_end(g) -> None:
+    """Rewrite ``Shape(start, end)`` as ``Slice(Shape(x))`` before graph-surgeon folding.
+
+    onnx-graphsurgeon's shape folding (0.6) ignores the start/end attributes of Shape
+    (opset 15+) and folds the whole shape; the Slice form folds correctly.
+    """
+    import onnx_graphsurgeon as gs
+    for i, n in enumerate(list(g.nodes)):
+        if n.op != "Shape" or not ({"start", "end"} & set(n.attrs)):
+            continue
+        start = int(n.attrs.pop("start", 0))
+        end = n.attrs.pop("end", None)
+        end = np.iinfo(np.int64).max if end is None else int(end)
+        out = n.outputs[0]
+        base = n.name or out.name or f"shape_{i}"
+        full = gs.Variable(f"{base}__full_shape", dtype=np.int64)
+        n.outputs.clear()
+        n.outputs.append(full)
+        starts = gs.Constant(f"{base}__starts", np.array([start], dtype=np.int64))
+        ends = gs.Constant(f"{base}__ends", np.array([end], dtype=np.int64))
+        g.nodes.append(gs.Node("Slice", f"{base}__slice", inputs=[full, starts, ends], outputs=[out]))
+    g.toposort()
+
+
 def from_onnx(model: onnx.ModelProto, *, origin: str = "model", fold: bool = True,
               check_ops: bool = True) -> Graph:
     """Convert an in-memory ModelProto to a Graph (see module docstring)."""
@@ -121,6 +178,7 @@ def from_onnx(model: onnx.ModelProto, *, origin: str = "model", fold: bool = Tru
     except Exception as e:
         raise ModelError(f"{origin} cannot be imported: {str(e).splitlines()[0][:200]}") from None
     if fold:
+        _split_shape_start_end(g)
         try:
             g.fold_constants(fold_shapes=True, error_ok=True)
         except Exception as e:  # folding is an optimisation: never fatal
@@ -141,14 +199,10 @@ def from_onnx(model: onnx.ModelProto, *, origin: str = "model", fold: bool = Tru
         if v is None:
             if isinstance(t, gs.Constant):
                 arr = np.array(t.values)
+                _check_dtype(t.name, arr.dtype, origin)
                 v = Value(t.name, const=arr)
             else:
-                dt = np.dtype(t.dtype) if t.dtype is not None else np.dtype(np.float32)
-                try:
-                    dt = onnx_dtype_to_np(t.dtype) if isinstance(t.dtype, int) else np.dtype(t.dtype)
-                except TypeError:
-                    dt = np.dtype(np.float32)
-                v = Value(t.name, _shape_of(t), dt)
+                v = Value(t.name, _shape_of(t), _variable_dtype(t, origin))
             vmap[id(t)] = v
         return v
 
@@ -175,7 +229,7 @@ def from_onnx(model: onnx.ModelProto, *, origin: str = "model", fold: bool = Tru
 
 
 def check_supported(graph: Graph) -> None:
-    from ..runtime.ops import KERNELS
+    from ..runtime.ops import KERNELS, validate_node
     for n in graph.nodes:
         if n.domain not in ("", "ai.onnx") or n.op_type not in KERNELS:
             supported = ", ".join(sorted(KERNELS))
@@ -183,6 +237,7 @@ def check_supported(graph: Graph) -> None:
             raise UnsupportedOpError(
                 f"node {n.name!r} uses operator {op}, which mpqc does not support. "
                 f"Supported: {supported}")
+        validate_node(n)
 
 
 def load_graph(path: str | os.PathLike, *, fold: bool = True, check_ops: bool = True) -> Graph:

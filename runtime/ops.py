@@ -31,6 +31,46 @@ def _unsupported(node, what: str):
     raise UnsupportedOpError(f"node {node.name!r} ({node.op_type}): {what} is not supported")
 
 
+#: element types the runtime computes in; anything else (bfloat16, float8, int4, strings...) is refused
+SUPPORTED_DTYPES = frozenset(np.dtype(t) for t in (
+    np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+    np.float16, np.float32, np.float64))
+
+#: import-time checks of attribute values the kernels do not implement (``fn(node)`` raises)
+VALIDATORS: dict[str, Callable] = {}
+
+
+def validator(*names: str):
+    def deco(fn):
+        for n in names:
+            VALIDATORS[n] = fn
+        return fn
+    return deco
+
+
+def validate_node(node) -> None:
+    """Raise UnsupportedOpError if ``node`` uses an attribute value no kernel implements."""
+    fn = VALIDATORS.get(node.op_type)
+    if fn is not None:
+        fn(node)
+
+
+def _onnx_elem_dtype(node, elem_type: int, what: str) -> np.dtype:
+    from onnx import TensorProto
+    from onnx.helper import tensor_dtype_to_np_dtype
+    try:
+        dt = np.dtype(tensor_dtype_to_np_dtype(int(elem_type)))
+    except Exception:
+        dt = None
+    if dt is None or dt not in SUPPORTED_DTYPES:
+        try:
+            tname = TensorProto.DataType.Name(int(elem_type))
+        except Exception:
+            tname = str(elem_type)
+        _unsupported(node, f"{what} of element type {tname}")
+    return dt
+
+
 # --------------------------------------------------------------------------- spatial helpers
 def conv_pads(node, in_spatial, kernel, strides, dilations) -> list[int]:
     """Explicit pads [b1..bn, e1..en] from ``pads`` or ``auto_pad``."""
@@ -162,61 +202,102 @@ def k_conv(node, x, w, b=None):
     return conv_nd(x, w, b, strides=strides, pads=pads, dilations=dil, group=group)
 
 
+def conv_transpose_geometry(node, x_shape, w_shape):
+    """(strides, dilations, full, begins, out) of a ConvTranspose.
+
+    ``full`` is the un-padded output extent ``(in-1)*s + (k-1)*d + 1 + output_padding``;
+    the output is ``full[begin : begin + out]``, zero-extended where it runs past ``full``.
+    Padding follows the ONNX spec, which onnxruntime matches: with ``output_shape`` or
+    ``auto_pad=SAME_*`` the total padding is ``full - out``; SAME_UPPER puts the smaller
+    half first, NOTSET and SAME_LOWER the larger half. A negative total (an output_shape
+    larger than ``full``) extends the output at the end.
+    """
+    nd = len(x_shape) - 2
+    kernel = [int(k) for k in node.attr("kernel_shape", w_shape[2:])]
+    strides = [int(v) for v in node.attr("strides", [1] * nd)]
+    dil = [int(v) for v in node.attr("dilations", [1] * nd)]
+    out_pad = [int(v) for v in node.attr("output_padding", [0] * nd)]
+    in_sp = [int(v) for v in x_shape[2:]]
+    full = [(in_sp[i] - 1) * strides[i] + (kernel[i] - 1) * dil[i] + 1 + out_pad[i] for i in range(nd)]
+    auto = node.attr("auto_pad", "NOTSET")
+    if isinstance(auto, bytes):
+        auto = auto.decode()
+    out_shape = node.attr("output_shape")
+    if auto not in ("NOTSET", "", "VALID", "SAME_UPPER", "SAME_LOWER"):
+        _unsupported(node, f"auto_pad={auto}")
+    if out_shape is not None or auto in ("SAME_UPPER", "SAME_LOWER"):
+        if out_shape is not None:
+            out = [int(v) for v in list(out_shape)[-nd:]]
+        else:
+            out = [in_sp[i] * strides[i] for i in range(nd)]
+        begins = []
+        for i in range(nd):
+            total = full[i] - out[i]
+            if total < 0:
+                if out_shape is None:
+                    # kernel extent smaller than the stride: the spec asks for in*stride outputs,
+                    # onnxruntime returns fewer; refuse rather than pick one
+                    _unsupported(node, "auto_pad=SAME_* with a kernel extent smaller than the stride")
+                begins.append(0)
+            elif auto == "SAME_UPPER":
+                begins.append(total // 2)
+            else:
+                begins.append(total - total // 2)
+    else:
+        pads = [int(p) for p in node.attr("pads", [0] * (2 * nd))]
+        if auto == "VALID":
+            pads = [0] * (2 * nd)
+        begins = pads[:nd]
+        out = [full[i] - pads[i] - pads[i + nd] for i in range(nd)]
+    if any(o <= 0 for o in out):
+        _unsupported(node, f"an empty output (spatial size {out})")
+    return strides, dil, full, begins, out
+
+
 @kernel("ConvTranspose")
 def k_conv_transpose(node, x, w, b=None):
     nd = x.ndim - 2
     group = int(node.attr("group", 1))
-    kernel = list(node.attr("kernel_shape", w.shape[2:]))
-    strides = list(node.attr("strides", [1] * nd))
-    dil = list(node.attr("dilations", [1] * nd))
-    out_pad = list(node.attr("output_padding", [0] * nd))
+    strides, dil, full, begins, out_sp = conv_transpose_geometry(node, x.shape, w.shape)
+    kernel = list(w.shape[2:])
     N, C = x.shape[:2]
     cg = C // group
     mg = w.shape[1]
     M = mg * group
     in_sp = list(x.shape[2:])
-    eff = [(kernel[i] - 1) * dil[i] + 1 for i in range(nd)]
-    full = [(in_sp[i] - 1) * strides[i] + eff[i] + out_pad[i] for i in range(nd)]
-    auto = node.attr("auto_pad", "NOTSET")
-    if isinstance(auto, bytes):
-        auto = auto.decode()
-    out_shape = node.attr("output_shape")
-    if out_shape is not None:
-        out_shape = list(out_shape)[-nd:]
-        total = [full[i] - out_shape[i] for i in range(nd)]
-        if auto == "SAME_LOWER":
-            pads = [total[i] - total[i] // 2 for i in range(nd)] + [total[i] // 2 for i in range(nd)]
-        else:
-            pads = [total[i] // 2 for i in range(nd)] + [total[i] - total[i] // 2 for i in range(nd)]
-    elif auto in ("SAME_UPPER", "SAME_LOWER"):
-        target = [in_sp[i] * strides[i] for i in range(nd)]
-        total = [max(0, full[i] - target[i]) for i in range(nd)]
-        if auto == "SAME_UPPER":
-            pads = [total[i] // 2 for i in range(nd)] + [total[i] - total[i] // 2 for i in range(nd)]
-        else:
-            pads = [total[i] - total[i] // 2 for i in range(nd)] + [total[i] // 2 for i in range(nd)]
-    else:
-        pads = list(node.attr("pads", [0] * (2 * nd)))
     dt = np.result_type(x.dtype, w.dtype)
-    # scatter-add: out[n, m, i*s + k*d] += x[n, c, i] * w[c, m, k]
-    out = np.zeros((N, M, *full), dtype=dt)
+    # scatter-add: full[n, m, i*s + k*d] += sum_c x[n, c, i] * w[c, m, k]; only the part of the
+    # full output that lands in the requested window is accumulated
+    out = np.zeros((N, M, *out_sp), dtype=dt)
+    kidxs = list(np.ndindex(*kernel))
     for g in range(group):
-        xg = x[:, g * cg:(g + 1) * cg]  # N, cg, *in
-        wg = w[g * cg:(g + 1) * cg]  # cg, mg, *k
-        # contributions: N, mg, *in, *k
-        contrib = np.tensordot(xg, wg, axes=([1], [0]))  # N, *in, mg, *k
-        contrib = np.moveaxis(contrib, 1 + nd, 1)  # N, mg, *in, *k
-        for kidx in np.ndindex(*kernel):
-            sl = [slice(None), slice(g * mg, (g + 1) * mg)]
+        xg = x[:, g * cg:(g + 1) * cg].astype(dt, copy=False)  # N, cg, *in
+        wg = w[g * cg:(g + 1) * cg].astype(dt, copy=False)  # cg, mg, *k
+        # one GEMM for all taps: (mg*K, cg) @ (cg, N*in) -> K, N, mg, *in (contiguous per tap)
+        wmat = np.moveaxis(wg.reshape(cg, mg, -1), 2, 0).reshape(-1, cg)  # K*mg, cg
+        xmat = np.moveaxis(xg, 1, 0).reshape(cg, -1)  # cg, N*in
+        contrib = (wmat @ xmat).reshape(len(kidxs), mg, N, *in_sp)
+        contrib = np.swapaxes(contrib, 1, 2)  # K, N, mg, *in
+        for t, kidx in enumerate(kidxs):
+            dst = [slice(None), slice(g * mg, (g + 1) * mg)]
+            src = [slice(None), slice(None)]
+            empty = False
             for i in range(nd):
-                start = kidx[i] * dil[i]
-                sl.append(slice(start, start + (in_sp[i] - 1) * strides[i] + 1, strides[i]))
-            out[tuple(sl)] += contrib[(Ellipsis,) + tuple(kidx)]
-    sl = [slice(None), slice(None)] + [slice(pads[i], full[i] - pads[i + nd]) for i in range(nd)]
-    out = out[tuple(sl)]
+                # input position j lands at full coordinate j*s + k*d, output coordinate that - begin
+                off = kidx[i] * dil[i] - begins[i]
+                s = strides[i]
+                j0 = max(0, -(off // s))  # first j with j*s + off >= 0
+                j1 = min(in_sp[i], (out_sp[i] - 1 - off) // s + 1)  # past the last j inside out
+                if j1 <= j0:
+                    empty = True
+                    break
+                src.append(slice(j0, j1))
+                dst.append(slice(j0 * s + off, (j1 - 1) * s + off + 1, s))
+            if not empty:
+                out[tuple(dst)] += contrib[t][tuple(src)]
     if b is not None:
-        out = out + b.reshape((1, M) + (1,) * nd)
-    return np.ascontiguousarray(out.astype(dt, copy=False))
+        out += b.astype(dt, copy=False).reshape((1, M) + (1,) * nd)
+    return out
 
 
 # --------------------------------------------------------------------------- dense
@@ -257,7 +338,11 @@ def k_mul(node, a, b):
 @kernel("Div")
 def k_div(node, a, b):
     if np.issubdtype(a.dtype, np.integer):
-        return np.trunc(a / b).astype(a.dtype)
+        # integer division truncates toward zero (C semantics), computed exactly
+        with np.errstate(divide="ignore"):
+            q = np.floor_divide(a, b)
+            fix = (np.remainder(a, b) != 0) & ((a < 0) != (b < 0))
+        return (q + fix).astype(a.dtype)
     return (a / b).astype(a.dtype, copy=False)
 
 
@@ -379,16 +464,42 @@ def k_softmax(node, x):
     return (e / s).astype(x.dtype)
 
 
+def _dropout_ratio(node, ratio) -> float:
+    if ratio is not None:
+        return float(np.asarray(ratio).reshape(-1)[0])
+    return float(node.attr("ratio", 0.5))
+
+
+@validator("Dropout")
+def v_dropout(node):
+    tm = node.input(2)
+    if tm is not None and tm.is_const and bool(np.asarray(tm.const).reshape(-1)[0]):
+        r = node.input(1)
+        ratio = _dropout_ratio(node, r.const if r is not None and r.is_const else None)
+        if (r is not None and not r.is_const) or ratio != 0.0:
+            _unsupported(node, "training_mode=True (a random mask)")
+
+
 @kernel("Identity", "Dropout")
-def k_identity(node, x, *rest):
+def k_identity(node, x, ratio=None, training_mode=None):
     if node.op_type == "Dropout":
+        if training_mode is not None and bool(np.asarray(training_mode).reshape(-1)[0]) \
+                and _dropout_ratio(node, ratio) != 0.0:
+            _unsupported(node, "training_mode=True (a random mask)")
         if len(node.outputs) > 1:
             return x, np.ones(x.shape, dtype=bool)
     return x
 
 
+@validator("BatchNormalization")
+def v_batchnorm(node):
+    if int(node.attr("training_mode", 0)) or len(node.outputs) > 1:
+        _unsupported(node, "training_mode=1 (batch statistics and running-mean outputs)")
+
+
 @kernel("BatchNormalization")
 def k_batchnorm(node, x, scale, bias, mean, var):
+    v_batchnorm(node)
     eps = float(node.attr("epsilon", 1e-5))
     shp = (1, -1) + (1,) * (x.ndim - 2)
     inv = (scale / np.sqrt(var + eps)).astype(x.dtype)
@@ -445,6 +556,12 @@ def _pool(node, x, kind: str):
     else:
         cnt = np.sum(_windows(_pad_spatial(ones, full_pads, 0.0), kernel, strides, dil, out_sp), axis=axes)
     return (s / cnt).astype(x.dtype)
+
+
+@validator("MaxPool")
+def v_maxpool(node):
+    if len(node.outputs) > 1:
+        _unsupported(node, "the Indices output")
 
 
 @kernel("MaxPool")
@@ -601,10 +718,25 @@ def k_squeeze(node, x, axes=None):
     return np.squeeze(x, axis=axes)
 
 
+@validator("Cast")
+def v_cast(node):
+    _onnx_elem_dtype(node, node.attr("to"), "a cast to")
+
+
 @kernel("Cast")
 def k_cast(node, x):
-    from onnx.helper import tensor_dtype_to_np_dtype
-    return x.astype(tensor_dtype_to_np_dtype(int(node.attr("to"))))
+    return x.astype(_onnx_elem_dtype(node, node.attr("to"), "a cast to"))
+
+
+@validator("ConstantOfShape", "Constant")
+def v_constant(node):
+    for key in ("value",):
+        v = node.attr(key)
+        if v is not None and np.asarray(v).dtype not in SUPPORTED_DTYPES:
+            _unsupported(node, f"a {key} of type {np.asarray(v).dtype}")
+    for key in ("value_string", "value_strings", "sparse_value"):
+        if key in node.attrs:
+            _unsupported(node, f"the {key} attribute")
 
 
 @kernel("ConstantOfShape")
@@ -671,22 +803,62 @@ def k_reduce(node, x, axes=None):
         ax = None
     else:
         ax = tuple(int(a) % x.ndim for a in np.asarray(axes).reshape(-1))
-    fn = {"ReduceMean": np.mean, "ReduceSum": np.sum, "ReduceMax": np.max, "ReduceMin": np.min}[node.op_type]
+    if node.op_type in ("ReduceMax", "ReduceMin"):
+        # the reduction of an empty set is the identity of max/min (-inf/+inf, type limits)
+        big = node.op_type == "ReduceMin"
+        if x.dtype == np.bool_:
+            init = big
+        elif np.issubdtype(x.dtype, np.integer):
+            init = np.iinfo(x.dtype).max if big else np.iinfo(x.dtype).min
+        else:
+            init = np.inf if big else -np.inf
+        fn = np.min if big else np.max
+        return fn(x, axis=ax, keepdims=keep, initial=init).astype(x.dtype)
+    fn = {"ReduceMean": np.mean, "ReduceSum": np.sum}[node.op_type]
     return fn(x, axis=ax, keepdims=keep).astype(x.dtype)
 
 
 # --------------------------------------------------------------------------- quantization ops
+@validator("QuantizeLinear", "DequantizeLinear")
+def v_qdq(node):
+    if int(node.attr("block_size", 0)):
+        _unsupported(node, "blocked quantization (block_size)")
+    if node.op_type == "QuantizeLinear":
+        if int(node.attr("output_dtype", 0)):
+            _onnx_elem_dtype(node, node.attr("output_dtype"), "an output_dtype")
+    elif int(node.attr("output_dtype", 0)):
+        _onnx_elem_dtype(node, node.attr("output_dtype"), "an output_dtype")
+
+
+_QINT = frozenset(np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32))
+
+
 @kernel("QuantizeLinear")
 def k_quantize(node, x, scale, zp=None):
     from ..compiler.qformat import quantize_linear
-    return quantize_linear(x, scale, zp, axis=int(node.attr("axis", 1)),
-                           out_dtype=zp.dtype if zp is not None else np.uint8)
+    v_qdq(node)
+    if zp is not None:
+        out_dt = zp.dtype
+    elif int(node.attr("output_dtype", 0)):
+        out_dt = _onnx_elem_dtype(node, node.attr("output_dtype"), "an output_dtype")
+    else:
+        out_dt = np.dtype(np.uint8)
+    if out_dt not in _QINT:
+        _unsupported(node, f"quantization to {out_dt}")
+    return quantize_linear(x, scale, zp, axis=int(node.attr("axis", 1)), out_dtype=out_dt)
 
 
 @kernel("DequantizeLinear")
 def k_dequantize(node, x, scale, zp=None):
     from ..compiler.qformat import dequantize_linear
-    return dequantize_linear(x, scale, zp, axis=int(node.attr("axis", 1)))
+    v_qdq(node)
+    if x.dtype not in _QINT:
+        _unsupported(node, f"dequantization of {x.dtype}")
+    y = dequantize_linear(x, scale, zp, axis=int(node.attr("axis", 1)))
+    out_dt = np.asarray(scale).dtype
+    if int(node.attr("output_dtype", 0)):
+        out_dt = _onnx_elem_dtype(node, node.attr("output_dtype"), "an output_dtype")
+    return y.astype(out_dt, copy=False)
 
 
 SUPPORTED_OPS = tuple(sorted(KERNELS))
