@@ -84,7 +84,7 @@ def compile_parser() -> argparse.ArgumentParser:
 
 def info_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="mpqc info", description="Show a model's ops, parameters, MACs and weight bytes per layer.")
-    p.add_argument("model")
+    p.add_argument("model", help="model to describe (.onnx)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("-O", dest="level", type=int, default=None, choices=[0],
                    help="canonicalize first (-O0), as the compiler would see the model")
@@ -100,9 +100,9 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", default="float", choices=["float", "emulator", "ort"],
                    help="float: mpqc's float runtime (QDQ nodes fake-quantize); emulator: bit-exact fixed "
                         "point; ort: onnxruntime (default float)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="samples per run (default 64)")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
 
 
@@ -181,6 +181,8 @@ def cmd_info(argv: list[str]) -> int:
 def cmd_eval(argv: list[str]) -> int:
     args = eval_parser().parse_args(argv)
     _setup(args.quiet)
+    if args.batch_size < 1:
+        raise OptionError(f"--batch-size must be at least 1, got {args.batch_size}")
     from mpqc.compiler.evaluate import evaluate_file
     res = evaluate_file(args.model, args.data, metric=args.metric, reference=args.reference,
                         runtime=args.runtime, batch_size=args.batch_size)
@@ -196,7 +198,7 @@ def cmd_targets(argv: list[str]) -> int:
     from mpqc.compiler.info import format_table
     from mpqc.compiler.targets import TARGETS
     p = _Parser(prog="mpqc targets", description="List the target profiles.")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
     if args.json:
         print(json.dumps([t.to_json() for t in TARGETS.values()], indent=1))
@@ -230,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     cmds = {"info": cmd_info, "eval": cmd_eval, "targets": cmd_targets, "passes": cmd_passes,
             "compile": cmd_compile}
     try:
-        if argv and argv[0] in cmds and not Path(argv[0]).exists():
+        if argv and argv[0] in cmds and not Path(argv[0]).is_file():  # a folder named 'passes' is no model
             return cmds[argv[0]](argv[1:])
         return cmd_compile(argv)
     except CompilerError as e:

@@ -1,0 +1,285 @@
+"""The ``mpqc`` command line, end to end in subprocesses."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tests.conftest import bench_path
+from tests.graphs import ort_session, rel_err
+
+
+def mpqc(*args, cwd=None, module: str = "mpqc") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def assert_user_error(res: subprocess.CompletedProcess, *needles: str, out: Path | None = None) -> str:
+    """Exit code 2, exactly one stderr line 'mpqc: error: ...' naming each needle, no traceback, no output."""
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("mpqc: error: "), lines[0]
+    assert "Traceback" not in res.stderr and res.stdout == ""
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    if out is not None:
+        assert not out.exists()
+        assert [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")] == []  # no temp file
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def resnet() -> Path:
+    return bench_path("digits_resnet.onnx")
+
+
+@pytest.fixture(scope="module")
+def digits() -> Path:
+    return bench_path("digits.npz")
+
+
+def ort_run(path, x):
+    sess = ort_session(path)
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+# ----------------------------------------------------------------------------- compile
+def test_compile_O0_writes_a_matching_deterministic_model(resnet, digits, tmp_path):
+    out1, out2 = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    res = mpqc(resnet, "-O0", "-o", out1)
+    assert res.returncode == 0, res.stderr
+    assert "main_graph: 22 -> 22 nodes" in res.stderr and res.stdout == ""
+    res = mpqc(resnet, "-O0", "-o", out2, "-q", module="mpqc.cli")
+    assert res.returncode == 0 and res.stderr == "" and res.stdout == ""
+    assert out1.read_bytes() == out2.read_bytes()  # byte-identical
+    model = onnx.load(out1)
+    onnx.checker.check_model(model, full_check=True)
+    assert model.producer_name == "mpqc"
+    x = np.load(digits)["x_eval"][:50]
+    assert rel_err(ort_run(out1, x), ort_run(resnet, x)) < 1e-5
+
+
+def test_compile_custom_passes_and_diagnostics(resnet, tmp_path):
+    out = tmp_path / "p.onnx"
+    res = mpqc(resnet, "--passes", "fold-constants,eliminate-dead-code", "--print-after", "eliminate-dead-code",
+               "--time-passes", "--verify-each", "-q", "-o", out)
+    assert res.returncode == 0, res.stderr
+    assert "// ----- IR after eliminate-dead-code -----" in res.stdout
+    assert "graph main_graph (opset 17): 22 nodes" in res.stdout
+    table = res.stdout.split("-----\n", 1)[1]
+    assert "fold-constants" in table and "total" in table
+    assert out.exists()
+
+
+# ----------------------------------------------------------------------------- info, eval, targets, passes
+def test_info_table_and_json(resnet):
+    res = mpqc("info", resnet)
+    assert res.returncode == 0, res.stderr
+    head = res.stdout.splitlines()
+    assert head[0].startswith("model main_graph (opset 17): 22 nodes, 77,418 parameters")
+    assert head[1].startswith("ops: ") and "Conv x9" in head[1]
+    assert head[2].split() == ["layer", "op", "weight", "params", "MACs", "bits", "bytes"]
+    assert any(line.startswith("/stem/stem.0/Conv") and "16x1x3x3" in line for line in head)
+    res = mpqc("info", resnet, "--json")
+    assert res.returncode == 0
+    info = json.loads(res.stdout)
+    assert info["params"] == 77418 and info["ops"]["Conv"] == 9 and len(info["layers"]) == 10
+    assert info["inputs"] == [{"name": "input", "shape": ["N", 1, 16, 16], "dtype": "float32"}]
+    stem = info["layers"][0]
+    assert stem["weight_shape"] == [16, 1, 3, 3] and stem["macs"] == 16 * 16 * 16 * 9  # 'same' 3x3 on 16x16
+
+
+def test_eval_metrics(resnet, digits):
+    d = np.load(digits)
+    x, y = d["x_eval"], d["y_eval"]
+    ref = ort_run(resnet, x)
+    want_top1 = float(np.mean(ref.argmax(1) == y))
+    res = mpqc("eval", resnet, "--data", f"{digits}:eval")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == f"top1 = {want_top1:.4f} on 300 samples of digits.npz:eval (float runtime)"
+    res = mpqc("eval", resnet, "--data", f"{digits}:test", "--metric", "top5", "--json", "--runtime", "ort")
+    r = json.loads(res.stdout)
+    top5 = np.argsort(-ort_run(resnet, d["x_test"]), 1, kind="stable")[:, :5]
+    assert r == {"model": str(resnet), "data": "digits.npz:test", "samples": 400, "metric": "top5",
+                 "value": pytest.approx(float(np.mean((top5 == d["y_test"][:, None]).any(1)))),
+                 "runtime": "ort"}
+    vgg = bench_path("digits_vgg.onnx")
+    res = mpqc("eval", resnet, "--data", digits, "--metric", "agreement", "--reference", vgg, "--json")
+    r = json.loads(res.stdout)
+    assert r["metric"] == "agreement" and r["samples"] == 300
+    assert r["value"] == pytest.approx(float(np.mean(ref.argmax(1) == ort_run(vgg, x).argmax(1))))
+
+
+def test_targets_and_passes():
+    res = mpqc("targets")
+    assert res.returncode == 0
+    rows = res.stdout.splitlines()
+    assert rows[0].split()[:3] == ["target", "weights", "activations"]
+    assert [r.split()[0] for r in rows[2:]] == ["npu8", "npu4", "bdcnn", "ort-int8"]
+    assert {t["name"] for t in json.loads(mpqc("targets", "--json").stdout)} >= {"npu8", "npu4", "bdcnn",
+                                                                                   "ort-int8"}
+    res = mpqc("passes")
+    assert res.returncode == 0
+    names = [line.split()[0] for line in res.stdout.splitlines() if line and not line[0].isspace()]
+    assert names == sorted(names)
+    assert set(names) >= {"fold-constants", "remove-identity", "infer-shapes", "fold-pad-into-conv",
+                          "fold-batchnorm", "reshape-to-flatten", "eliminate-dead-code"}
+    line = next(l for l in res.stdout.splitlines() if l.startswith("fold-batchnorm"))
+    assert "fold an inference BatchNormalization" in line
+
+
+@pytest.mark.parametrize("cmd", [[], ["info"], ["eval"], ["targets"], ["passes"]])
+def test_help_reads_well(cmd):
+    res = mpqc(*cmd, "--help")
+    assert res.returncode == 0 and res.stderr == ""
+    text = res.stdout
+    prog = " ".join(["mpqc", *cmd])
+    assert text.startswith(f"usage: {prog} ")
+    para = text.split("\n\n")[1]
+    assert len(para) > 20 and para[0].isupper()  # a description sentence
+    # every option and positional says what it is for
+    body = text.split("\n\n", 2)[2]
+    for line in body.splitlines():
+        s = line.strip()
+        if line.startswith("  ") and not line.startswith("   ") and s.startswith(("-", "model")):
+            idx = body.splitlines().index(line)
+            nxt = body.splitlines()[idx + 1] if idx + 1 < len(body.splitlines()) else ""
+            assert len(s.split("  ")) > 1 or nxt.startswith(" " * 10), f"no help text for {s!r}"
+    if not cmd:
+        assert "examples:" in text and "exit codes" in text
+
+
+# ----------------------------------------------------------------------------- bad inputs
+def topk_model(path: Path, op: str = "TopK") -> Path:
+    k = numpy_helper.from_array(np.array([3], np.int64), "k")
+    nodes = [helper.make_node("Relu", ["input"], ["r"], name="relu"),
+             helper.make_node("TopK", ["r", "k"], ["v", "i"], name="top_scores")]
+    outs = [helper.make_tensor_value_info("v", TensorProto.FLOAT, ["N", 3]),
+            helper.make_tensor_value_info("i", TensorProto.INT64, ["N", 3])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 10])],
+                              outs, [k])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_bad_model_files(resnet, tmp_path):
+    out = tmp_path / "out.onnx"
+    text = tmp_path / "notes.onnx"
+    text.write_text("this is a text file renamed to .onnx\n" * 20)
+    assert_user_error(mpqc(text, "-O0", "-o", out), "notes.onnx", "not a readable ONNX model", out=out)
+    half = tmp_path / "half.onnx"
+    data = resnet.read_bytes()
+    half.write_bytes(data[: len(data) // 2])
+    assert_user_error(mpqc(half, "-O0", "-o", out), "half.onnx", out=out)
+    assert_user_error(mpqc(tmp_path / "nope.onnx", "-O0", "-o", out), "nope.onnx", "does not exist", out=out)
+    line = assert_user_error(mpqc(topk_model(tmp_path / "topk.onnx"), "-O0", "-o", out),
+                             "node 'top_scores'", "TopK", "Supported: ", "Conv", "Relu", out=out)
+    assert "mpqc does not support" in line
+    assert_user_error(mpqc("info", half), "half.onnx")
+    assert_user_error(mpqc("eval", text, "--data", bench_path("digits.npz")), "notes.onnx")
+
+
+def bad_data(tmp_path: Path) -> dict[str, Path]:
+    ok = np.zeros((4, 1, 16, 16), np.float32)
+    nan = ok.copy()
+    nan[2, 0, 5, 5] = np.nan
+    files = {
+        "shape": dict(x_calib=np.zeros((4, 3, 16, 16), np.float32)),
+        "rank": dict(x_calib=np.zeros((4, 16, 16), np.float32)),
+        "strings": dict(x_calib=np.full((4, 1, 16, 16), "x")),
+        "complex": dict(x_calib=ok.astype(np.complex64)),
+        "nan": dict(x_calib=nan),
+        "split": dict(x_train=ok),
+    }
+    out = {}
+    for name, arrays in files.items():
+        out[name] = tmp_path / f"{name}.npz"
+        np.savez(out[name], **arrays)
+    return out
+
+
+@pytest.mark.parametrize("case, needles", [
+    ("shape", ["--calib", "shape.npz:calib", "'x_calib'", "[4, 3, 16, 16]", "'input'", "dim 1 is 3, expected 1"]),
+    ("rank", ["--calib", "'x_calib'", "rank 3", "'input'"]),
+    ("strings", ["--calib", "'x_calib'", "dtype <U1"]),
+    ("complex", ["--calib", "'x_calib'", "dtype complex64"]),
+    ("nan", ["--calib", "'x_calib'", "1 NaN"]),
+    ("split", ["--calib", "split.npz", "no array 'x_calib'", "splits present: train"]),
+    ("missing", ["--calib", "missing.npz", "does not exist"]),
+])
+def test_bad_data_files(case, needles, resnet, tmp_path):
+    files = bad_data(tmp_path)
+    path = files.get(case, tmp_path / "missing.npz")
+    out = tmp_path / "out.onnx"
+    assert_user_error(mpqc(resnet, "-O0", "--calib", f"{path}:calib", "-o", out), *needles, out=out)
+    if case in ("shape", "nan"):
+        assert_user_error(mpqc("eval", resnet, "--data", f"{path}:calib"), "--data", "'x_calib'")
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["-O0", "--passes", "fold-constants"], ["either -O LEVEL or --passes"]),
+    (["-O0", "--max-drop", "0.01", "--target-score", "0.9"], ["--max-drop or --target-score"]),
+    (["-O7"], ["argument -O", "invalid choice: 7"]),
+    (["--passes", "fold-everything"], ["unknown pass 'fold-everything'", "fold-batchnorm"]),
+    (["--passes", "fold-constants{level=3}"], ["'fold-constants' has no option 'level'"]),
+    (["-O0", "--print-after", "fold-nothing"], ["--print-after 'fold-nothing'"]),
+    (["-O0", "--batch-size", "0"], ["--batch-size must be at least 1"]),
+    (["-O0", "--report", "{out}"], ["--report and --output name the same file"]),
+    (["-O0", "--target", "tpu9"], ["tpu9"]),
+])
+def test_bad_options(args, needles, resnet, tmp_path):
+    out = tmp_path / "out.onnx"
+    args = [a.replace("{out}", str(out)) for a in args]
+    assert_user_error(mpqc(resnet, *args, "-o", out), *needles, out=out)
+
+
+def test_bad_eval_options(resnet, digits):
+    assert_user_error(mpqc("eval", resnet, "--data", digits, "--metric", "top7"), "--metric 'top7'", "top1")
+    assert_user_error(mpqc("eval", resnet, "--data", digits, "--metric", "psnr"), "--reference")
+    assert_user_error(mpqc("eval", resnet), "--data")
+    assert_user_error(mpqc("eval", resnet, "--data", digits, "--batch-size", "0"), "--batch-size")
+
+
+def test_unwritable_output(resnet, tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    assert_user_error(mpqc(resnet, "-O0", "-o", blocker / "out.onnx"), "cannot write", "file.txt/out.onnx")
+    assert_user_error(mpqc(resnet, "-O0", "-o", tmp_path), "cannot write", str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
+
+def test_pass_failure_leaves_no_output(resnet, tmp_path):
+    out = tmp_path / "out.onnx"
+    out_old = tmp_path / "old.onnx"
+    out_old.write_bytes(b"previous")
+    script = textwrap.dedent("""
+        import sys
+        from dataclasses import dataclass
+        from mpqc.compiler.passes import Pass, register_pass
+        from mpqc.cli import main
+
+        @register_pass
+        @dataclass(frozen=True)
+        class Explode(Pass):
+            name = "test-explode"
+            def run(self, graph, ctx):
+                raise RuntimeError("boom")
+
+        sys.exit(main(sys.argv[1:]))
+    """)
+    for target in (out, out_old):
+        res = subprocess.run([sys.executable, "-c", script, str(resnet), "--passes",
+                              "fold-constants,test-explode", "-o", str(target), "--report",
+                              str(tmp_path / "r.json")], capture_output=True, text=True, timeout=300)
+        assert_user_error(res, "[test-explode] internal error: RuntimeError: boom")
+    assert not out.exists() and not (tmp_path / "r.json").exists()
+    assert out_old.read_bytes() == b"previous"  # an existing file is left as it was
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.onnx"]
