@@ -36,7 +36,7 @@ def pipeline_spec(level: int, target: Target | None) -> list[str]:
         return spec
     if target is None:
         raise OptionError(f"-O{level} needs a --target (see 'mpqc targets')")
-    spec.append("choose-formats")
+    spec.append("choose-formats" if level == 1 else "choose-formats{start=ladder}")
     if level >= 2:
         spec.append("assign-bit-widths")
     if level >= 3:

@@ -101,3 +101,112 @@ def dequantize_linear(x, scale, zp=None, axis=1):
     if zp is not None:
         xi = xi - _bshape(np.asarray(zp), x, axis).astype(xi.dtype)
     return (xi.astype(np.float32) * s).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------- fixed-point math
+def round_half_up(x: np.ndarray) -> np.ndarray:
+    """Round to nearest, ties towards +inf (what an arithmetic shift with +half does)."""
+    return np.floor(np.asarray(x, dtype=np.float64) + 0.5)
+
+
+def qrange(bits: int, signed: bool) -> tuple[int, int]:
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+
+
+def _frac_b(frac, x: np.ndarray, axis: int | None) -> np.ndarray:
+    f = np.asarray(frac, dtype=np.int64)
+    if axis is None or f.ndim == 0:
+        return f
+    shp = [1] * x.ndim
+    shp[axis % x.ndim] = -1
+    return f.reshape(shp)
+
+
+def quantize_pow2(x: np.ndarray, bits: int, frac, signed: bool = True, axis: int | None = None) -> np.ndarray:
+    """Integers of ``x`` in format (bits, frac): round half up, saturate. Returns int64."""
+    lo, hi = qrange(bits, signed)
+    f = _frac_b(frac, np.asarray(x), axis)
+    q = round_half_up(np.ldexp(np.asarray(x, dtype=np.float64), f))
+    return np.clip(q, lo, hi).astype(np.int64)
+
+
+def dequantize_pow2(q: np.ndarray, frac, axis: int | None = None) -> np.ndarray:
+    f = _frac_b(frac, np.asarray(q), axis)
+    return np.ldexp(np.asarray(q, dtype=np.float64), -f)
+
+
+def fake_quant(x: np.ndarray, fmt: QFormat) -> np.ndarray:
+    """Quantize then dequantize ``x`` with ``fmt`` (float32 out).
+
+    Computed in float32, which is exact here: scaling by a power of two is exact,
+    and for widths up to 16 bits every unclipped ``x * 2^n + 0.5`` is below 2^22.
+    """
+    x = np.asarray(x)
+    if fmt.bits > 16 or x.dtype != np.float32:
+        q = quantize_pow2(x, fmt.bits, fmt.frac, fmt.signed, fmt.axis)
+        return dequantize_pow2(q, fmt.frac, fmt.axis).astype(np.float32)
+    lo, hi = qrange(fmt.bits, fmt.signed)
+    if fmt.axis is None:
+        from ..runtime.kernels import fake_quant_scalar
+        n = int(fmt.frac)
+        return fake_quant_scalar(np.ascontiguousarray(x), np.float32(2.0 ** n), np.float32(2.0 ** -n),
+                                 np.float32(lo), np.float32(hi))
+    f = _frac_b(fmt.frac, x, fmt.axis)
+    s = np.ldexp(np.float32(1.0), f).astype(np.float32)
+    q = np.clip(np.floor(x * s + np.float32(0.5)), lo, hi)
+    return (q / s).astype(np.float32)
+
+
+def range_frac(absmax, bits: int, signed: bool) -> np.ndarray:
+    """Range-derived fractional length n0: the largest n that does not clip ``absmax``.
+
+    Signed: m = ceil(log2(r)) integer bits, n = B - 1 - m; unsigned: n = B - m.
+    A zero range gives n = B - 1 (any n is exact for zeros).
+    """
+    r = np.asarray(absmax, dtype=np.float64)
+    m = np.ceil(np.log2(np.where(r > 0, r, 1.0)))
+    n = np.where(r > 0, (bits - (1 if signed else 0)) - m, bits - 1)
+    return n.astype(np.int64)
+
+
+def mse_for_frac(x: np.ndarray, bits: int, frac: int, signed: bool) -> float:
+    return float(np.mean((fake_quant(x, QFormat(bits, int(frac), signed)).astype(np.float64) - x) ** 2))
+
+
+def choose_frac_mse(x: np.ndarray, bits: int, signed: bool, *, search: int = 2, absmax: float | None = None) -> int:
+    """Per-tensor fractional length minimising MSE over n0-search .. n0+search (ties prefer n0)."""
+    x = np.asarray(x, dtype=np.float64).reshape(-1)
+    r = float(np.max(np.abs(x))) if absmax is None else float(absmax)
+    n0 = int(range_frac(r, bits, signed))
+    if x.size == 0 or r == 0:
+        return n0
+    cands = [n0] + [n0 + d for k in range(1, search + 1) for d in (-k, k)]
+    errs = [mse_for_frac(x, bits, n, signed) for n in cands]
+    return int(cands[int(np.argmin(errs))])
+
+
+def choose_frac_mse_per_channel(w: np.ndarray, bits: int, axis: int = 0, *, search: int = 2) -> np.ndarray:
+    """Per-channel (along ``axis``) fractional lengths minimising each channel's MSE."""
+    wc = np.moveaxis(np.asarray(w, dtype=np.float64), axis, 0).reshape(w.shape[axis], -1)
+    r = np.max(np.abs(wc), axis=1)
+    n0 = range_frac(r, bits, True)
+    offs = [0] + [d for k in range(1, search + 1) for d in (-k, k)]
+    lo, hi = qrange(bits, True)
+    errs = []
+    for d in offs:
+        n = (n0 + d)[:, None]
+        q = np.clip(round_half_up(np.ldexp(wc, n)), lo, hi)
+        errs.append(np.mean((np.ldexp(q, -n) - wc) ** 2, axis=1))
+    best = np.argmin(np.stack(errs), axis=0)
+    out = n0 + np.asarray(offs)[best]
+    return np.where(r > 0, out, n0).astype(np.int64)
+
+
+def sqnr_db(x: np.ndarray, xq: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio in dB (inf when exact)."""
+    x = np.asarray(x, np.float64)
+    noise = float(np.sum((x - np.asarray(xq, np.float64)) ** 2))
+    sig = float(np.sum(x ** 2))
+    if noise == 0:
+        return float("inf")
+    return 10 * np.log10(sig / noise) if sig > 0 else float("-inf")

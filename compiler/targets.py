@@ -30,15 +30,29 @@ class Target:
                             "Mul", "Sub", "Div", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish",
                             "Softmax", "Sum", "LRN")
     mac_cost_per_bit: float = 1.0  # MAC cost proportional to w_bits * a_bits / 64
+    #: (weight bits, activation bits) of every layer at -O1
+    default_bits: tuple[int, int] = (8, 8)
+    #: reduction ladder walked by mixed-precision searches, highest first: a layer at
+    #: ladder[i] is "reduced" to ladder[i + 1]; -O2 starts every layer at ladder[0]
+    ladder: tuple[tuple[int, int], ...] = ((8, 8), (4, 8))
 
     @property
     def default_weight_bits(self) -> int:
-        return self.weight_bits[0]
+        return self.default_bits[0]
 
     @property
     def default_act_bits(self) -> int:
-        # the narrowest activation width that is the chip's "native" path: 8 when offered
-        return 8 if 8 in self.act_bits else self.act_bits[0]
+        return self.default_bits[1]
+
+    def ladder_index(self, bits: tuple[int, int]) -> int:
+        try:
+            return self.ladder.index(tuple(bits))
+        except ValueError:
+            raise OptionError(f"bit widths w{bits[0]}/a{bits[1]} are not on target {self.name}'s ladder "
+                              f"{self.ladder_text()}") from None
+
+    def ladder_text(self) -> str:
+        return " -> ".join(f"w{w}a{a}" for w, a in self.ladder)
 
     def lower_weight_bits(self, bits: int) -> int | None:
         """The next allowed weight width below ``bits`` (None at the bottom)."""
@@ -56,18 +70,23 @@ class Target:
         return {"name": self.name, "description": self.description, "weight_bits": list(self.weight_bits),
                 "act_bits": list(self.act_bits), "scale": self.scale, "per_channel": self.per_channel,
                 "accumulator_bits": self.accumulator_bits, "min_bits": self.min_bits,
-                "binary_decomposed": self.binary_decomposed}
+                "binary_decomposed": self.binary_decomposed, "default_bits": list(self.default_bits),
+                "ladder": [list(x) for x in self.ladder]}
 
 
 TARGETS: dict[str, Target] = {t.name: t for t in [
     Target("npu8", "8-bit NPU: weights 8/4 bit, activations 16/8 bit, power-of-two scales, int32 accumulators",
-           weight_bits=(8, 4), act_bits=(16, 8), min_bits=4),
+           weight_bits=(8, 4), act_bits=(16, 8), min_bits=4, default_bits=(8, 8),
+           ladder=((8, 16), (4, 8))),
     Target("npu4", "low-bit NPU: weights 8/4/2 bit, activations 8/4 bit, power-of-two scales",
-           weight_bits=(8, 4, 2), act_bits=(8, 4), min_bits=2),
+           weight_bits=(8, 4, 2), act_bits=(8, 4), min_bits=2, default_bits=(8, 8),
+           ladder=((8, 8), (4, 8), (4, 4), (2, 4))),
     Target("bdcnn", "binary-decomposed weights (k bases), activations as Q bit-planes (Q in 2..8), popcount",
-           weight_bits=(8,), act_bits=(8, 7, 6, 5, 4, 3, 2), min_bits=2, binary_decomposed=True),
+           weight_bits=(8,), act_bits=(8, 7, 6, 5, 4, 3, 2), min_bits=2, binary_decomposed=True,
+           default_bits=(8, 8), ladder=tuple((8, q) for q in range(8, 1, -1))),
     Target("ort-int8", "onnxruntime CPU int8 path: float scales, int8 weights and activations",
-           weight_bits=(8,), act_bits=(8,), scale="float", min_bits=8),
+           weight_bits=(8,), act_bits=(8,), scale="float", min_bits=8, default_bits=(8, 8),
+           ladder=((8, 8),)),
 ]}
 
 

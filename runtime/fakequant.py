@@ -1,0 +1,108 @@
+"""Fake-quantized execution: the float runtime with every quantization point rounded.
+
+``QuantSim(plan, table)`` turns a ``BitConfig`` into a node function for the
+``Executor``: layer weights and biases are replaced by their dequantized integers
+(cached per width), input points are rounded when read, and every layer/arith
+output is rounded to its format (round half up, saturation) right after the node
+runs. Layout ops pass values through, which is exact on the integer grid.
+This is NN_S of the influence method, and what searches evaluate; the bit-exact
+integer emulator (``runtime.emulator``) computes the same network in integers.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..compiler.ir import Graph, Node, Value
+from ..compiler.qformat import QFormat, fake_quant
+from ..compiler.quant import BitConfig, FormatTable, QuantPlan
+from .executor import Executor, float_node_fn, run_batched
+
+
+class QuantSim:
+    def __init__(self, plan: QuantPlan, table: FormatTable):
+        self.plan = plan
+        self.table = table
+        self._wcache: dict[tuple, np.ndarray] = {}
+        self._bcache: dict[tuple, np.ndarray] = {}
+
+    def _qweight(self, node: Node, fmt: QFormat) -> np.ndarray:
+        key = (id(node), fmt.bits)
+        w = self._wcache.get(key)
+        if w is None:
+            w = fake_quant(node.weight.const, fmt)
+            self._wcache[key] = w
+        return w
+
+    def _qbias(self, node: Node, in_fmt: QFormat, w_fmt: QFormat) -> np.ndarray:
+        key = (id(node), in_fmt.bits, w_fmt.bits)
+        b = self._bcache.get(key)
+        if b is None:
+            b = fake_quant(node.bias.const, self.table.bias_format(node, in_fmt, w_fmt))
+            self._bcache[key] = b
+        return b
+
+    def node_fn(self, config: BitConfig | None, *, float_layers: set | None = None):
+        """Node function for ``config`` (None: plain float). Layers in ``float_layers`` stay float."""
+        if config is None:
+            return float_node_fn
+        fmts = self.table.formats(config)
+        wf = self.table.weight_formats(config)
+        plan = self.plan
+        points = plan.points
+        layer_ids = {id(n) for n in plan.layers}
+        float_layers = float_layers or set()
+
+        def fn(node: Node, args: list):
+            args = list(args)
+            for i, v in enumerate(node.inputs):
+                if v is not None and v in points and points[v].kind == "input":
+                    args[i] = fake_quant(args[i], fmts[v])
+            if id(node) in layer_ids and node not in float_layers:
+                args[1] = self._qweight(node, wf[node])
+                if node.bias is not None and len(args) > 2:
+                    args[2] = self._qbias(node, fmts[node.inputs[0]], wf[node])
+            outs = float_node_fn(node, args)
+            res = []
+            for v, a in zip(node.outputs, outs):
+                p = points.get(v)
+                if p is not None and p.kind in ("layer", "arith") and not (
+                        p.kind == "layer" and p.layer in float_layers):
+                    a = fake_quant(a, fmts[v])
+                res.append(a)
+            return tuple(res)
+
+        return fn
+
+    def run(self, config: BitConfig | None, x: np.ndarray, *, batch_size: int = 64, outputs=None,
+            progress: str | None = None) -> list[np.ndarray]:
+        return run_batched(self.plan.graph, x, batch_size=batch_size, outputs=outputs,
+                           node_fn=self.node_fn(config), progress=progress)
+
+    def executor(self, config: BitConfig | None) -> Executor:
+        return Executor(self.plan.graph, self.node_fn(config))
+
+
+def ir_node_fn(graph: Graph):
+    """Node function that fake-quantizes according to the IR's own annotations
+    (``node.qconfig`` formats and ``value.qformat``), for graphs after choose-formats."""
+    layer_fmt = {id(n): n.qconfig for n in graph.layers() if n.qconfig is not None}
+    wcache: dict[int, np.ndarray] = {}
+
+    def fn(node: Node, args: list):
+        args = list(args)
+        for i, v in enumerate(node.inputs):
+            if v is not None and not v.is_const and v.qformat is not None:
+                # rounding an on-grid value is exact, so reading inputs through their format is safe
+                args[i] = fake_quant(args[i], v.qformat)
+        q = layer_fmt.get(id(node))
+        if q is not None and q.weight_format is not None:
+            w = wcache.get(id(node))
+            if w is None:
+                w = wcache[id(node)] = fake_quant(node.weight.const, q.weight_format)
+            args[1] = w
+            if q.bias_format is not None and len(args) > 2 and args[2] is not None:
+                args[2] = fake_quant(node.bias.const, q.bias_format)
+        outs = float_node_fn(node, args)
+        return tuple(fake_quant(a, v.qformat) if v.qformat is not None else a for v, a in zip(node.outputs, outs))
+
+    return fn
