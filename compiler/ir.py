@@ -242,10 +242,13 @@ class Graph:
         """Remove a single-output node, forwarding its input to its readers (Identity-like)."""
         src = node.inputs[input_index]
         out = node.outputs[0]
-        if out in self.outputs and src in self.inputs:
-            # keep graph output name: cannot alias a graph input directly to an output safely
-            return
-        if out in self.outputs and src is not None and src.producer is not None:
+        if src is None:
+            return  # nothing to forward
+        if out in self.outputs:
+            if src.producer is None or src in self.outputs:
+                # a graph input, a constant or another graph output cannot take the output's name:
+                # keep the node so the graph keeps its interface
+                return
             # keep the graph output's name: rename the forwarded value
             src.name, out.name = out.name, src.name
         self.replace_all_uses_with(out, src)

@@ -346,3 +346,22 @@ def test_values_and_lookups():
         g.value_by_name("nope")
     assert [m.name for m in g.iter_ops("Neg", "Abs")] == ["b", "c"]
     assert rel_err(np.ones(2), np.ones(2)) == 0.0
+
+
+def test_bypass_keeps_nodes_whose_input_cannot_take_the_output_name():
+    b = GraphBuilder()
+    x = b.input("x", [2])
+    r = b.op("Relu", [x], name="relu")
+    r.name = "first"
+    same = b.op("Identity", [r], name="id_out")  # both graph outputs
+    same.name = "second"
+    c = b.op("Identity", [b.const("k", np.ones(2, np.float32))], name="id_const")
+    c.name = "third"
+    g = b.output(r, same, c)
+    g.bypass(g.node_by_name("id_out"))
+    g.bypass(g.node_by_name("id_const"))
+    assert ops(g) == ["Relu", "Identity", "Identity"]
+    assert [v.name for v in g.outputs] == ["first", "second", "third"]
+    g.verify()
+    out = run_ort(g, {"x": np.array([-1.0, 2.0], np.float32)})
+    assert [o.tolist() for o in out] == [[0.0, 2.0], [0.0, 2.0], [1.0, 1.0]]
