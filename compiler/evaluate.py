@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import load_dataset
-from .errors import ModelError, OptionError
+from .errors import DataError, ModelError, OptionError
 from .frontend import load_graph
 from .ir import Graph
 from .metrics import NEEDS_REFERENCE, check_metric, evaluate
@@ -70,6 +70,9 @@ def evaluate_file(model: str, data: str, *, metric: str | None = None, reference
             raise OptionError(f"--metric {metric} compares with a float model: give --reference FLOAT.onnx")
         ref = run_model(reference, ds.x, runtime="float", batch_size=batch_size)
     out = run_model(graph_or_path, ds.x, runtime=runtime, batch_size=batch_size, progress="eval")
-    value = evaluate(metric, out, ds.y, ref)
+    try:
+        value = evaluate(metric, out, ds.y, ref)
+    except DataError as e:  # name the data the labels / outputs came from
+        raise DataError(f"--data {ds.source}: {e.message}", hint=e.hint) from None
     return {"model": str(model), "data": ds.source, "samples": len(ds), "metric": metric, "value": value,
             "runtime": runtime}

@@ -124,8 +124,26 @@ def check_metric(metric: str, have_labels: bool) -> str:
     return metric
 
 
+def _check_labels(outputs: np.ndarray, labels) -> None:
+    if labels is None:
+        raise DataError("this metric needs labels (y_SPLIT) in the data file")
+    y = np.asarray(labels).reshape(-1)
+    classes = _flat(outputs).shape[1]
+    if len(y) != len(outputs):
+        raise DataError(f"{len(y)} labels for {len(outputs)} outputs")
+    if y.dtype.kind not in "biuf" or (y.dtype.kind == "f" and not np.all(np.mod(y, 1) == 0)):
+        raise DataError(f"labels must be integer class indices, got dtype {y.dtype}")
+    if len(y) and (y.min() < 0 or y.max() >= classes):
+        raise DataError(f"labels must be class indices in [0, {classes}), got values from {y.min()} to {y.max()}")
+
+
 def evaluate(metric: str, outputs: np.ndarray, labels: np.ndarray | None = None,
              reference: np.ndarray | None = None) -> float:
+    if metric in NEEDS_LABELS:
+        _check_labels(outputs, labels)
+    if metric in NEEDS_REFERENCE and reference is not None and np.shape(outputs) != np.shape(reference):
+        raise DataError(f"outputs of shape {list(np.shape(outputs))} cannot be compared with the reference "
+                        f"model's outputs of shape {list(np.shape(reference))}")
     if metric == "top1":
         return top_k(outputs, labels, 1)
     if metric == "top5":

@@ -248,6 +248,12 @@ def test_bad_eval_options(resnet, digits):
     assert_user_error(mpqc("eval", resnet, "--data", digits, "--batch-size", "0"), "--batch-size")
 
 
+def test_eval_labels_out_of_range(resnet, tmp_path):
+    bad = tmp_path / "labels.npz"
+    np.savez(bad, x_eval=np.zeros((3, 1, 16, 16), np.float32), y_eval=np.array([0, 1, 10]))
+    assert_user_error(mpqc("eval", resnet, "--data", bad), "labels.npz:eval", "class indices in [0, 10)")
+
+
 def test_unwritable_output(resnet, tmp_path):
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")

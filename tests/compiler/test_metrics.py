@@ -105,3 +105,20 @@ def test_check_metric_and_evaluate_errors():
         evaluate("psnr", np.ones((1, 2)))
     with pytest.raises(OptionError, match="unknown"):
         evaluate("nope", np.ones((1, 2)), None, np.ones((1, 2)))
+
+
+def test_evaluate_checks_labels_and_reference_shape():
+    z = np.zeros((3, 4))
+    with pytest.raises(DataError, match=r"class indices in \[0, 4\), got values from 0 to 4"):
+        evaluate("mean-score", z, np.array([0, 4, 1]))
+    with pytest.raises(DataError, match=r"class indices in \[0, 4\), got values from -1 to 1"):
+        evaluate("top1", z, np.array([0, -1, 1]))
+    with pytest.raises(DataError, match="integer class indices"):
+        evaluate("top5", z, np.array([0.5, 1, 1]))
+    with pytest.raises(DataError, match="2 labels for 3 outputs"):
+        evaluate("top1", z, np.array([0, 1]))
+    with pytest.raises(DataError, match="needs labels"):
+        evaluate("top1", z)
+    assert evaluate("top1", z, np.array([0.0, 0.0, 1.0])) == pytest.approx(2 / 3)  # integral floats are fine
+    with pytest.raises(DataError, match=r"shape \[3, 4\] cannot be compared .* shape \[3, 5\]"):
+        evaluate("mse", z, None, np.zeros((3, 5)))
