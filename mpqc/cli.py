@@ -245,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         print("mpqc: error: out of memory; lower --batch-size", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into a reader that quit early (mpqc info ... | head)
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -289,3 +289,14 @@ def test_pass_failure_leaves_no_output(resnet, tmp_path):
     assert not out.exists() and not (tmp_path / "r.json").exists()
     assert out_old.read_bytes() == b"previous"  # an existing file is left as it was
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.onnx"]
+
+
+def test_output_into_a_closed_pipe_is_quiet():
+    # mpqc info MODEL --json | head -1: the reader quits early; no BrokenPipeError traceback
+    eff = bench_path("efficientnet_lite0.onnx")
+    p = subprocess.Popen([sys.executable, "-m", "mpqc", "info", str(eff), "--json"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    assert p.stdout.readline().strip() == b"{"
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 0 and err == ""
