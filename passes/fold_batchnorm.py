@@ -32,6 +32,7 @@ class FoldBatchNormPass(Pass):
             params = bn.inputs[1:5]
             if (prod is None or prod.op_type not in ("Conv", "Gemm") or not prod.is_layer
                     or len(x.uses) != 1 or x in graph.outputs or len(bn.outputs) != 1
+                    or int(bn.attr("training_mode", 0))  # batch statistics: not a fixed affine map
                     or not all(p is not None and p.is_const for p in params)):
                 continue
             if prod.op_type == "Gemm" and (x.rank not in (None, 2) or prod.attr("transA", 0)):

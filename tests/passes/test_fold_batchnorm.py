@@ -98,3 +98,11 @@ def test_bn_after_a_non_layer_or_with_variable_params_is_not_folded():
     feed = {"x": randn(2, 3, 4, 4), "scale": np.ones(3, np.float32)}
     for got, want in zip(run_float(g, feed), run_ort(g, feed)):
         assert rel_err(got, want) < 1e-5
+
+
+def test_training_mode_bn_is_not_folded():
+    g, c = conv_bn()
+    g.node_by_name("bn").attrs["training_mode"] = 1
+    before = g.summary()
+    assert run_pass(g, "fold-batchnorm").modified is False
+    assert g.summary() == before
