@@ -21,3 +21,34 @@ def fake_quant_scalar(x: np.ndarray, s, inv, lo, hi) -> np.ndarray:
     out = np.empty_like(x)
     _fq_flat(x.reshape(-1), out.reshape(-1), s, inv, lo, hi)
     return out
+
+
+@numba.njit(cache=True, parallel=True, fastmath=False)
+def _depthwise2d(xp, w, out, mg, sh, sw, dh, dw):
+    N, C, _, _ = xp.shape
+    M, _, kh, kw = w.shape
+    oh, ow = out.shape[2], out.shape[3]
+    for nm in numba.prange(N * M):
+        n = nm // M
+        m = nm % M
+        c = m // mg
+        for i in range(oh):
+            for j in range(ow):
+                acc = out.dtype.type(0)
+                for a in range(kh):
+                    for b in range(kw):
+                        acc += xp[n, c, i * sh + a * dh, j * sw + b * dw] * w[m, 0, a, b]
+                out[n, m, i, j] = acc
+
+
+def depthwise_conv2d(xp: np.ndarray, w: np.ndarray, mg: int, strides, dilations, out_sp) -> np.ndarray:
+    """Depthwise (one input channel per group) 2-D convolution of an already padded input.
+
+    Output channel m reads input channel m // mg. Accumulates in the result dtype of
+    the operands (float32 for float32 inputs, float64 for exact integer emulation).
+    """
+    dt = np.result_type(xp.dtype, w.dtype)
+    out = np.empty((xp.shape[0], w.shape[0], out_sp[0], out_sp[1]), dtype=dt)
+    _depthwise2d(np.ascontiguousarray(xp, dtype=dt), np.ascontiguousarray(w, dtype=dt), out, int(mg),
+                 int(strides[0]), int(strides[1]), int(dilations[0]), int(dilations[1]))
+    return out

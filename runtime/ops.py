@@ -161,8 +161,9 @@ def conv_nd(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, *, strides, pads
             xg = win[:, g * cg:(g + 1) * cg]
             # -> N, *out, cg, *k
             perm = (0,) + tuple(range(2, 2 + nd)) + (1,) + tuple(range(2 + nd, 2 + 2 * nd))
-            cols = np.ascontiguousarray(xg.transpose(perm)).reshape(N, *out_sp, -1)
-            outs.append(cols @ wg.T)  # N, *out, mg
+            # one 2-D GEMM: a stacked (4-D) matmul would run one small GEMM per output row
+            cols = np.ascontiguousarray(xg.transpose(perm)).reshape(-1, wg.shape[1])
+            outs.append((cols @ wg.T).reshape(N, *out_sp, mg))  # N, *out, mg
         out = np.concatenate(outs, axis=-1) if group > 1 else outs[0]
         out = np.moveaxis(out, -1, 1)
     if b is not None:
@@ -171,19 +172,9 @@ def conv_nd(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, *, strides, pads
 
 
 def _depthwise2d(xp, w, group, mg, strides, dilations, out_sp):
-    N = xp.shape[0]
-    kh, kw = w.shape[2:]
-    sh, sw = strides
-    dh, dw = dilations
-    oh, ow = out_sp
-    # channel c of the input feeds outputs c*mg .. c*mg+mg-1
-    xr = np.repeat(xp, mg, axis=1) if mg > 1 else xp
-    out = np.zeros((N, group * mg, oh, ow), dtype=np.result_type(xp.dtype, w.dtype))
-    for i in range(kh):
-        for j in range(kw):
-            patch = xr[:, :, i * dh: i * dh + (oh - 1) * sh + 1: sh, j * dw: j * dw + (ow - 1) * sw + 1: sw]
-            out += patch * w[:, 0, i, j][None, :, None, None]
-    return out
+    # one numba pass over the output (channel c of the input feeds outputs c*mg .. c*mg+mg-1)
+    from .kernels import depthwise_conv2d
+    return depthwise_conv2d(xp, w, mg, strides, dilations, out_sp)
 
 
 def conv_params(node, x_shape, w_shape):
