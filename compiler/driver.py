@@ -152,8 +152,18 @@ def write_outputs(result: CompileResult, *, output=None, report=None, html=None,
     if html is not None:
         from .html_report import render_html
         blobs.append((html, render_html(rep).encode()))
-    for path, data in blobs:
-        atomic_write_bytes(path, data)
+    written: list[Path] = []
+    try:
+        for path, data in blobs:
+            existed = Path(path).exists()
+            atomic_write_bytes(path, data)
+            if not existed:
+                written.append(Path(path))
+    except BaseException:
+        # all or nothing: a failure on a later file removes the new files written before it
+        for p in written:
+            p.unlink(missing_ok=True)
+        raise
 
 
 def _version() -> str:
