@@ -53,6 +53,17 @@ def fake_quant_ste(x: np.ndarray, fmt: QFormat) -> tuple[np.ndarray, np.ndarray]
     """``(fake_quant(x, fmt), mask)``; both in ``x``'s dtype, mask is 1 where x did not saturate."""
     x = np.asarray(x)
     lo, hi = qrange(fmt.bits, fmt.signed)
+    fscale = getattr(fmt, "fscale", None)
+    if fscale is not None:  # float-scale kind (ort-int8): ONNX QuantizeLinear rounding, zero point
+        ax = fmt.axis if fmt.axis is not None else 0
+        s = np.asarray(fscale, np.float32)
+        if s.ndim:
+            shp = [1] * x.ndim
+            shp[ax % x.ndim] = -1
+            s = s.reshape(shp)
+        q = np.rint(x.astype(np.float32) / s) + np.float32(getattr(fmt, "zero_point", 0))
+        mask = ((q >= lo) & (q <= hi)).astype(x.dtype)
+        return fake_quant(x, fmt).astype(x.dtype, copy=False), mask
     if x.dtype == np.float32 and fmt.bits <= 16:
         xc = np.ascontiguousarray(x)
         out = np.empty_like(xc)
