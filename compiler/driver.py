@@ -126,7 +126,10 @@ def compile_model(model: str | os.PathLike | Graph, *, level: int = 1, target: s
                      printer=printer)
     pm.run(graph, ctx)
     # the float reference for later comparisons is the canonical float network
-    ctx.report["compiled_model"] = model_info(graph)
+    from ..passes.insert_qdq import dequantized_view
+    ctx.report["compiled_model"] = model_info(dequantized_view(graph))
+    if ctx.eval is not None:
+        measure_accuracy(graph, ctx.float_graph or float_graph, ctx)
     if time_passes:  # timings vary run to run: only on request, so reports stay byte-identical
         ctx.report["timings"] = [{"pass": t.name, "seconds": round(t.seconds, 4), "modified": t.modified}
                                  for t in pm.timings]
@@ -134,6 +137,29 @@ def compile_model(model: str | os.PathLike | Graph, *, level: int = 1, target: s
     result = CompileResult(graph, ctx.float_graph or float_graph, ctx.report, ctx, pm.timings)
     write_outputs(result, output=output, report=report, html=html, bundle=bundle)
     return result
+
+
+def measure_accuracy(graph: Graph, float_graph: Graph, ctx: PassContext) -> dict:
+    """Final measurement on the eval split: the float network (float runtime) and, when the
+    graph is quantized, the fixed-point emulator. Written to ``report["accuracy"]``."""
+    from ..passes.insert_qdq import is_quantized
+    from ..runtime.executor import run_batched
+    from .metrics import NEEDS_REFERENCE, check_metric, evaluate
+    ds = ctx.eval
+    metric = ctx.metric or ("top1" if ds.y is not None else "agreement")
+    check_metric(metric, ds.y is not None)
+    ref = run_batched(float_graph, ds.x, batch_size=ctx.batch_size,
+                      progress=None if ctx.quiet else "eval float")[0]
+    acc = ctx.report.setdefault("accuracy", {})
+    acc["metric"] = metric
+    acc["data"] = f"{ds.source} ({len(ds)} samples)"
+    acc["float"] = evaluate(metric, ref, ds.y, ref)
+    if is_quantized(graph):
+        from ..runtime.emulator import run_emulator
+        out = run_emulator(graph, ds.x, batch_size=ctx.batch_size,
+                           progress=None if ctx.quiet else "eval emulator")
+        acc["quantized (emulator)"] = evaluate(metric, out, ds.y, ref if metric in NEEDS_REFERENCE else None)
+    return acc
 
 
 def write_outputs(result: CompileResult, *, output=None, report=None, html=None, bundle=None) -> None:

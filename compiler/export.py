@@ -29,7 +29,7 @@ def to_onnx(graph: Graph, *, check: bool = True, opset: int | None = None) -> on
         t = tmap.get(id(v))
         if t is None:
             if v.is_const:
-                t = gs.Constant(v.name, v.const if v.const.flags.c_contiguous else v.const.copy())
+                t = gs.Constant(v.name, _stored_const(v))
             else:
                 shape = None if v.shape is None else [d if d is not None else None for d in v.shape]
                 t = gs.Variable(v.name, dtype=v.dtype, shape=shape)
@@ -72,6 +72,51 @@ def to_onnx(graph: Graph, *, check: bool = True, opset: int | None = None) -> on
             raise CompilerError(f"exported model fails the ONNX checker: {str(e).splitlines()[0][:300]}",
                                 hint="this is an mpqc bug; please report it with the model") from None
     return model
+
+
+def _stored_const(v: Value) -> np.ndarray:
+    """A constant as written to the file: integer constants tagged with a 4-bit ``qformat``
+    (4-bit weights after insert-qdq) are stored as ONNX int4/uint4, everything else as is."""
+    arr = v.const if v.const.flags.c_contiguous else v.const.copy()
+    f = v.qformat
+    if f is not None and f.bits == 4 and arr.dtype in (np.dtype(np.int8), np.dtype(np.uint8)):
+        import ml_dtypes
+        lo, hi = (-8, 7) if f.signed else (0, 15)
+        if arr.size and (int(arr.min()) < lo or int(arr.max()) > hi):
+            raise CompilerError(f"constant {v.name!r} is tagged 4-bit but holds values outside [{lo}, {hi}]",
+                                hint="this is an mpqc bug; please report it with the model")
+        arr = arr.astype(ml_dtypes.int4 if f.signed else ml_dtypes.uint4)
+    return arr
+
+
+def widen_int4(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Rewrite int4/uint4 initializers as int8/uint8 (same values; DequantizeLinear gives the same
+    result), so mpqc's runtimes, which have no 4-bit type, can import a model with 4-bit weights."""
+    from onnx import TensorProto, numpy_helper
+    wide = {TensorProto.INT4: np.int8, TensorProto.UINT4: np.uint8}
+    if not any(t.data_type in wide for t in model.graph.initializer):
+        return model
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    for i, t in enumerate(model.graph.initializer):
+        if t.data_type in wide:
+            arr = numpy_helper.to_array(t).astype(wide[t.data_type])
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(arr, t.name))
+    for vi in list(model.graph.value_info):
+        if vi.type.tensor_type.elem_type in wide:
+            model.graph.value_info.remove(vi)
+    return model
+
+
+def load_qdq_graph(path: str | os.PathLike) -> Graph:
+    """``frontend.load_graph`` for models mpqc exported: 4-bit weights are widened first."""
+    from .frontend import check_model, from_onnx, read_model
+    model = read_model(path)
+    origin = Path(path).name
+    check_model(model, origin)
+    graph = from_onnx(widen_int4(model), origin=origin)
+    if not graph.name or graph.name == "graph":
+        graph.name = Path(path).stem
+    return graph
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -3,7 +3,12 @@
 A signed ``QFormat(bits=B, frac=n)`` represents ``real = int * 2**-n`` with
 ``int`` in ``[-2**(B-1), 2**(B-1)-1]``; an unsigned one ``[0, 2**B-1]``. ``frac``
 is an int (per tensor) or an int array along ``axis`` (per channel). Scales are
-always powers of two, so rescaling is a shift (ALGORITHMS.md §1).
+powers of two, so rescaling is a shift (ALGORITHMS.md §1).
+
+Targets whose scale kind is ``"float"`` (``ort-int8``: what onnxruntime's CPU int8
+path executes) use the float-scale kind instead: ``fscale`` set, ``real = (int -
+zero_point) * fscale`` with ONNX QuantizeLinear rounding (half to even); ``frac`` is
+then unused (0). The power-of-two path never sets ``fscale``.
 """
 from __future__ import annotations
 
@@ -18,10 +23,18 @@ class QFormat:
     frac: int | tuple[int, ...]
     signed: bool = True
     axis: int | None = None  # channel axis when frac is per channel
+    #: float-scale kind only: the scale (float, or a tuple per channel along ``axis``) and zero point
+    fscale: float | tuple[float, ...] | None = None
+    zero_point: int = 0
 
     @property
     def per_channel(self) -> bool:
         return self.axis is not None
+
+    @property
+    def is_pow2(self) -> bool:
+        """True for Qm.n formats (scale 2^-frac), False for the float-scale kind."""
+        return self.fscale is None
 
     @property
     def qmin(self) -> int:
@@ -35,6 +48,8 @@ class QFormat:
         return np.asarray(self.frac, dtype=np.int64)
 
     def scale(self) -> np.ndarray:
+        if self.fscale is not None:
+            return np.asarray(self.fscale, dtype=np.float32)
         return np.ldexp(np.float32(1.0), -self.frac_array()).astype(np.float32)
 
     def int_bits(self) -> int | np.ndarray:
@@ -42,6 +57,10 @@ class QFormat:
         return self.bits - (1 if self.signed else 0) - self.frac_array()
 
     def describe(self) -> str:
+        if self.fscale is not None:
+            sc = np.asarray(self.fscale, dtype=np.float64)
+            s = f"s=[{sc.min():.3g}..{sc.max():.3g}]/ch" if self.per_channel else f"s={float(sc):.4g}"
+            return f"{'s' if self.signed else 'u'}{self.bits} {s} zp={self.zero_point}"
         if self.per_channel:
             f = self.frac_array()
             return f"{'s' if self.signed else 'u'}{self.bits} n=[{f.min()}..{f.max()}]/ch"
@@ -50,15 +69,26 @@ class QFormat:
 
     def to_json(self) -> dict:
         f = self.frac_array()
-        return {"bits": self.bits, "signed": self.signed, "axis": self.axis,
-                "frac": f.tolist() if self.per_channel else int(f)}
+        out = {"bits": self.bits, "signed": self.signed, "axis": self.axis,
+               "frac": f.tolist() if self.per_channel else int(f)}
+        if self.fscale is not None:
+            sc = np.asarray(self.fscale, dtype=np.float32)
+            out.update(frac=None, scale=[float(x) for x in sc] if self.per_channel else float(sc),
+                       zero_point=int(self.zero_point))
+        return out
 
     def __eq__(self, other):
         return (isinstance(other, QFormat) and self.bits == other.bits and self.signed == other.signed
-                and self.axis == other.axis and np.array_equal(self.frac_array(), other.frac_array()))
+                and self.axis == other.axis and np.array_equal(self.frac_array(), other.frac_array())
+                and self.zero_point == other.zero_point
+                and (self.fscale is None) == (other.fscale is None)
+                and (self.fscale is None or np.array_equal(np.asarray(self.fscale, np.float32),
+                                                           np.asarray(other.fscale, np.float32))))
 
     def __hash__(self):
-        return hash((self.bits, self.signed, self.axis, tuple(np.atleast_1d(self.frac_array()).tolist())))
+        fs = None if self.fscale is None else tuple(np.atleast_1d(np.asarray(self.fscale, np.float32)).tolist())
+        return hash((self.bits, self.signed, self.axis, tuple(np.atleast_1d(self.frac_array()).tolist()),
+                     fs, self.zero_point))
 
 
 @dataclass(eq=False)
@@ -142,6 +172,12 @@ def fake_quant(x: np.ndarray, fmt: QFormat) -> np.ndarray:
     and for widths up to 16 bits every unclipped ``x * 2^n + 0.5`` is below 2^22.
     """
     x = np.asarray(x)
+    if fmt.fscale is not None:  # float-scale kind: ONNX QuantizeLinear / DequantizeLinear
+        lo, hi = qrange(fmt.bits, fmt.signed)
+        ax = fmt.axis if fmt.axis is not None else 0
+        s = _bshape(np.asarray(fmt.fscale, np.float32), x, ax)
+        q = np.clip(np.rint(x.astype(np.float32) / s) + np.float32(fmt.zero_point), lo, hi)
+        return ((q - np.float32(fmt.zero_point)) * s).astype(np.float32)
     if fmt.bits > 16 or x.dtype != np.float32:
         q = quantize_pow2(x, fmt.bits, fmt.frac, fmt.signed, fmt.axis)
         return dequantize_pow2(q, fmt.frac, fmt.axis).astype(np.float32)

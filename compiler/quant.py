@@ -196,9 +196,17 @@ class FormatTable:
         s = self.stats.get(v)
         return not (s is not None and s.nonnegative)
 
+    @property
+    def float_scales(self) -> bool:
+        """The target's scale kind is float (onnxruntime's int8 path), not powers of two."""
+        return self.target.scale == "float"
+
     def weight_format(self, node: Node, bits: int) -> QFormat:
         key = (id(node), bits)
         f = self._w.get(key)
+        if f is None and self.float_scales:
+            f = float_weight_format(node.weight.const, bits, weight_axis(node) if self.target.per_channel else None)
+            f = self._w[key] = self._fit_bias_float(node, f)
         if f is None:
             w = node.weight.const
             cap = self._frac_cap(node)
@@ -216,7 +224,29 @@ class FormatTable:
             self._w[key] = f
         return f
 
-    def _frac_cap(self, node: Node) -> np.ndarray | None:
+    def _fit_bias_float(self, node: Node, f: QFormat) -> QFormat:
+        """Float-scale kind: widen weight scales whose bias would not fit int32 at s_in * s_w,
+        as onnxruntime's quantizer does (``_adjust_weight_scale_for_int32_bias``)."""
+        if node.bias is None or node.inputs[0] not in self.plan.points:
+            return f
+        src = _root(self.plan.points, node.inputs[0])
+        s_in = float(np.float32(self.act_format(src, max(self.target.act_bits)).scale()))
+        b = np.abs(node.bias.const.astype(np.float64)).reshape(-1)
+        qrange = float(np.iinfo(np.int32).max) - float(np.iinfo(np.int32).min + 1)
+        sw = np.asarray(f.fscale, np.float64).reshape(-1)
+        if not f.per_channel:
+            b = np.array([b.max() if b.size else 0.0])
+        need = 1.0001 * 2.0 * b / qrange
+        cand = s_in * sw
+        bump = (cand < need) & (cand > 0)
+        if not np.any(bump):
+            return f
+        new = np.where(bump, sw * (need / np.where(cand > 0, cand, 1.0)), sw).astype(np.float32)
+        if f.per_channel:
+            return QFormat(f.bits, f.frac, True, f.axis, fscale=tuple(float(x) for x in new))
+        return QFormat(f.bits, 0, True, None, fscale=float(new[0]))
+
+    def _frac_cap(self, node: Node) -> np.ndarray | None:  # power-of-two formats only
         """Largest weight fractional length per channel that keeps the bias inside the
         accumulator (with one bit of headroom) at the widest input format on the target.
 
@@ -241,6 +271,9 @@ class FormatTable:
             s = self.stats.get(v)
             if s is None or s.count == 0:
                 raise CompilerError(f"tensor {v.name!r} has no calibration statistics")
+            if self.float_scales:
+                self._a[key] = f = float_act_format(s.min, s.max, bits)
+                return f
             signed = self.signed(v)
             f = QFormat(bits, choose_frac_mse(s.sample, bits, signed, search=self.search, absmax=s.absmax), signed)
             self._a[key] = f
@@ -248,6 +281,12 @@ class FormatTable:
 
     def bias_format(self, node: Node, in_fmt: QFormat, w_fmt: QFormat) -> QFormat:
         acc = self.target.accumulator_bits
+        if w_fmt.fscale is not None or in_fmt.fscale is not None:
+            # onnxruntime's convention: int32 at scale s_in * s_w (a float32 product), zero point 0
+            sc = np.float32(in_fmt.scale()) * np.asarray(w_fmt.scale(), np.float32)
+            if w_fmt.per_channel:
+                return QFormat(acc, 0, True, 0, fscale=tuple(float(x) for x in sc.astype(np.float32)))
+            return QFormat(acc, 0, True, None, fscale=float(np.float32(sc)))
         f = np.asarray(w_fmt.frac, dtype=np.int64) + int(np.asarray(in_fmt.frac))
         if w_fmt.per_channel:
             return QFormat(acc, tuple(int(x) for x in f), True, 0)
@@ -316,8 +355,43 @@ def weight_bytes(plan: QuantPlan, config: BitConfig) -> float:
     return total
 
 
+def float_weight_format(w: np.ndarray, bits: int, axis: int | None) -> QFormat:
+    """Symmetric float-scale weight format as onnxruntime's ``quantize_static`` computes it:
+    scale = max|w| / (2^(B-1) - 1) per channel (or per tensor), zero point 0."""
+    w = np.asarray(w, np.float32)
+    qmax = float((1 << (bits - 1)) - 1)
+    if axis is None:
+        r = float(np.max(np.abs(w))) if w.size else 0.0
+        s = np.float32(2 * r / (2 * qmax)) if r > 0 else np.float32(1.0)
+        return QFormat(bits, 0, True, None, fscale=float(s))
+    r = np.max(np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)), axis=1).astype(np.float64)
+    s = np.where(r > 0, 2 * r / (2 * qmax), 1.0).astype(np.float32)
+    return QFormat(bits, (0,) * len(s), True, axis, fscale=tuple(float(x) for x in s))
+
+
+def float_act_format(vmin: float, vmax: float, bits: int) -> QFormat:
+    """Asymmetric unsigned float-scale format from a min/max range, as onnxruntime's MinMax
+    calibration computes it: the range is widened to hold 0, scale = (max - min) / (2^B - 1),
+    zero point = round(-min / scale)."""
+    lo = float(np.float32(min(float(vmin), 0.0)))
+    hi = float(np.float32(max(float(vmax), 0.0)))
+    qmax = float((1 << bits) - 1)
+    s = (hi - lo) / qmax  # float64, stored as float32 (as onnxruntime does)
+    if s < np.finfo(np.float32).tiny:
+        return QFormat(bits, 0, False, None, fscale=1.0, zero_point=0)
+    zp = int(np.clip(np.round(-lo / s), 0, qmax))
+    return QFormat(bits, 0, False, None, fscale=float(np.float32(s)), zero_point=zp)
+
+
 def check_bias_fits(node: Node, bias: np.ndarray, fmt: QFormat) -> None:
     lo, hi = qrange(fmt.bits, True)
+    if fmt.fscale is not None:
+        sc = np.asarray(fmt.fscale, np.float64)
+        q = np.asarray(bias, np.float64).reshape(-1) / (sc if sc.ndim == 0 else sc.reshape(-1))
+        if np.any(q < lo) or np.any(q > hi):
+            raise CompilerError(f"layer {node.name!r}: bias does not fit the {fmt.bits}-bit accumulator at "
+                                f"its scale", hint="use a target with wider accumulators")
+        return
     q = np.ldexp(np.asarray(bias, np.float64), np.asarray(fmt.frac))
     if np.any(q < lo) or np.any(q > hi):
         raise CompilerError(f"layer {node.name!r}: bias does not fit the {fmt.bits}-bit accumulator at "

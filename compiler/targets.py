@@ -21,6 +21,10 @@ class Target:
     weight_bits: tuple[int, ...]
     act_bits: tuple[int, ...]
     scale: str = "pow2"  # "pow2" or "float"
+    #: rounding of every requantization shift: "half-even" (ties to the even neighbour: what ONNX
+    #: QuantizeLinear and onnxruntime compute, so the exported QDQ model is exact) or "half-up"
+    #: ((acc + 2^(k-1)) >> k; ONNX cannot express it, see docs/FIXED_POINT.md)
+    rounding: str = "half-even"
     per_channel: bool = True
     accumulator_bits: int = 32
     min_bits: int = 2  # b_m: lowest width a search may reach
@@ -68,7 +72,8 @@ class Target:
 
     def to_json(self) -> dict:
         return {"name": self.name, "description": self.description, "weight_bits": list(self.weight_bits),
-                "act_bits": list(self.act_bits), "scale": self.scale, "per_channel": self.per_channel,
+                "act_bits": list(self.act_bits), "scale": self.scale, "rounding": self.rounding,
+                "per_channel": self.per_channel,
                 "accumulator_bits": self.accumulator_bits, "min_bits": self.min_bits,
                 "binary_decomposed": self.binary_decomposed, "default_bits": list(self.default_bits),
                 "ladder": [list(x) for x in self.ladder]}
@@ -84,8 +89,10 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
     Target("bdcnn", "binary-decomposed weights (k bases), activations as Q bit-planes (Q in 2..8), popcount",
            weight_bits=(8,), act_bits=(8, 7, 6, 5, 4, 3, 2), min_bits=2, binary_decomposed=True,
            default_bits=(8, 8), ladder=tuple((8, q) for q in range(8, 1, -1))),
-    Target("ort-int8", "onnxruntime CPU int8 path: float scales, int8 weights and activations",
-           weight_bits=(8,), act_bits=(8,), scale="float", min_bits=8, default_bits=(8, 8),
+    Target("ort-int8", "onnxruntime CPU int8 path: float scales, symmetric int8 weights, asymmetric uint8 "
+           "activations (min/max), round half to even",
+           weight_bits=(8,), act_bits=(8,), scale="float", rounding="half-even", min_bits=8,
+           default_bits=(8, 8),
            ladder=((8, 8),)),
 ]}
 
