@@ -1,13 +1,35 @@
-"""Shared machinery of the bit-width searches (ALGORITHMS.md §3, §4, §5).
+"""Shared machinery of the bit-width searches, and the seed-000 strategies (ALGORITHMS.md §3).
 
 A ``SearchContext`` bundles what every strategy needs: the quantization plan and
-format table, the fake-quant simulator, the evaluation data and metric, the
-float reference outputs, the target and its ladder, and a trace. ``evaluate``
+format table, the fake-quant simulator, the evaluation data and metric, the float
+reference outputs, the target and its ladder, the goal and a trace. ``evaluate``
 scores a ``BitConfig`` (cached by its key, so a strategy never pays twice for the
-same network). Strategies are plain functions registered by name with
-``@register_strategy("name")``; the ``assign-bit-widths`` pass looks them up.
-A strategy returns the chosen ``BitConfig`` (NN*) and records every step in
-``ctx.trace``.
+same network); ``influence`` runs the LayerInfluence analysis for a network;
+``record`` appends a step to the trace. Strategies are plain functions
+``strategy(sctx, start) -> BitConfig`` registered by name with
+``@register_strategy("name")``; the ``assign-bit-widths`` pass looks them up and
+passes its strategy options in ``sctx.options``.
+
+The three strategies of seed 000 (FIG. 14-19, claims 4-9). "Reducing" a layer
+moves it one rung down the target's ladder (npu8: w8a16 -> w4a8; npu4: w8a8 ->
+w4a8 -> w4a4 -> w2a4), never below the minimum width b_m. Each step's evaluation
+value (the "third evaluation value") is compared with the goal exactly as the
+patent does: greater -> go on with the reduced network as the new NN_T; equal ->
+stop and return the reduced network; less -> stop and return NN*, the network
+before the last reduction.
+
+* ``threshold``: reduce every not-yet-reduced layer whose influence is <= K, then
+  raise K (``k_step=next``: the next distinct influence value; ``double``: K*2).
+* ``min-influence``: reduce the one not-yet-reduced layer with the lowest influence.
+* ``influence-update``: like min-influence, but after each accepted step the
+  reduced network is the new NN_T and every influence is recomputed (S22/S100);
+  a layer can be reduced again until every layer is at b_m.
+
+With ``repeat=true`` (the [0168] variation) threshold and min-influence go on once
+every layer has been reduced: influences are recomputed for the next rung and the
+walk starts again. Ties in influence go to the layer that saves more weight bytes,
+then to the earlier layer **(choice)**. ``rank=random|weight-range`` replaces the
+influence ranking (for the ablation that measures what the ranking is worth).
 """
 from __future__ import annotations
 
@@ -17,17 +39,20 @@ from typing import Any, Callable
 import numpy as np
 
 from .data import Dataset
-from .errors import OptionError, TargetError
+from .errors import DataError, OptionError, TargetError
 from .ir import Graph, Node
-from .metrics import NEEDS_REFERENCE, evaluate
+from .metrics import check_metric, evaluate
+from .passes import Analysis
 from .quant import BitConfig, FormatTable, QuantPlan, weight_bytes
 from .targets import Target
+
+GOAL_EPS = 1e-12  # evaluation values this close to the goal count as equal to it
 
 
 @dataclass
 class TraceStep:
     step: int
-    action: str  # e.g. "reduce", "evaluate", "raise-threshold"
+    action: str  # e.g. "start", "reduce", "raise-threshold"
     layers: list[str]
     bits: dict[str, list[int]]  # layer -> [w, a] after the step
     value: float  # evaluation value of the candidate network
@@ -61,10 +86,20 @@ class SearchContext:
     trace: list[TraceStep] = field(default_factory=list)
     _cache: dict[tuple, float] = field(default_factory=dict)
     evaluations: int = 0
+    min_bits: int | None = None  # b_m (default: the target's)
+    candidates: list[Node] | None = None  # layers of the range [S, G] (default: all)
+    influence_sweeps: int = 0
+    suffix_runs: int = 0
+    influences: list = field(default_factory=list)  # every InfluenceResult computed, in order
+    _icache: dict[tuple, Any] = field(default_factory=dict)
 
     @property
     def layers(self) -> list[Node]:
         return self.plan.layers
+
+    @property
+    def range_layers(self) -> list[Node]:
+        return list(self.layers if self.candidates is None else self.candidates)
 
     def score(self, outputs: np.ndarray) -> float:
         return evaluate(self.metric, outputs, self.data.y, self.reference)
@@ -73,13 +108,26 @@ class SearchContext:
         """Evaluation value of the network quantized with ``config`` (None: float)."""
         key = ("float",) if config is None else config.key(self.layers)
         if key not in self._cache:
-            out = self.sim.run(config, self.data.x, batch_size=self.batch_size)[0]
+            out = self.sim.run(config, self.data.x, batch_size=self.batch_size,
+                               progress=None if self.quiet else "evaluate")[0]
             self._cache[key] = self.score(out)
             self.evaluations += 1
         return self._cache[key]
 
+    def known(self, config: BitConfig, value: float) -> None:
+        """Remember an evaluation value obtained elsewhere (e.g. P_S of an influence sweep)."""
+        self._cache.setdefault(config.key(self.layers), float(value))
+
     def meets(self, value: float) -> bool:
-        return value >= self.goal
+        return value >= self.goal - GOAL_EPS
+
+    def compare(self, value: float) -> str:
+        """The patent's three-way test of a step: "above", "equal" or "below" the goal."""
+        if value > self.goal + GOAL_EPS:
+            return "above"
+        if value >= self.goal - GOAL_EPS:
+            return "equal"
+        return "below"
 
     def weight_bytes(self, config: BitConfig) -> float:
         return weight_bytes(self.plan, config)
@@ -94,18 +142,40 @@ class SearchContext:
 
     def lower(self, config: BitConfig, node: Node) -> tuple[int, int] | None:
         """The next rung below ``node``'s widths on the target ladder (None at the bottom or b_m)."""
-        lad = self.target.ladder
-        cur = config.bits[node]
-        try:
-            i = lad.index(tuple(cur))
-        except ValueError:
-            return None
-        if i + 1 >= len(lad):
-            return None
-        nxt = lad[i + 1]
-        if nxt[0] < self.target.min_bits:
-            return None
-        return nxt
+        from .influence import lower_rung
+        return lower_rung(self.target, config.bits[node], self.min_bits)
+
+    def influence(self, config: BitConfig, variant: str = "chained", candidates: list[Node] | None = None):
+        """LayerInfluence of ``config`` as NN_T (``compiler.influence.compute_influence``)."""
+        from .influence import compute_influence
+        cands = self.range_layers if candidates is None else list(candidates)
+        key = (config.key(self.layers), variant, tuple(id(n) for n in cands))
+        res = self._icache.get(key)
+        if res is None:
+            res = compute_influence(self.sim, self.target, config, self.data.x, self.score, variant=variant,
+                                    candidates=cands, min_bits=self.min_bits, batch_size=self.batch_size,
+                                    progress=not self.quiet)
+            self.add_influence(res, cands)
+        return res
+
+    def add_influence(self, res, candidates: list[Node] | None = None) -> None:
+        """Count and cache an InfluenceResult (computed here or by the LayerInfluence analysis)."""
+        cands = self.range_layers if candidates is None else list(candidates)
+        key = (res.config.key(self.layers), res.variant, tuple(id(n) for n in cands))
+        if key in self._icache:
+            return
+        self._icache[key] = res
+        if res.candidates:
+            self.influence_sweeps += 1
+            self.suffix_runs += res.stats.suffix_runs
+            self.known(res.config, res.base_value)
+        self.influences.append(res)
+
+    def bytes_saved(self, config: BitConfig, node: Node) -> float:
+        lo = self.lower(config, node)
+        if lo is None:
+            return 0.0
+        return node.weight.const.size * (config.bits[node][0] - lo[0]) / 8
 
 
 Strategy = Callable[[SearchContext, BitConfig], BitConfig]
@@ -122,9 +192,21 @@ def register_strategy(name: str):
 
 
 def get_strategy(name: str) -> Strategy:
+    _load_strategies()
     if name not in STRATEGIES:
         raise OptionError(f"unknown strategy {name!r}; choose one of {', '.join(sorted(STRATEGIES))}")
     return STRATEGIES[name]
+
+
+def _load_strategies() -> None:
+    """Strategies of other modules register on import (weight-difference: compiler.weight_diff)."""
+    import importlib
+    for mod in ("weight_diff",):
+        try:
+            importlib.import_module(f"{__package__}.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__package__}.{mod}":
+                raise
 
 
 def resolve_goal(float_value: float, metric: str, max_drop: float | None, target_score: float | None) -> float:
@@ -148,3 +230,198 @@ def check_goal_reachable(ctx: SearchContext, start: BitConfig) -> float:
             f"the starting network scores {v:.4f} (float {ctx.float_value:.4f})",
             hint="raise --max-drop, lower --target-score, or use a target with wider bit widths")
     return v
+
+
+# ---------------------------------------------------------------------------- building a context
+class FloatReference(Analysis):
+    """The float network's first output on a data split ("eval" or "calib")."""
+    name = "float-reference"
+
+    def __init__(self, split: str = "eval", **params):
+        super().__init__(split=split, **params)
+        self.split = split
+
+    def compute(self, graph: Graph, ctx) -> np.ndarray:
+        from ..runtime.executor import run_batched
+        data = getattr(ctx, self.split)
+        return run_batched(graph, data.x, batch_size=ctx.batch_size,
+                           progress=None if ctx.quiet else f"float reference ({self.split})")[0]
+
+
+def search_data(ctx, split: str | None, metric: str | None) -> tuple[str, Dataset, str, str | None]:
+    """(split, dataset, metric, note): the eval split when given, else the calibration split with
+    agreement as the default metric."""
+    note = None
+    if split is None:
+        split = "eval" if ctx.eval is not None else "calib"
+        if split == "calib":
+            note = "no --eval data: the search scores agreement with the float model on the calibration data"
+    data = getattr(ctx, split, None)
+    if data is None:
+        opt = "--eval" if split == "eval" else "--calib"
+        raise DataError(f"the bit-width search needs {split} data: give {opt} FILE.npz[:{split}]")
+    if metric is None:
+        metric = "agreement" if split == "calib" or data.y is None else "top1"
+    check_metric(metric, data.y is not None)
+    return split, data, metric, note
+
+
+def search_context(graph: Graph, ctx, *, split: str | None = None, metric: str | None = None,
+                   max_drop: float | None = None, target_score: float | None = None,
+                   layer_range: tuple[int, int] | None = None, min_bits: int | None = None,
+                   format_search: int = 2, options: dict | None = None) -> SearchContext:
+    """A SearchContext for ``graph`` (after choose-formats) from a PassContext."""
+    from ..runtime.fakequant import QuantSim
+    from .influence import layer_range as pick_range
+    from .quant import FormatTableAnalysis, QuantPlanAnalysis
+    split, data, metric, note = search_data(ctx, split, metric if metric is not None else ctx.metric)
+    plan = ctx.analyses.get(QuantPlanAnalysis, graph)
+    table = ctx.analyses.get(FormatTableAnalysis, graph, search=format_search)
+    ref = ctx.analyses.get(FloatReference, graph, split=split)  # the float value needs it anyway
+    float_value = evaluate(metric, ref, data.y, ref)
+    sctx = SearchContext(graph=graph, plan=plan, table=table, sim=QuantSim(plan, table), target=ctx.target,
+                         data=data, metric=metric, reference=ref, float_value=float_value,
+                         goal=resolve_goal(float_value, metric, max_drop, target_score),
+                         batch_size=ctx.batch_size, quiet=ctx.quiet, seed=ctx.seed, options=dict(options or {}),
+                         min_bits=min_bits, candidates=pick_range(plan.layers, layer_range))
+    sctx.options.setdefault("split", split)
+    if note:
+        sctx.options.setdefault("note", note)
+    return sctx
+
+
+# ---------------------------------------------------------------------------- ranking
+def _ranking(sctx: SearchContext, config: BitConfig, cands: list[Node]) -> dict[Node, float]:
+    """Score per candidate (lower = reduce first): influence, or an ablation ordering."""
+    rank = sctx.options.get("rank", "influence")
+    if rank == "influence":
+        res = sctx.influence(config, sctx.options.get("variant", "chained"))
+        return {n: float(res.influence[n]) for n in cands}
+    idx = {id(n): i for i, n in enumerate(sctx.layers)}
+    if rank == "random":  # one fixed random permutation of the layers (seeded)
+        perm = np.random.default_rng(sctx.seed).permutation(len(sctx.layers))
+        return {n: float(perm[idx[id(n)]]) for n in cands}
+    if rank == "weight-range":  # smaller weight range first: a finer step at any width (choice)
+        return {n: float(np.ptp(n.weight.const)) for n in cands}
+    raise OptionError(f"rank={rank!r} is unknown; choose influence, random or weight-range")
+
+
+def _order(sctx: SearchContext, config: BitConfig, scores: dict[Node, float]) -> list[Node]:
+    idx = {id(n): i for i, n in enumerate(sctx.layers)}
+    return sorted(scores, key=lambda n: (scores[n], -sctx.bytes_saved(config, n), idx[id(n)]))
+
+
+def _lowerable(sctx: SearchContext, config: BitConfig, exclude=()) -> list[Node]:
+    ex = {id(n) for n in exclude}
+    return [n for n in sctx.range_layers if id(n) not in ex and sctx.lower(config, n) is not None]
+
+
+def _reduce(sctx: SearchContext, config: BitConfig, nodes: list[Node]) -> BitConfig:
+    new = config.copy()
+    for n in nodes:
+        new.bits[n] = sctx.lower(config, n)
+    return new
+
+
+def _start(sctx: SearchContext, start: BitConfig) -> float:
+    v = check_goal_reachable(sctx, start)
+    sctx.record("start", [], start, v, True, goal=sctx.goal)
+    return v
+
+
+def _scores_json(scores: dict[Node, float]) -> dict[str, float]:
+    return {n.name: float(s) for n, s in scores.items()}
+
+
+# ---------------------------------------------------------------------------- strategies
+@register_strategy("min-influence")
+def min_influence(sctx: SearchContext, start: BitConfig) -> BitConfig:
+    """FIG. 16-17: reduce the not-yet-reduced layer of lowest influence while eval > goal."""
+    _start(sctx, start)
+    cur = start  # NN_T, also NN* (the last network that met the goal)
+    repeat = bool(sctx.options.get("repeat", False))
+    while True:
+        cands = _lowerable(sctx, cur)
+        if not cands:
+            return cur
+        scores = _ranking(sctx, cur, cands)
+        reduced: list[Node] = []
+        for n in _order(sctx, cur, scores):
+            new = _reduce(sctx, cur, [n])
+            v = sctx.evaluate(new)
+            verdict = sctx.compare(v)
+            sctx.record("reduce", [n], new, v, verdict != "below", score=scores[n], verdict=verdict)
+            if verdict == "below":
+                return cur  # NN*
+            if verdict == "equal":
+                return new
+            cur = new
+            reduced.append(n)
+        if not repeat:
+            return cur
+
+
+@register_strategy("threshold")
+def threshold(sctx: SearchContext, start: BitConfig) -> BitConfig:
+    """FIG. 14-15: reduce every not-yet-reduced layer with influence <= K, raise K, repeat."""
+    _start(sctx, start)
+    cur = start
+    repeat = bool(sctx.options.get("repeat", False))
+    step = sctx.options.get("k_step", "next")
+    if step not in ("next", "double"):
+        raise OptionError(f"k_step={step!r} is unknown; choose next or double")
+    k_init = sctx.options.get("k_init")
+    while True:
+        cands = _lowerable(sctx, cur)
+        if not cands:
+            return cur
+        scores = _ranking(sctx, cur, cands)
+        remaining = list(cands)
+        k = float(min(scores.values())) if k_init is None else float(k_init)
+        while remaining:
+            sel = [n for n in _order(sctx, cur, {n: scores[n] for n in remaining}) if scores[n] <= k]
+            if sel:
+                new = _reduce(sctx, cur, sel)
+                v = sctx.evaluate(new)
+                verdict = sctx.compare(v)
+                sctx.record("reduce", sel, new, v, verdict != "below", threshold=k, verdict=verdict,
+                            score={n.name: float(scores[n]) for n in sel})
+                if verdict == "below":
+                    return cur
+                if verdict == "equal":
+                    return new
+                cur = new
+                remaining = [n for n in remaining if all(n is not m for m in sel)]
+                if not remaining:
+                    break
+            higher = sorted({scores[n] for n in remaining if scores[n] > k})
+            if step == "double" and k > 0:
+                k = k * 2
+            else:  # next distinct influence value (also how "double" leaves K <= 0)
+                k = float(higher[0]) if higher else k
+            sctx.record("raise-threshold", [], cur, sctx.evaluate(cur), True, threshold=k)
+        if not repeat:
+            return cur
+
+
+@register_strategy("influence-update")
+def influence_update(sctx: SearchContext, start: BitConfig) -> BitConfig:
+    """FIG. 18-19: min-influence with influences recomputed on the reduced network after each step."""
+    _start(sctx, start)
+    cur = start
+    while True:
+        cands = _lowerable(sctx, cur)
+        if not cands:  # S216: every layer at b_m: the last reduced network is the result
+            return cur
+        scores = _ranking(sctx, cur, cands)
+        n = _order(sctx, cur, scores)[0]
+        new = _reduce(sctx, cur, [n])
+        v = sctx.evaluate(new)
+        verdict = sctx.compare(v)
+        sctx.record("reduce", [n], new, v, verdict != "below", score=scores[n], verdict=verdict,
+                    scores=_scores_json(scores))
+        if verdict == "below":
+            return cur
+        if verdict == "equal":
+            return new
+        cur = new

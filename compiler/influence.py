@@ -1,0 +1,321 @@
+"""LayerInfluence: the degree of influence of each layer's bit reduction (seed 000, ALGORITHMS.md §2).
+
+Notation: NN_T is the current network (a ``BitConfig``: at first every layer at the
+top of the target's ladder), NN_S the same network with every layer of the target
+range ``[S, G]`` one rung lower on the ladder (layers already at the bottom, or at
+the minimum width b_m, stay as they are and get no influence).
+
+Layers are cut in topological order. The *stream order* is the graph's node order
+with each fused activation (the Relu/Clip whose output carries a layer's
+activation format) moved right after its layer, so that a layer and its output
+rounding are never split by a cut. Cut ``k`` lies just before layer ``k`` in that
+order; cut ``len(layers)`` lies after the last node. Every tensor produced before
+a cut and read after it (several in a graph with branches) crosses the cut.
+
+Variants (``VARIANTS``), all giving "drop of the evaluation value caused by
+reducing the layer", higher = more sensitive:
+
+* ``chained`` (the patent's default, FIG. 8/10/13): ``P_k`` = eval of (NN_S from the
+  input up to cut k, then NN_T from cut k to the output), fed with NN_S's
+  dequantized tensors at the cut; ``I_k = P_k - P_(k+1)``. ``P_S`` is eval(NN_T).
+* ``isolated`` ([0167]): ``I_k = eval(NN_T) - eval(NN_T with only layer k reduced)``.
+* ``reversed`` ([0167]): ``Q_k`` = eval of (NN_T up to cut k, NN_S after it);
+  ``I_k = Q_(k+1) - Q_k``.
+
+Cost: one *sweep* per variant. A sweep runs the data batch by batch: the prefix
+network once over the whole graph, node by node, keeping only live tensors; at each
+cut the tensors crossing it are fed to a suffix run of the other network (partial
+execution, ``runtime.executor``) of the mixed network: layers before the cut with
+the prefix network's widths, the others with the suffix network's, so that ops
+without weights after the cut (Add, Concat) take the widths of the network they
+belong to. Each cut's value is thus exactly the evaluation of that mixed network,
+computed without re-running its prefix. The prefix is never re-run, and memory is bounded
+by one batch's live activations plus one suffix run, whatever the number of cuts.
+The network outputs of each cut are accumulated over batches and scored at the end.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .errors import OptionError
+from .ir import Graph, Node, Value
+from .passes import Analysis
+from .quant import BitConfig, QuantPlan
+from .targets import Target
+
+VARIANTS = ("chained", "isolated", "reversed")
+
+
+# ---------------------------------------------------------------------------- ladder helpers
+def lower_rung(target: Target, bits: tuple[int, int], min_bits: int | None = None) -> tuple[int, int] | None:
+    """The ladder rung below ``bits`` (None at the bottom, off the ladder, or below b_m)."""
+    lad = [tuple(x) for x in target.ladder]
+    try:
+        i = lad.index(tuple(bits))
+    except ValueError:
+        return None
+    if i + 1 >= len(lad):
+        return None
+    nxt = lad[i + 1]
+    bm = target.min_bits if min_bits is None else min_bits
+    if min(nxt) < bm:
+        return None
+    return nxt
+
+
+def reduced_config(target: Target, config: BitConfig, layers: Sequence[Node],
+                   min_bits: int | None = None) -> tuple[BitConfig, list[Node]]:
+    """NN_S: ``config`` with each of ``layers`` one rung lower; also the layers that moved."""
+    out = config.copy()
+    moved = []
+    for n in layers:
+        lo = lower_rung(target, config.bits[n], min_bits)
+        if lo is not None:
+            out.bits[n] = lo
+            moved.append(n)
+    return out, moved
+
+
+# ---------------------------------------------------------------------------- cuts
+def stream_order(plan: QuantPlan) -> list[Node]:
+    """Graph order with every fused activation placed right after its layer."""
+    graph = plan.graph
+    fused = {id(a): n for n, a in plan.fused.items() if a is not None}
+    after = {id(n): a for n, a in plan.fused.items() if a is not None}
+    order: list[Node] = []
+    for n in graph.nodes:
+        if id(n) in fused:
+            continue
+        order.append(n)
+        a = after.get(id(n))
+        if a is not None:
+            order.append(a)
+    return order
+
+
+def cut_positions(plan: QuantPlan, order: list[Node]) -> list[int]:
+    """Index in ``order`` of each cut: before layer k for k < L, and len(order) for k = L."""
+    pos = {id(n): i for i, n in enumerate(order)}
+    return [pos[id(n)] for n in plan.layers] + [len(order)]
+
+
+def crossing_values(order: list[Node], graph: Graph, cut: int) -> list[Value]:
+    """Tensors produced before ``cut`` (or graph inputs) that are read at or after it, or are outputs."""
+    before: dict[int, Value] = {id(v): v for v in graph.inputs}
+    for n in order[:cut]:
+        for v in n.outputs:
+            before[id(v)] = v
+    needed: dict[int, Value] = {}
+    for n in order[cut:]:
+        for v in n.inputs:
+            if v is not None and id(v) in before:
+                needed.setdefault(id(v), v)
+    for v in graph.outputs:
+        if id(v) in before:
+            needed.setdefault(id(v), v)
+    return list(needed.values())
+
+
+# ---------------------------------------------------------------------------- the sweep
+@dataclass
+class SweepStats:
+    batches: int = 0
+    prefix_runs: int = 0  # one per batch
+    suffix_runs: int = 0  # one per cut per batch
+
+
+def sweep(sim, x: np.ndarray, prefix: BitConfig | None, cuts: Sequence[tuple[int, BitConfig | None]], *,
+          batch_size: int = 64, output: Value | None = None, progress: str | None = None,
+          stats: SweepStats | None = None) -> list[np.ndarray]:
+    """Outputs of the networks "``prefix`` up to cut c, then ``suffix`` from c" for each ``(c, suffix)``.
+
+    ``c`` indexes ``stream_order(sim.plan)`` (``cut_positions`` gives the layer cuts).
+    Returns, per entry of ``cuts``, the network's ``output`` (default: first graph
+    output) over all of ``x``. The prefix runs once per batch; each suffix is a
+    partial run fed with the prefix's tensors crossing the cut.
+    """
+    from ..runtime.executor import Executor, batches
+    from .progress import progress_iter
+    plan = sim.plan
+    graph = plan.graph
+    order = stream_order(plan)
+    out_v = output or graph.outputs[0]
+    pre_fn = sim.node_fn(prefix)
+    suffix_ex: dict[int, Executor] = {}
+    for i, (_, cfg) in enumerate(cuts):
+        suffix_ex[i] = Executor(graph, sim.node_fn(cfg))
+    by_pos: dict[int, list[int]] = {}
+    for i, (c, _) in enumerate(cuts):
+        if not 0 <= c <= len(order):
+            raise OptionError(f"cut {c} is outside the graph (0..{len(order)})")
+        by_pos.setdefault(c, []).append(i)
+    last_cut = max((c for c, _ in cuts), default=0)
+    # reads of every value by nodes of the stream, to drop dead tensors as the prefix advances
+    reads: dict[int, int] = {}
+    for n in order:
+        for v in n.inputs:
+            if v is not None and not v.is_const:
+                reads[id(v)] = reads.get(id(v), 0) + 1
+    pinned = {id(v) for v in graph.outputs}
+    chunks: list[list[np.ndarray]] = [[] for _ in cuts]
+    st = stats if stats is not None else SweepStats()
+    for sl in progress_iter(list(batches(len(x), batch_size)), desc=progress):
+        env: dict[int, np.ndarray] = {id(graph.inputs[0]): x[sl]}
+        vals: dict[int, Value] = {id(graph.inputs[0]): graph.inputs[0]}
+        remaining = dict(reads)
+        st.batches += 1
+        st.prefix_runs += 1
+        for pos in range(last_cut + 1):
+            for i in by_pos.get(pos, ()):
+                feeds = {vals[k]: a for k, a in env.items()}
+                res = suffix_ex[i].run(feeds, [out_v])
+                chunks[i].append(res[out_v])
+                st.suffix_runs += 1
+            if pos == len(order) or pos == last_cut:
+                continue
+            node = order[pos]
+            args = [None if v is None else (v.const if v.is_const else env[id(v)]) for v in node.inputs]
+            for v, a in zip(node.outputs, pre_fn(node, args)):
+                env[id(v)] = a
+                vals[id(v)] = v
+            for v in node.inputs:
+                if v is not None and not v.is_const:
+                    remaining[id(v)] -= 1
+                    if remaining[id(v)] == 0 and id(v) not in pinned:
+                        env.pop(id(v), None)
+            for v in node.outputs:  # produced but never read (and not an output): drop now
+                if reads.get(id(v), 0) == 0 and id(v) not in pinned:
+                    env.pop(id(v), None)
+    return [np.concatenate(c, axis=0) for c in chunks]
+
+
+# ---------------------------------------------------------------------------- the analysis
+@dataclass
+class InfluenceResult:
+    """Influences of one variant for one NN_T."""
+    variant: str
+    layers: list[Node]  # every layer of the plan, in order
+    candidates: list[Node]  # layers of [S, G] that can be reduced (have an influence)
+    influence: dict[Node, float]  # I per candidate
+    values: list[float]  # P_k (chained), eval(T with k reduced) (isolated), Q_k (reversed)
+    value_layers: list[str]  # what each entry of ``values`` is (cut or layer name)
+    base_value: float  # eval(NN_T)
+    reduced_value: float | None  # eval(NN_S) where the sweep gives it (chained: P_(G+1) ~, reversed: Q_S)
+    config: BitConfig  # NN_T
+    reduced: BitConfig  # NN_S
+    stats: SweepStats = field(default_factory=SweepStats)
+
+    def to_json(self) -> dict:
+        return {"variant": self.variant,
+                "influence": {n.name: float(self.influence[n]) for n in self.candidates},
+                "values": [float(v) for v in self.values], "value_points": self.value_layers,
+                "base_value": float(self.base_value),
+                "from_bits": {n.name: list(self.config.bits[n]) for n in self.candidates},
+                "to_bits": {n.name: list(self.reduced.bits[n]) for n in self.candidates},
+                "suffix_runs": self.stats.suffix_runs}
+
+
+def mixed_config(layers: Sequence[Node], prefix: BitConfig, suffix: BitConfig, k: int) -> BitConfig:
+    """Layers ``< k`` with ``prefix``'s widths, the others with ``suffix``'s."""
+    return BitConfig({n: (prefix.bits[n] if i < k else suffix.bits[n]) for i, n in enumerate(layers)},
+                     prefix.input_bits if k > 0 else suffix.input_bits)
+
+
+def layer_range(layers: Sequence[Node], rng: tuple[int, int] | None) -> list[Node]:
+    """Layers with index in [S, G] (inclusive; G may be negative, counted from the end)."""
+    if rng is None:
+        return list(layers)
+    n = len(layers)
+    s, g = int(rng[0]), int(rng[1])
+    if g < 0:
+        g += n
+    if s < 0:
+        s += n
+    if not (0 <= s <= g < n):
+        raise OptionError(f"layer range [{rng[0]}, {rng[1]}] is empty or outside the {n} layers "
+                          f"(indices 0..{n - 1}); give layers=S:G with 0 <= S <= G")
+    return list(layers[s:g + 1])
+
+
+def compute_influence(sim, target: Target, config: BitConfig, x: np.ndarray,
+                      score: Callable[[np.ndarray], float], *, variant: str = "chained",
+                      candidates: Sequence[Node] | None = None, min_bits: int | None = None,
+                      batch_size: int = 64, progress: bool = False) -> InfluenceResult:
+    """Influence of each layer of ``candidates`` (default: all) under ``variant`` for NN_T = ``config``.
+
+    ``score`` maps the network output over ``x`` to the evaluation value.
+    """
+    if variant not in VARIANTS:
+        raise OptionError(f"influence variant {variant!r} is unknown; choose one of {', '.join(VARIANTS)}")
+    plan = sim.plan
+    layers = plan.layers
+    rng_layers = list(layers if candidates is None else candidates)
+    s_cfg, movable = reduced_config(target, config, rng_layers, min_bits)
+    idx = {id(n): i for i, n in enumerate(layers)}
+    order = stream_order(plan)
+    cuts = cut_positions(plan, order)
+    stats = SweepStats()
+    desc = f"influence ({variant})" if progress else None
+    mov = sorted(movable, key=lambda n: idx[id(n)])
+    influence: dict[Node, float] = {}
+    values: list[float] = []
+    names: list[str] = []
+    if not mov:  # nothing left to reduce: no sweep
+        return InfluenceResult(variant, list(layers), [], {}, [], [], float("nan"), None, config, s_cfg, stats)
+    if variant == "isolated":
+        entries = [(cuts[0], config)] + [(cuts[idx[id(n)]], config.with_layer(n, s_cfg.bits[n])) for n in mov]
+        outs = sweep(sim, x, config, entries, batch_size=batch_size, progress=desc, stats=stats)
+        vals = [score(o) for o in outs]
+        base = vals[0]
+        for n, v in zip(mov, vals[1:]):
+            influence[n] = base - v
+        values = vals[1:]
+        names = [n.name for n in mov]
+        return InfluenceResult(variant, list(layers), mov, influence, values, names, base, None, config, s_cfg,
+                               stats)
+    # chained / reversed: cuts before each range layer and after the last one. Layers of the range
+    # that cannot move are identical in both networks; their cut difference is ~0 and not reported.
+    ks = list(range(min(idx[id(n)] for n in rng_layers), max(idx[id(n)] for n in rng_layers) + 2))
+    # the suffix of cut k runs the mixed network (layers before k from the prefix network, the others
+    # from the suffix network), so that ops without weights after the cut (Add, Concat) take the widths
+    # of the network they belong to
+    pre, suf = (s_cfg, config) if variant == "chained" else (config, s_cfg)
+    entries = [(cuts[k], mixed_config(layers, pre, suf, k)) for k in ks]
+    outs = sweep(sim, x, pre, entries, batch_size=batch_size, progress=desc, stats=stats)
+    vals = [score(o) for o in outs]
+    for j, k in enumerate(ks[:-1]):
+        n = layers[k]
+        if any(n is m for m in mov):
+            influence[n] = (vals[j] - vals[j + 1]) if variant == "chained" else (vals[j + 1] - vals[j])
+    names = [layers[k].name if k < len(layers) else "<output>" for k in ks]
+    if variant == "chained":
+        base, reduced = vals[0], vals[-1]
+    else:
+        base, reduced = vals[-1], vals[0]
+    return InfluenceResult(variant, list(layers), mov, influence, vals, names, base, reduced, config, s_cfg, stats)
+
+
+class LayerInfluence(Analysis):
+    """``InfluenceResult`` of the network the IR describes (its ``node.qconfig`` bits as NN_T).
+
+    Parameters: ``variant``, ``split`` ("eval"/"calib"/None: eval when present),
+    ``metric`` (None: the context's, else top1 with labels / agreement),
+    ``layer_range`` (S, G) and ``min_bits`` (b_m; None: the target's).
+    """
+    name = "layer-influence"
+
+    def __init__(self, variant: str = "chained", split: str | None = None, metric: str | None = None,
+                 layer_range: tuple[int, int] | None = None, min_bits: int | None = None, **params):
+        super().__init__(variant=variant, split=split, metric=metric, layer_range=layer_range,
+                         min_bits=min_bits, **params)
+
+    def compute(self, graph: Graph, ctx) -> InfluenceResult:
+        from .bitsearch import search_context
+        from .quant import config_from_ir
+        p = self.params
+        sctx = search_context(graph, ctx, split=p["split"], metric=p["metric"], layer_range=p["layer_range"],
+                              min_bits=p["min_bits"])
+        return sctx.influence(config_from_ir(sctx.plan), p["variant"])

@@ -1,0 +1,156 @@
+"""assign-bit-widths: mixed precision by layer influence (seed 000, ALGORITHMS.md §0, §2, §3).
+
+Starts from the network the IR describes (after ``choose-formats{start=ladder}``
+every layer is at the top rung of the target's ladder: npu8 w8a16, npu4 w8a8) and
+walks layers down the ladder, one rung per step, with a search strategy of
+``compiler.bitsearch`` (``threshold``, ``min-influence``, ``influence-update``, or one
+registered by another module), keeping the evaluation value at or above the goal.
+The result, NN*, is written on the IR (``node.qconfig``, ``value.qformat``).
+
+The evaluation data is ``--eval`` when given (metric: ``--metric``, default top1
+with labels), else the calibration data with agreement with the float model as
+the metric; the report says which. The goal is ``float * (1 - max_drop)``
+(``--max-drop``, default 0.01) or ``target_score`` (``--target-score``, absolute).
+
+Options: strategy (default: ``--strategy``, else influence-update), variant
+(chained | isolated | reversed: how influences are measured), max_drop,
+target_score, layers (the range [S, G] as ``S:G``, layer indices in graph order,
+G may be negative), min_bits (b_m; default the target's), metric, data (eval |
+calib), k_step (next | double) and k_init (threshold strategy), repeat (go on
+with the next rung once every layer has been reduced: [0168]; threshold and
+min-influence), rank (influence | random | weight-range: the ordering, random and
+weight-range for ablations), report_variants (also measure the other influence
+variants on the starting network, for the report), format_search.
+Requires: choose-formats (formats and starting widths), data, a target.
+Preserves: activation ranges, quant plan, format table.
+Report: goal, float/start/final values, each layer's influence under each variant,
+the full search trace, final bits, weight bytes and estimated MAC cost.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from mpqc.compiler.bitsearch import get_strategy, search_context
+from mpqc.compiler.errors import OptionError
+from mpqc.compiler.influence import VARIANTS, LayerInfluence
+from mpqc.compiler.info import layer_macs
+from mpqc.compiler.ir import Graph
+from mpqc.compiler.passes import Pass, PassContext, PassResult, register_pass
+from mpqc.compiler.quant import (BitConfig, FormatTableAnalysis, QuantPlanAnalysis, apply_config,
+                                 check_bias_fits, config_from_ir, weight_bytes)
+from mpqc.compiler.ranges import ActivationRanges
+
+DEFAULT_STRATEGY = "influence-update"
+
+
+@register_pass
+@dataclass(frozen=True)
+class AssignBitWidthsPass(Pass):
+    name = "assign-bit-widths"
+    preserves = frozenset({ActivationRanges, QuantPlanAnalysis, FormatTableAnalysis})
+
+    strategy: str | None = None
+    variant: Literal["chained", "isolated", "reversed"] = "chained"
+    max_drop: float | None = None
+    target_score: float | None = None
+    layers: tuple[int, int] | None = None
+    min_bits: int | None = None
+    metric: str | None = None
+    data: str | None = None
+    k_step: Literal["next", "double"] = "next"
+    k_init: float | None = None
+    repeat: bool = False
+    rank: Literal["influence", "random", "weight-range"] = "influence"
+    report_variants: bool = True
+    format_search: int = 2
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        if ctx.target is None:
+            raise OptionError("assign-bit-widths needs a --target (see 'mpqc targets')")
+        if self.data not in (None, "eval", "calib"):
+            raise OptionError(f"assign-bit-widths: data={self.data!r} must be eval or calib")
+        opts = getattr(ctx, "options", {}) or {}
+        strategy = self.strategy or opts.get("strategy") or DEFAULT_STRATEGY
+        max_drop = self.max_drop if self.max_drop is not None else opts.get("max_drop")
+        target_score = self.target_score if self.target_score is not None else opts.get("target_score")
+        if self.max_drop is not None and self.target_score is not None:
+            raise OptionError("assign-bit-widths: give either max_drop or target_score, not both")
+        if self.target_score is not None:
+            max_drop = None
+        elif self.max_drop is not None:
+            target_score = None
+        if max_drop is not None and not 0 <= max_drop < 1:
+            raise OptionError(f"assign-bit-widths: max_drop={max_drop} must be in [0, 1)")
+        if self.min_bits is not None and self.min_bits < 1:
+            raise OptionError(f"assign-bit-widths: min_bits={self.min_bits} must be at least 1")
+        fn = get_strategy(strategy)
+        sopts = {"variant": self.variant, "k_step": self.k_step, "k_init": self.k_init, "repeat": self.repeat,
+                 "rank": self.rank, "strategy": strategy}
+        sctx = search_context(graph, ctx, split=self.data, metric=self.metric, max_drop=max_drop,
+                              target_score=target_score, layer_range=self.layers, min_bits=self.min_bits,
+                              format_search=self.format_search, options=sopts)
+        plan, table = sctx.plan, sctx.table
+        start = config_from_ir(plan)
+        # influences of the starting network: from the analysis cache (the layer-influence pass), so
+        # the strategy's first ranking does not measure them again
+        ana = dict(split=self.data, metric=self.metric, layer_range=self.layers, min_bits=self.min_bits)
+        variants = VARIANTS if self.report_variants and self.rank == "influence" else (
+            (self.variant,) if self.rank == "influence" else ())
+        initial = {}
+        for v in variants:
+            res = ctx.analyses.get(LayerInfluence, graph, variant=v, **ana)
+            initial[v] = res
+            sctx.add_influence(res)
+        final = fn(sctx, start)
+        modified = final.key(plan.layers) != start.key(plan.layers)
+        if modified:
+            apply_config(graph, plan, table, final, note=self.name)
+            for n in plan.layers:
+                if n.qconfig.bias_format is not None:
+                    check_bias_fits(n, n.bias.const, n.qconfig.bias_format)
+        ctx.section(self.name).update(search_report(sctx, start, final, initial, strategy))
+        return PassResult(modified)
+
+
+def mac_cost(plan, target, config: BitConfig) -> float:
+    return float(sum(layer_macs(n) * target.mac_cost(*config.bits[n]) for n in plan.layers))
+
+
+def search_report(sctx, start: BitConfig, final: BitConfig, initial: dict, strategy: str) -> dict:
+    """The pass's report section (JSON-ready)."""
+    plan, tgt = sctx.plan, sctx.target
+    int8 = BitConfig.uniform(plan.layers, 8, 8)
+    wb_final, wb_int8 = weight_bytes(plan, final), weight_bytes(plan, int8)
+    rows = []
+    for i, n in enumerate(plan.layers):
+        w, a = final.bits[n]
+        rows.append({"index": i, "layer": n.name, "op": n.op_type, "params": int(n.weight.const.size),
+                     "macs": int(layer_macs(n)), "start_bits": list(start.bits[n]), "weight_bits": w, "act_bits": a,
+                     "weight_bytes": n.weight.const.size * w / 8,
+                     "in_range": any(n is m for m in sctx.range_layers),
+                     "influence": {v: (float(r.influence[n]) if n in r.influence else None)
+                                   for v, r in initial.items()}})
+    final_value = sctx.evaluate(final)
+    return {
+        "strategy": strategy, "variant": sctx.options.get("variant"), "rank": sctx.options.get("rank"),
+        "metric": sctx.metric, "data": {"split": sctx.options.get("split"), "source": sctx.data.source,
+                                        "samples": len(sctx.data)},
+        "note": sctx.options.get("note"),
+        "goal": sctx.goal, "float_value": sctx.float_value, "start_value": sctx.evaluate(start),
+        "final_value": final_value, "min_bits": tgt.min_bits if sctx.min_bits is None else sctx.min_bits,
+        "ladder": [list(x) for x in tgt.ladder],
+        "layer_range": [sctx.range_layers[0].name, sctx.range_layers[-1].name] if sctx.range_layers else None,
+        "influence": {v: {n.name: float(i) for n, i in r.influence.items()} for v, r in initial.items()},
+        "influence_values": {v: {"points": r.value_layers, "values": [float(x) for x in r.values],
+                                 "base": float(r.base_value)} for v, r in initial.items()},
+        "trace": [s.to_json() for s in sctx.trace],
+        "final_bits": {n.name: list(final.bits[n]) for n in plan.layers},
+        "layers": rows,
+        "weight_bytes": wb_final, "weight_bytes_start": weight_bytes(plan, start), "weight_bytes_int8": wb_int8,
+        "weight_ratio_int8": wb_final / wb_int8 if wb_int8 else None,
+        "mac_cost": mac_cost(plan, tgt, final), "mac_cost_start": mac_cost(plan, tgt, start),
+        "mac_cost_int8": mac_cost(plan, tgt, int8),
+        "evaluations": sctx.evaluations, "influence_sweeps": sctx.influence_sweeps,
+        "suffix_runs": sctx.suffix_runs,
+    }

@@ -1,0 +1,49 @@
+"""layer-influence: measure each layer's degree of influence (seed 000, ALGORITHMS.md §2) and report it.
+
+Runs the ``LayerInfluence`` analysis on the network the IR describes (NN_T: the
+widths ``choose-formats`` gave; NN_S: every layer of the range one rung lower on
+the target's ladder) for each requested variant — ``chained`` (the patent's
+FIG. 8/10/13: NN_S prefix, NN_T suffix), ``isolated`` and ``reversed`` ([0167]) —
+and writes the influences and the evaluation values along the cuts to the report.
+It changes nothing; the results stay cached for ``assign-bit-widths``.
+
+Options: variants (colon-separated, default all three), layers (range S:G),
+min_bits (b_m), metric, data (eval | calib; default eval when given).
+Requires: choose-formats, data, a target. Preserves: everything (it does not modify the graph).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mpqc.compiler.errors import OptionError
+from mpqc.compiler.influence import VARIANTS, LayerInfluence
+from mpqc.compiler.ir import Graph
+from mpqc.compiler.passes import Pass, PassContext, PassResult, register_pass
+
+
+@register_pass
+@dataclass(frozen=True)
+class LayerInfluencePass(Pass):
+    name = "layer-influence"
+
+    variants: tuple[str, ...] = VARIANTS
+    layers: tuple[int, int] | None = None
+    min_bits: int | None = None
+    metric: str | None = None
+    data: str | None = None
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        if ctx.target is None:
+            raise OptionError("layer-influence needs a --target (see 'mpqc targets')")
+        bad = [v for v in self.variants if v not in VARIANTS]
+        if bad or not self.variants:
+            raise OptionError(f"layer-influence: variants={':'.join(self.variants)} must name some of "
+                              f"{', '.join(VARIANTS)} (separated by ':')")
+        if self.data not in (None, "eval", "calib"):
+            raise OptionError(f"layer-influence: data={self.data!r} must be eval or calib")
+        sec = ctx.section(self.name)
+        for v in self.variants:
+            res = ctx.analyses.get(LayerInfluence, graph, variant=v, split=self.data, metric=self.metric,
+                                   layer_range=self.layers, min_bits=self.min_bits)
+            sec[v] = res.to_json()
+        return PassResult(False)
