@@ -74,8 +74,48 @@ def upgrade_opset(model: onnx.ModelProto, origin: str = "model") -> onnx.ModelPr
         from onnx import version_converter
         return version_converter.convert_version(model, TARGET_OPSET)
     except Exception as e:
+        _check_old_semantics(model, ver, origin, e)
         log.info("opset conversion of %s from %d failed (%s); importing as is", origin, ver, e)
         return model
+
+
+#: legacy attributes the kernels still read (they moved to inputs in later opsets)
+_KERNEL_LEGACY_ATTRS = {
+    "Unsqueeze": {"axes"}, "Squeeze": {"axes"}, "Split": {"split"}, "Pad": {"pads", "value"},
+    "Clip": {"min", "max"}, "Slice": {"starts", "ends", "axes"}, "Dropout": {"ratio"},
+    "ReduceMean": {"axes"}, "ReduceSum": {"axes"}, "ReduceMax": {"axes"}, "ReduceMin": {"axes"},
+}
+
+
+def _check_old_semantics(model: onnx.ModelProto, ver: int, origin: str, err: Exception) -> None:
+    """After a failed opset conversion: refuse nodes whose old-opset meaning the runtime lacks.
+
+    The kernels implement opset 13+ semantics. Softmax/LogSoftmax/Hardmax before 13
+    flatten to 2-D first, and attributes dropped from the current schema (``broadcast``,
+    ``consumed_inputs``, ``is_test``, ``spatial``, Reshape's ``shape``...) change meaning;
+    running either as is would give wrong numbers.
+    """
+    bad = []
+    for n in model.graph.node:
+        if n.domain not in ("", "ai.onnx"):
+            continue
+        if n.op_type in ("Softmax", "LogSoftmax", "Hardmax") and ver < 13:
+            bad.append(f"{n.op_type} {n.name or n.output[0]!r} (2-D coercion before opset 13)")
+            continue
+        try:
+            known = set(onnx.defs.get_schema(n.op_type, TARGET_OPSET).attributes)
+        except Exception:
+            continue  # an unknown op is reported by check_supported
+        legacy = {a.name for a in n.attribute} - known - _KERNEL_LEGACY_ATTRS.get(n.op_type, set())
+        if legacy:
+            bad.append(f"{n.op_type} {n.name or n.output[0]!r} (attribute {', '.join(sorted(legacy))})")
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise UnsupportedOpError(
+            f"{origin}: opset {ver} could not be converted to opset {TARGET_OPSET} "
+            f"({str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__}), "
+            f"and these nodes have an opset-{ver} meaning mpqc does not implement: {'; '.join(bad[:3])}{more}",
+            hint="re-export the model at opset 13 or later")
 
 
 def _attr_value(v):

@@ -265,7 +265,7 @@ def k_conv_transpose(node, x, w, b=None):
         xg = x[:, g * cg:(g + 1) * cg].astype(dt, copy=False)  # N, cg, *in
         wg = w[g * cg:(g + 1) * cg].astype(dt, copy=False)  # cg, mg, *k
         # one GEMM for all taps: (mg*K, cg) @ (cg, N*in) -> K, N, mg, *in (contiguous per tap)
-        wmat = np.moveaxis(wg.reshape(cg, mg, -1), 2, 0).reshape(-1, cg)  # K*mg, cg
+        wmat = wg.reshape(cg, mg, -1).transpose(2, 1, 0).reshape(-1, cg)  # K*mg, cg
         xmat = np.moveaxis(xg, 1, 0).reshape(cg, -1)  # cg, N*in
         contrib = (wmat @ xmat).reshape(len(kidxs), mg, N, *in_sp)
         contrib = np.swapaxes(contrib, 1, 2)  # K, N, mg, *in
