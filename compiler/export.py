@@ -22,6 +22,7 @@ def to_onnx(graph: Graph, *, check: bool = True, opset: int | None = None) -> on
     import onnx_graphsurgeon as gs
 
     tmap: dict[int, object] = {}
+    narrowed: dict[str, np.ndarray] = {}  # 4-bit constants, written as int4/uint4 after export
 
     def conv(v: Value | None):
         if v is None:
@@ -29,7 +30,11 @@ def to_onnx(graph: Graph, *, check: bool = True, opset: int | None = None) -> on
         t = tmap.get(id(v))
         if t is None:
             if v.is_const:
-                t = gs.Constant(v.name, _stored_const(v))
+                arr = v.const if v.const.flags.c_contiguous else v.const.copy()
+                narrow = _narrow_dtype(v)
+                if narrow is not None:
+                    narrowed[v.name] = arr.astype(narrow)
+                t = gs.Constant(v.name, arr)
             else:
                 shape = None if v.shape is None else [d if d is not None else None for d in v.shape]
                 t = gs.Variable(v.name, dtype=v.dtype, shape=shape)
@@ -58,6 +63,11 @@ def to_onnx(graph: Graph, *, check: bool = True, opset: int | None = None) -> on
     ver = opset or graph.opset
     g = gs.Graph(nodes=nodes, inputs=inputs, outputs=outputs, name=graph.name, opset=ver)
     model = gs.export_onnx(g, do_type_check=False)
+    if narrowed:  # onnx-graphsurgeon 0.6 does not pack int4: replace those initializers
+        from onnx import numpy_helper
+        for i, t in enumerate(model.graph.initializer):
+            if t.name in narrowed:
+                model.graph.initializer[i].CopyFrom(numpy_helper.from_array(narrowed[t.name], t.name))
     model.producer_name = PRODUCER
     model.ir_version = min(model.ir_version, 10)
     del model.opset_import[:]
@@ -74,19 +84,19 @@ def to_onnx(graph: Graph, *, check: bool = True, opset: int | None = None) -> on
     return model
 
 
-def _stored_const(v: Value) -> np.ndarray:
-    """A constant as written to the file: integer constants tagged with a 4-bit ``qformat``
-    (4-bit weights after insert-qdq) are stored as ONNX int4/uint4, everything else as is."""
-    arr = v.const if v.const.flags.c_contiguous else v.const.copy()
+def _narrow_dtype(v: Value):
+    """Storage type of a constant in the file: integer constants tagged with a 4-bit ``qformat``
+    (4-bit weights after insert-qdq) are stored as ONNX int4/uint4 (None: as they are)."""
     f = v.qformat
-    if f is not None and f.bits == 4 and arr.dtype in (np.dtype(np.int8), np.dtype(np.uint8)):
-        import ml_dtypes
-        lo, hi = (-8, 7) if f.signed else (0, 15)
-        if arr.size and (int(arr.min()) < lo or int(arr.max()) > hi):
-            raise CompilerError(f"constant {v.name!r} is tagged 4-bit but holds values outside [{lo}, {hi}]",
-                                hint="this is an mpqc bug; please report it with the model")
-        arr = arr.astype(ml_dtypes.int4 if f.signed else ml_dtypes.uint4)
-    return arr
+    arr = v.const
+    if f is None or f.bits != 4 or arr.dtype not in (np.dtype(np.int8), np.dtype(np.uint8)):
+        return None
+    import ml_dtypes
+    lo, hi = (-8, 7) if f.signed else (0, 15)
+    if arr.size and (int(arr.min()) < lo or int(arr.max()) > hi):
+        raise CompilerError(f"constant {v.name!r} is tagged 4-bit but holds values outside [{lo}, {hi}]",
+                            hint="this is an mpqc bug; please report it with the model")
+    return ml_dtypes.int4 if f.signed else ml_dtypes.uint4
 
 
 def widen_int4(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -54,6 +54,7 @@ class ChooseFormatsPass(Pass):
         plan = ctx.analyses.get(QuantPlanAnalysis, graph)
         table = ctx.analyses.get(FormatTableAnalysis, graph, search=self.search)
         config = BitConfig.uniform(plan.layers, w, a)
+        before = _annotations(graph)
         apply_config(graph, plan, table, config)
         for n in plan.layers:
             if n.qconfig.bias_format is not None:
@@ -61,7 +62,17 @@ class ChooseFormatsPass(Pass):
         sec = ctx.section(self.name)
         sec["bits"] = {"weight": w, "act": a}
         sec["layers"] = layer_format_report(graph, plan, table)
-        return PassResult(True)
+        return PassResult(_annotations(graph) != before)
+
+
+def _annotations(graph) -> list:
+    """The decisions on the IR, comparable: running the pass again with the same result is no change."""
+    out = []
+    for n in graph.nodes:
+        q = n.qconfig
+        out.append(None if q is None else (q.weight_bits, q.act_bits, q.weight_format, q.bias_format))
+    out.extend(v.qformat for v in graph.values() if not v.is_const)
+    return out
 
 
 def layer_format_report(graph, plan, table) -> list[dict]:
