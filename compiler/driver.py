@@ -105,7 +105,7 @@ def compile_model(model: str | os.PathLike | Graph, *, level: int = 1, target: s
     ctx.metric = metric
     ctx.options = dict(options or {})  # type: ignore[attr-defined]
     if passes is None:
-        pipeline = build_pipeline(level, tgt)
+        pipeline = build_pipeline(level, tgt, finetune=ctx.options.get("finetune"))
     elif isinstance(passes, str):
         pipeline = parse_pipeline(passes)
     else:

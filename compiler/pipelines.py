@@ -5,6 +5,10 @@
 * ``-O1`` canonicalize + fixed-point formats at the target's default widths + QDQ.
 * ``-O2`` ``-O1`` with the influence-driven bit-width search before QDQ insertion.
 * ``-O3`` ``-O2`` with pruning and fine-tuning (when those passes are present).
+
+``finetune`` (``--finetune`` / ``--no-finetune``): ``True`` adds the finetune pass
+after the bit assignment at ``-O1``/``-O2``; ``False`` drops it from ``-O3``;
+``None`` (default) keeps each level's own choice.
 """
 from __future__ import annotations
 
@@ -27,12 +31,14 @@ CANONICALIZE = [
 LEVELS = (0, 1, 2, 3)
 
 
-def pipeline_spec(level: int, target: Target | None) -> list[str]:
+def pipeline_spec(level: int, target: Target | None, *, finetune: bool | None = None) -> list[str]:
     """The pass specs of a level, before parsing."""
     if level not in LEVELS:
         raise OptionError(f"-O{level} is not a level; use -O0, -O1, -O2 or -O3")
     spec = list(CANONICALIZE)
     if level == 0:
+        if finetune:
+            raise OptionError("--finetune needs a quantizing level (-O1 and above); -O0 only canonicalizes")
         return spec
     if target is None:
         raise OptionError(f"-O{level} needs a --target (see 'mpqc targets')")
@@ -41,13 +47,17 @@ def pipeline_spec(level: int, target: Target | None) -> list[str]:
         spec.append("assign-bit-widths")
     if level >= 3:
         spec.extend(["prune-channels", "finetune"])
+    elif finetune:
+        spec.append("finetune")
+    if finetune is False:
+        spec = [s for s in spec if s.split("{")[0] != "finetune"]
     spec.append("insert-qdq")
     return spec
 
 
-def build_pipeline(level: int, target: Target | None = None) -> list[Pass]:
+def build_pipeline(level: int, target: Target | None = None, *, finetune: bool | None = None) -> list[Pass]:
     _ensure_passes_loaded()
-    spec = pipeline_spec(level, target)
+    spec = pipeline_spec(level, target, finetune=finetune)
     missing = [s for s in spec if s.split("{")[0] not in PASS_REGISTRY]
     if missing:
         raise OptionError(f"-O{level} needs passes that this build of mpqc does not have yet: "

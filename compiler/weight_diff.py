@@ -36,9 +36,9 @@ Strategy options, read from ``SearchContext.options`` (the pass fills them from
 its own options and the CLI): ``train`` (a labelled ``Dataset``; required unless
 ``weight_diff`` is given), ``cycles`` (50), ``statistic`` ("mean-square"),
 ``train_lr`` (0.01), ``train_batch_size`` (32), ``train_momentum`` (0.9),
-``quantized`` (False), ``threshold`` (largest allowed loss against the all-B
-network, absolute; default: keep the search's goal, i.e. ``--max-drop`` against the
-float network), ``floor`` (0), ``mode`` ("binary" | "halving"), ``count``
+``quantized`` (False), ``max_loss`` (the threshold: largest allowed loss against the
+all-B network, absolute; default: keep the search's goal, i.e. ``--max-drop`` against
+the float network), ``floor`` (0), ``mode`` ("binary" | "halving"), ``count``
 (weight-diff-topk; default half of the candidates), ``keep_smallest`` (False).
 """
 from __future__ import annotations
@@ -226,17 +226,17 @@ def _setup(ctx: SearchContext, start: BitConfig, *, needs_goal: bool) -> _Setup:
         if lo is not None and n not in skipped:
             lowered[n] = tuple(lo)
     cands = [n for n in ranked if n in lowered]
-    threshold = ctx.options.get("threshold")
-    if threshold is None and needs_goal:
+    max_loss = ctx.options.get("max_loss")
+    if max_loss is None and needs_goal:
         high = check_goal_reachable(ctx, start)
     else:
         high = ctx.evaluate(start)
-    if threshold is not None:
-        thr = float(threshold)
+    if max_loss is not None:
+        thr = float(max_loss)
         if not thr >= 0:
-            raise OptionError(f"threshold must be a non-negative accuracy loss, got {threshold}")
+            raise OptionError(f"max_loss must be a non-negative accuracy loss, got {max_loss}")
         accept = lambda v: high - v <= thr + 1e-12  # noqa: E731
-        criterion = {"threshold": thr, "against": "all-high network"}
+        criterion = {"max_loss": thr, "against": "all-high network"}
     else:
         accept = ctx.meets
         criterion = {"goal": ctx.goal, "against": "float network"}

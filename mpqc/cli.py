@@ -67,6 +67,14 @@ def compile_parser() -> argparse.ArgumentParser:
                                                   "the float model (e.g. 0.01)")
     s.add_argument("--target-score", type=float, help="lowest allowed absolute evaluation value")
     s.add_argument("--strategy", help="bit-width search strategy (see 'mpqc passes')")
+    t = p.add_argument_group("training (needs --train with labels)")
+    t.add_argument("--cycles", type=int, metavar="K",
+                   help="training cycles (SGD steps) of the weight-difference statistic used by the "
+                        "weight-diff-bsearch / weight-diff-topk strategies (default 50)")
+    t.add_argument("--finetune", action=argparse.BooleanOptionalAction, default=None,
+                   help="fine-tune with fake quantization after the bit widths are chosen "
+                        "(default: on at -O3, off below)")
+    t.add_argument("--finetune-epochs", type=float, metavar="N", help="epochs of fine-tuning (default 3)")
     o = p.add_argument_group("outputs")
     o.add_argument("--report", metavar="OUT.json", help="JSON report: per-layer bits, formats, search trace")
     o.add_argument("--html", metavar="OUT.html", help="HTML report with plots")
@@ -126,10 +134,19 @@ def cmd_compile(argv: list[str]) -> int:
         raise OptionError(f"--max-drop must be in [0, 1), got {args.max_drop}")
     if args.max_drop is not None and args.target_score is not None:
         raise OptionError("give either --max-drop or --target-score, not both")
+    if args.cycles is not None and args.cycles < 1:
+        raise OptionError(f"--cycles must be at least 1, got {args.cycles}")
+    if args.finetune_epochs is not None and not args.finetune_epochs >= 0:
+        raise OptionError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
+    if args.passes and args.finetune is not None:
+        raise OptionError("--finetune/--no-finetune choose a level's pipeline; with --passes list 'finetune' "
+                          "in the pass list instead")
     check_outputs_differ(("--output", args.output), ("--report", args.report), ("--html", args.html),
                          ("--emit-bundle", args.emit_bundle), ("model", args.model))
     options = {k: v for k, v in (("max_drop", args.max_drop), ("target_score", args.target_score),
-                                 ("strategy", args.strategy)) if v is not None}
+                                 ("strategy", args.strategy), ("cycles", args.cycles),
+                                 ("finetune", args.finetune), ("finetune_epochs", args.finetune_epochs))
+               if v is not None}
     res = compile_model(args.model, level=level, target=args.target, calib=args.calib, eval=args.eval,
                         train=args.train, metric=args.metric, passes=args.passes, output=args.output,
                         report=args.report, html=args.html, bundle=args.emit_bundle, seed=args.seed,

@@ -20,7 +20,10 @@ calib), k_step (next | double) and k_init (threshold strategy), repeat (go on
 with the next rung once every layer has been reduced: [0168]; threshold and
 min-influence), rank (influence | random | weight-range: the ordering, random and
 weight-range for ablations), report_variants (also measure the other influence
-variants on the starting network, for the report), format_search.
+variants on the starting network, for the report), format_search; for the
+weight-difference strategies (weight-diff-bsearch, weight-diff-topk: seed 001,
+``compiler.weight_diff``): cycles (default ``--cycles``, else 50), statistic, floor,
+count, keep_smallest, max_loss (they train on ``--train``).
 Requires: choose-formats (formats and starting widths), data, a target.
 Preserves: activation ranges, quant plan, format table.
 Report: goal, float/start/final values, each layer's influence under each variant,
@@ -64,6 +67,15 @@ class AssignBitWidthsPass(Pass):
     rank: Literal["influence", "random", "weight-range"] = "influence"
     report_variants: bool = True
     format_search: int = 2
+    # weight-difference strategies (seed 001, compiler.weight_diff): training cycles on --train, the
+    # statistic, the binary search's floor, weight-diff-topk's count, claim 6, and the largest accuracy
+    # loss against the all-high network (default: the goal above)
+    cycles: int | None = None
+    statistic: Literal["mean-square", "mean", "variance", "std"] = "mean-square"
+    floor: int = 0
+    count: int | None = None
+    keep_smallest: bool = False
+    max_loss: float | None = None
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         if ctx.target is None:
@@ -86,7 +98,10 @@ class AssignBitWidthsPass(Pass):
             raise OptionError(f"assign-bit-widths: min_bits={self.min_bits} must be at least 1")
         fn = get_strategy(strategy)
         sopts = {"variant": self.variant, "k_step": self.k_step, "k_init": self.k_init, "repeat": self.repeat,
-                 "rank": self.rank, "strategy": strategy}
+                 "rank": self.rank, "strategy": strategy,
+                 "cycles": self.cycles if self.cycles is not None else opts.get("cycles"),
+                 "statistic": self.statistic, "floor": self.floor, "count": self.count,
+                 "keep_smallest": self.keep_smallest, "max_loss": self.max_loss, "train": ctx.train}
         sctx = search_context(graph, ctx, split=self.data, metric=self.metric, max_drop=max_drop,
                               target_score=target_score, layer_range=self.layers, min_bits=self.min_bits,
                               format_search=self.format_search, options=sopts)

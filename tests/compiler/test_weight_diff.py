@@ -152,7 +152,7 @@ PEN = {"L0": 0.02, "L1": 0.01, "L2": 0.3, "L3": 0.0, "L4": 0.04}
 
 
 def test_bsearch_finds_the_largest_count_within_the_threshold():
-    ctx, start = stub(PEN, VALUES, threshold=0.05)
+    ctx, start = stub(PEN, VALUES, max_loss=0.05)
     cfg = get_strategy("weight-diff-bsearch")(ctx, start)
     assert reduced(ctx, cfg) == ["L0", "L1", "L3"]  # L3, L1, L0: loss 0.03; adding L4 -> 0.07
     assert cfg.bits[ctx.layers[3]] == (4, 8)  # one rung down npu4's ladder
@@ -174,7 +174,7 @@ def test_bsearch_keep_smallest_and_default_goal():
 
 
 def test_bsearch_floor_accepts_below_threshold():
-    ctx, start = stub(PEN, VALUES, threshold=0.0, floor=2, keep_smallest=True)
+    ctx, start = stub(PEN, VALUES, max_loss=0.0, floor=2, keep_smallest=True)
     cfg = get_strategy("weight-diff-bsearch")(ctx, start)
     assert reduced(ctx, cfg) == ["L0", "L1"]  # L1 + L0 lose 0.03 > 0, but the floor accepts them
     fl = [s for s in ctx.trace if s.action == "floor"][0]
@@ -182,15 +182,15 @@ def test_bsearch_floor_accepts_below_threshold():
 
 
 def test_halving_mode_follows_fig_11():
-    ctx, start = stub(PEN, VALUES, threshold=0.015, mode="halving")
+    ctx, start = stub(PEN, VALUES, max_loss=0.015, mode="halving")
     cfg = get_strategy("weight-diff-bsearch")(ctx, start)
     # 5 candidates: 2 (L3, L1: 0.01) passes at once
     assert reduced(ctx, cfg) == ["L1", "L3"]
     assert [(s.action, s.extra.get("count")) for s in ctx.trace] == [("rank", None), ("halving", 2)]
-    ctx, start = stub(PEN, VALUES, threshold=0.005, mode="halving")
+    ctx, start = stub(PEN, VALUES, max_loss=0.005, mode="halving")
     cfg = get_strategy("weight-diff-bsearch")(ctx, start)
     assert reduced(ctx, cfg) == ["L3"]  # 2 fails, 1 passes
-    ctx, start = stub({**PEN, "L3": 0.5}, VALUES, threshold=0.005, mode="halving")
+    ctx, start = stub({**PEN, "L3": 0.5}, VALUES, max_loss=0.005, mode="halving")
     assert reduced(ctx, get_strategy("weight-diff-bsearch")(ctx, start)) == []  # nothing passes
 
 
@@ -247,7 +247,7 @@ def test_bsearch_on_a_real_network_through_the_simulator():
     table = ctx.analyses.get(FormatTableAnalysis, g)
     sim = QuantSim(plan, table)
     sctx = SearchContext(g, plan, table, sim, ctx.target, Dataset(x, y, "m"), "top1", None, 1.0, 0.0,
-                         options={"train": Dataset(x, y, "m"), "cycles": 3, "threshold": 0.05})
+                         options={"train": Dataset(x, y, "m"), "cycles": 3, "max_loss": 0.05})
     start = BitConfig.uniform(plan.layers, 8, 8)
     cfg = get_strategy("weight-diff-bsearch")(sctx, start)
     rank = sctx.trace[0].extra["ranking"]
@@ -265,3 +265,45 @@ def test_bsearch_on_a_real_network_through_the_simulator():
     assert cfg2.key(plan.layers) == cfg.key(plan.layers)
     assert sctx2.trace[0].extra["values"] == sctx.trace[0].extra["values"]
     assert all(math.isfinite(v) and v > 0 for v in sctx.trace[0].extra["values"].values())
+
+
+# ---------------------------------------------------------------------------- through assign-bit-widths
+def _pass_setup():
+    from mpqc.runtime.executor import run_batched
+    g = small_cnn()
+    x = np.abs(r64(40, 1, 6, 6, seed=4)).astype(np.float32)
+    y = np.argmax(run_batched(g, x)[0], axis=1)
+    data = Dataset(x, y, "m")
+    ctx = PassContext(target=get_target("npu4"), calib=data, eval=data, train=data)
+    make_pass("choose-formats", {"start": "ladder"}).run(g, ctx)
+    return g, ctx
+
+
+def test_assign_bit_widths_runs_the_weight_diff_strategy():
+    g, ctx = _pass_setup()
+    res = make_pass("assign-bit-widths", {"strategy": "weight-diff-bsearch", "cycles": "3", "max_loss": "0.05",
+                                          "report_variants": "false"}).run(g, ctx)
+    sec = ctx.report["passes"]["assign-bit-widths"]
+    rank = sec["trace"][0]
+    assert rank["action"] == "rank" and rank["cycles"] == 3 and rank["ranking"] == ["c1", "fc", "c2"]
+    assert rank["max_loss"] == 0.05
+    # the same choice as the strategy run directly (test above): c1 alone goes to w4a8
+    assert res.modified is True
+    assert {n.name: (n.qconfig.weight_bits, n.qconfig.act_bits) for n in g.layers()} == \
+        {"c1": (4, 8), "c2": (8, 8), "fc": (8, 8)}
+
+
+def test_assign_bit_widths_weight_diff_topk_count_zero_changes_nothing():
+    g, ctx = _pass_setup()
+    res = make_pass("assign-bit-widths", {"strategy": "weight-diff-topk", "cycles": "2", "count": "0",
+                                          "report_variants": "false"}).run(g, ctx)
+    assert res.modified is False
+    assert all((n.qconfig.weight_bits, n.qconfig.act_bits) == (8, 8) for n in g.layers())
+    assert ctx.report["passes"]["assign-bit-widths"]["trace"][-1]["count"] == 0
+
+
+def test_assign_bit_widths_weight_diff_needs_training_data():
+    g, ctx = _pass_setup()
+    ctx.train = None
+    with pytest.raises(DataError, match="--train"):
+        make_pass("assign-bit-widths", {"strategy": "weight-diff-topk", "report_variants": "false"}).run(g, ctx)

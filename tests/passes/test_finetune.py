@@ -173,3 +173,34 @@ def test_without_labelled_eval_data_the_formats_are_rechosen(trained):
         assert n.qconfig.weight_format == wf
         assert n.qconfig.bias_format == table.bias_format(n, n.inputs[0].qformat, wf)
     assert any(n.qconfig.weight_format != f for n, f in zip(g.layers(), fmt0))  # the weights outgrew a format
+
+
+def test_pipelines_add_or_drop_finetune():
+    from mpqc.compiler.errors import OptionError
+    from mpqc.compiler.pipelines import pipeline_spec
+    t = get_target("npu8")
+    names = lambda spec: [s.split("{")[0] for s in spec]  # noqa: E731
+    o2 = names(pipeline_spec(2, t))
+    o2f = names(pipeline_spec(2, t, finetune=True))
+    assert "finetune" not in o2 and o2f == o2[:-1] + ["finetune", "insert-qdq"]
+    assert o2f.index("finetune") == o2f.index("assign-bit-widths") + 1
+    assert names(pipeline_spec(1, t, finetune=True))[-2:] == ["finetune", "insert-qdq"]
+    o3 = names(pipeline_spec(3, t))
+    assert "finetune" in o3 and names(pipeline_spec(3, t, finetune=False)) == [s for s in o3 if s != "finetune"]
+    assert names(pipeline_spec(2, t, finetune=False)) == o2
+    with pytest.raises(OptionError, match="-O0"):
+        pipeline_spec(0, None, finetune=True)
+
+
+def test_compile_o2_with_finetune_end_to_end(trained):
+    from mpqc.compiler.driver import compile_model
+    g0, train, ev = trained
+    res = compile_model(g0.copy(), level=2, target="npu4", calib=Dataset(train.x[:100], train.y[:100], "c"),
+                        eval=ev, train=train, options={"finetune": True, "finetune_epochs": 1,
+                                                       "strategy": "weight-diff-topk", "cycles": 5})
+    rep = res.report
+    assert [p.split("{")[0] for p in rep["pipeline"]][-3:] == ["assign-bit-widths", "finetune", "insert-qdq"]
+    ft = rep["passes"]["finetune"]
+    assert ft["train"]["steps"] == 13 and ft["before"] is not None and ft["after"] >= ft["before"]
+    tr = rep["passes"]["assign-bit-widths"]["trace"]
+    assert tr[0]["action"] == "rank" and tr[0]["cycles"] == 5 and tr[-1]["action"] == "topk"
