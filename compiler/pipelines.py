@@ -3,7 +3,8 @@
 * ``-O0`` canonicalize: fold constants and shapes, drop Identity/Dropout, fold
   "same" Pads into Convs, fold BatchNorm, Reshape -> Flatten, dead code, shapes.
 * ``-O1`` canonicalize + fixed-point formats at the target's default widths + QDQ.
-* ``-O2`` ``-O1`` with the influence-driven bit-width search before QDQ insertion.
+* ``-O2`` canonicalize, profile (choose-formats at the top of the target's ladder),
+  layer influence, the influence-driven bit-width search (assign-bit-widths), QDQ.
 * ``-O3`` ``-O2`` with pruning and fine-tuning (when those passes are present).
 
 ``finetune`` (``--finetune`` / ``--no-finetune``): ``True`` adds the finetune pass
@@ -44,7 +45,7 @@ def pipeline_spec(level: int, target: Target | None, *, finetune: bool | None = 
         raise OptionError(f"-O{level} needs a --target (see 'mpqc targets')")
     spec.append("choose-formats" if level == 1 else "choose-formats{start=ladder}")
     if level >= 2:
-        spec.append("assign-bit-widths")
+        spec.extend(["layer-influence", "assign-bit-widths"])
     if level >= 3:
         spec.extend(["prune-channels", "finetune"])
     elif finetune:
