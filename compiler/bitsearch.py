@@ -46,6 +46,8 @@ from .passes import Analysis
 from .quant import BitConfig, FormatTable, QuantPlan, weight_bytes
 from .targets import Target
 
+#: the strategies that rank layers by their degree of influence (the others do not need it measured)
+INFLUENCE_STRATEGIES = ("threshold", "min-influence", "influence-update")
 GOAL_EPS = 1e-12  # evaluation values this close to the goal count as equal to it
 
 

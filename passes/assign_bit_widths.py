@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from mpqc.compiler.bitsearch import get_strategy, search_context
+from mpqc.compiler.bitsearch import INFLUENCE_STRATEGIES, get_strategy, search_context
 from mpqc.compiler.errors import OptionError
 from mpqc.compiler.influence import VARIANTS, LayerInfluence
 from mpqc.compiler.info import layer_macs
@@ -110,8 +110,8 @@ class AssignBitWidthsPass(Pass):
         # influences of the starting network: from the analysis cache (the layer-influence pass), so
         # the strategy's first ranking does not measure them again
         ana = dict(split=self.data, metric=self.metric, layer_range=self.layers, min_bits=self.min_bits)
-        variants = VARIANTS if self.report_variants and self.rank == "influence" else (
-            (self.variant,) if self.rank == "influence" else ())
+        ranked = self.rank == "influence" and strategy in INFLUENCE_STRATEGIES
+        variants = (VARIANTS if self.report_variants else (self.variant,)) if ranked else ()
         initial = {}
         for v in variants:
             res = ctx.analyses.get(LayerInfluence, graph, variant=v, **ana)

@@ -9,12 +9,15 @@ It changes nothing; the results stay cached for ``assign-bit-widths``.
 
 Options: variants (colon-separated, default all three), layers (range S:G),
 min_bits (b_m), metric, data (eval | calib; default eval when given).
+Skipped (nothing measured) when ``--strategy`` names a strategy that does not rank by
+influence (the weight-difference ones).
 Requires: choose-formats, data, a target. Preserves: everything (it does not modify the graph).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mpqc.compiler.bitsearch import INFLUENCE_STRATEGIES
 from mpqc.compiler.errors import OptionError
 from mpqc.compiler.influence import VARIANTS, LayerInfluence
 from mpqc.compiler.ir import Graph
@@ -42,6 +45,10 @@ class LayerInfluencePass(Pass):
         if self.data not in (None, "eval", "calib"):
             raise OptionError(f"layer-influence: data={self.data!r} must be eval or calib")
         sec = ctx.section(self.name)
+        strategy = (getattr(ctx, "options", None) or {}).get("strategy")
+        if strategy is not None and strategy not in INFLUENCE_STRATEGIES:
+            sec["skipped"] = f"--strategy {strategy} does not rank layers by influence"
+            return PassResult(False)
         for v in self.variants:
             res = ctx.analyses.get(LayerInfluence, graph, variant=v, split=self.data, metric=self.metric,
                                    layer_range=self.layers, min_bits=self.min_bits)
