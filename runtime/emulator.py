@@ -533,15 +533,21 @@ class _Lowering:
     def op_GlobalAveragePool(self, n, ins):
         x = ins[0]
         shp = n.inputs[0].shape
-        if not x.is_fix or x.den != 1.0 or not x.integral or shp is None or not all(
-                isinstance(d, int) for d in shp[2:]):
+        if not x.is_fix or x.den != 1.0 or not x.integral:
             return None
         if x.per_channel and x.axis != 1:
             return None
-        count = int(np.prod(shp[2:]))
         out = n.outputs[0].name
-        self.emit("sum_pool", n, [x.name], [out], op="GlobalAveragePool", attrs=n.attrs, den=None)
-        return [_AV("fix", out, scale=x.scale, axis=x.axis, den=float(count), bound=x.bound * count, integral=True)]
+        if shp is not None and all(isinstance(d, int) for d in shp[2:]):
+            count = int(np.prod(shp[2:]))
+            self.emit("sum_pool", n, [x.name], [out], op="GlobalAveragePool", attrs=n.attrs, den=None)
+            return [_AV("fix", out, scale=x.scale, axis=x.axis, den=float(count), bound=x.bound * count,
+                        integral=True)]
+        # spatial size known only at run time: the step also yields the window size
+        cnt = self.fresh(out + "_count")
+        self.emit("sum_pool", n, [x.name], [out, cnt], op="GlobalAveragePool", attrs=n.attrs, den=None)
+        return [_AV("fix", out, scale=x.scale, axis=x.axis, den=cnt, bound=x.bound * float(1 << 24),
+                    integral=True)]
 
     def op_AveragePool(self, n, ins):
         from .executor import float_node_fn
@@ -721,7 +727,10 @@ class Emulator:
         if k == "sum_pool":
             x = env[s.inputs[0]].astype(np.float64)
             if s.op == "GlobalAveragePool":
-                return (x.sum(axis=tuple(range(2, x.ndim)), keepdims=True),)
+                total = x.sum(axis=tuple(range(2, x.ndim)), keepdims=True)
+                if len(s.outputs) > 1:
+                    return total, np.array(float(np.prod(x.shape[2:])))
+                return (total,)
             avg = float_node_fn(self._nodes[i], [x])[0]
             cnt = P["den"] if P["den"] is not None else env[s.inputs[1]]
             return (np.rint(avg * cnt),)
