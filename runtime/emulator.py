@@ -252,7 +252,8 @@ class _Lowering:
                 outputs.append({"name": v.name, "tensor": a.name})
         inputs = [{"name": v.name, "shape": [d if isinstance(d, int) else (d if isinstance(d, str) else None)
                                              for d in (v.shape or ())], "dtype": str(v.dtype)} for v in g.inputs]
-        return Program(g.name, inputs, outputs, self.consts, self.steps, self.mode, self.tensors,
+        steps = _fuse_clamps(self.steps, {o["tensor"] for o in outputs})
+        return Program(g.name, inputs, outputs, self.consts, steps, self.mode, self.tensors,
                        self.const_formats, dict(g.metadata))
 
     def fallback(self, n: Node, ins: list[_AV | None]) -> list[_AV]:
@@ -618,6 +619,45 @@ class _Lowering:
         self.emit("move", n, names, outs, op=n.op_type, attrs=n.attrs)
         return [_AV("fix", o, scale=scale, axis=first.axis, den=first.den, bound=bound,
                     integral=all(a.integral for a in xs)) for o in outs]
+
+
+def _round_mode(y: np.ndarray, mode: str) -> np.ndarray:
+    return np.floor(y + 0.5) if mode == "half-up" else np.rint(y)
+
+
+def _fuse_clamps(steps: list[Step], outputs: set[str]) -> list[Step]:
+    """Fold a Relu/Clip clamp of an accumulator into the shift requantization that reads it:
+    rounding is monotone, so round(clamp(a, lo, hi) / 2^k) = clamp(round(a / 2^k), round(lo / 2^k),
+    round(hi / 2^k)) -- one pass over the data instead of two, as a chip clamps after the shift."""
+    readers: dict[str, int] = {}
+    for s in steps:
+        for x in s.inputs:
+            readers[x] = readers.get(x, 0) + 1
+    out: list[Step] = []
+    i = 0
+    while i < len(steps):
+        s = steps[i]
+        nxt = steps[i + 1] if i + 1 < len(steps) else None
+        if (s.kind == "clamp" and nxt is not None and nxt.kind == "requant" and "shift" in nxt.params
+                and nxt.params.get("den") in (None, 1.0) and len(nxt.inputs) == 1 and nxt.inputs[0] == s.outputs[0]
+                and readers.get(s.outputs[0], 0) == 1 and s.outputs[0] not in outputs):
+            shift = np.asarray(nxt.params["shift"], np.int64).reshape(-1)
+            lo_c = np.asarray(s.params["lo"], np.float64).reshape(-1)
+            hi_c = np.asarray(s.params["hi"], np.float64).reshape(-1)
+            C = len(shift)
+            if len(lo_c) == 1 or (len(lo_c) == C and s.params["axis"] == nxt.params["axis"]):
+                m = np.ldexp(1.0, -shift)
+                lo = np.broadcast_to(np.asarray(nxt.params["lo"], np.float64), (C,))
+                hi = np.broadcast_to(np.asarray(nxt.params["hi"], np.float64), (C,))
+                lo_q = np.where(np.abs(lo_c) < 1e299, _round_mode(lo_c * m, nxt.params["mode"]), -np.inf)
+                hi_q = np.where(np.abs(hi_c) < 1e299, _round_mode(hi_c * m, nxt.params["mode"]), np.inf)
+                params = dict(nxt.params, lo=np.maximum(lo, lo_q).tolist(), hi=np.minimum(hi, hi_q).tolist())
+                out.append(Step("requant", "", list(s.inputs), list(nxt.outputs), {}, params, nxt.node))
+                i += 2
+                continue
+        out.append(s)
+        i += 1
+    return out
 
 
 def lower(graph: Graph, rounding: str | None = None) -> Program:

@@ -41,9 +41,9 @@ def test_round_trip_runs_from_the_bundle_alone(tmp_path):
     assert wq["dtype"] == "int8" and wq["shape"] == [3, 2, 3, 3] and wq["format"]["axis"] == 0
     assert wq["format"]["frac"] == list(g.node_by_name("conv").qconfig.weight_format.frac)
     kinds = [s["kind"] for s in m["steps"]]
-    assert kinds == ["quantize", "layer", "clamp", "requant", "sum_pool", "requant", "move", "requant", "layer",
+    assert kinds == ["quantize", "layer", "requant", "sum_pool", "requant", "move", "requant", "layer",
                      "requant", "dequantize"]
-    conv_rq = m["steps"][3]
+    conv_rq = m["steps"][2]
     n_in = int(g.inputs[0].qformat.frac)
     n_out = int(g.value_by_name("relu_out").qformat.frac)
     assert conv_rq["params"]["shift"] == [n_in + f - n_out for f in wq["format"]["frac"]]
