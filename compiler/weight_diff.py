@@ -71,13 +71,16 @@ class WeightDiffResult:
     train: Any = None  # runtime.train.TrainResult
     quantized: bool = False
 
-    def to_json(self) -> dict:
-        return {"statistic": self.statistic, "cycles": self.cycles, "quantized": self.quantized,
-                "seconds": round(self.seconds, 3),
-                "values": {n.name: self.values[n] for n in self.ranking},
-                "ranking": [n.name for n in self.ranking],
-                "all": {k: {n.name: v[n] for n in self.ranking} for k, v in self.all_statistics.items()},
-                "train": self.train.to_json() if self.train is not None else None}
+    def to_json(self, timing: bool = False) -> dict:
+        """JSON form; wall time only with ``timing`` (reports stay byte-identical run to run)."""
+        d = {"statistic": self.statistic, "cycles": self.cycles, "quantized": self.quantized,
+             "values": {n.name: self.values[n] for n in self.ranking},
+             "ranking": [n.name for n in self.ranking],
+             "all": {k: {n.name: v[n] for n in self.ranking} for k, v in self.all_statistics.items()},
+             "train": self.train.to_json(timing) if self.train is not None else None}
+        if timing:
+            d["seconds"] = round(self.seconds, 3)
+        return d
 
 
 def check_statistic(statistic: str) -> None:
@@ -243,8 +246,7 @@ def _setup(ctx: SearchContext, start: BitConfig, *, needs_goal: bool) -> _Setup:
     st = _Setup(wd, cands, lowered, high, accept, criterion)
     ctx.record("rank", [], start, high, True, statistic=wd.statistic, cycles=wd.cycles,
                values={n.name: wd.values[n] for n in wd.ranking}, ranking=[n.name for n in wd.ranking],
-               candidates=[n.name for n in cands], kept=[n.name for n in skipped],
-               seconds=round(wd.seconds, 3), **criterion)
+               candidates=[n.name for n in cands], kept=[n.name for n in skipped], **criterion)
     return st
 
 

@@ -25,8 +25,9 @@ reformat (true), revert_if_worse (true), format_search (2, as choose-formats).
 Requires: labelled training data (``--train FILE.npz:train``); the formats of
 choose-formats / assign-bit-widths when quantized. Preserves: quant plan (the
 structure does not change; activation ranges and format tables are recomputed).
-Report: epochs, steps, seconds, loss and training accuracy per epoch, evaluation
-before and after, which formats were kept, whether the result was reverted.
+Report: epochs, steps, loss and training accuracy per epoch, evaluation before and
+after, which formats were kept, whether the result was reverted (no wall time:
+reports are byte-identical run to run).
 Seed: 001 (retraining the quantized network, FIG. 3-4, [0065]) and the -O3 recovery
 step of the issue list; the engine is the one the weight-difference analysis uses.
 """

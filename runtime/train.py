@@ -110,9 +110,13 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # mean loss per epoch (partial last epoch included)
     train_accuracy: list[float] = field(default_factory=list)  # running accuracy per epoch
 
-    def to_json(self) -> dict:
-        return {"steps": self.steps, "epochs": round(self.epochs, 4), "seconds": round(self.seconds, 3),
-                "loss": [round(v, 6) for v in self.losses], "train_accuracy": [round(v, 6) for v in self.train_accuracy]}
+    def to_json(self, timing: bool = False) -> dict:
+        """JSON form; wall time only with ``timing`` (reports stay byte-identical run to run)."""
+        d = {"steps": self.steps, "epochs": round(self.epochs, 4),
+             "loss": [round(v, 6) for v in self.losses], "train_accuracy": [round(v, 6) for v in self.train_accuracy]}
+        if timing:
+            d["seconds"] = round(self.seconds, 3)
+        return d
 
 
 def check_labels(x: np.ndarray, y: np.ndarray | None, what: str = "training data") -> np.ndarray:

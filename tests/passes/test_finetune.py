@@ -193,12 +193,16 @@ def test_pipelines_add_or_drop_finetune():
 
 
 def test_compile_o2_with_finetune_end_to_end(trained):
-    from mpqc.compiler.driver import compile_model
+    from mpqc.compiler.driver import compile_model, report_json_bytes
     g0, train, ev = trained
-    res = compile_model(g0.copy(), level=2, target="npu4", calib=Dataset(train.x[:100], train.y[:100], "c"),
-                        eval=ev, train=train, options={"finetune": True, "finetune_epochs": 1,
-                                                       "strategy": "weight-diff-topk", "cycles": 5})
+
+    def comp():
+        return compile_model(g0.copy(), level=2, target="npu4", calib=Dataset(train.x[:100], train.y[:100], "c"),
+                             eval=ev, train=train, options={"finetune": True, "finetune_epochs": 1,
+                                                            "strategy": "weight-diff-topk", "cycles": 5})
+    res = comp()
     rep = res.report
+    assert report_json_bytes(rep) == report_json_bytes(comp().report)  # deterministic, no wall times
     assert [p.split("{")[0] for p in rep["pipeline"]][-3:] == ["assign-bit-widths", "finetune", "insert-qdq"]
     ft = rep["passes"]["finetune"]
     assert ft["train"]["steps"] == 13 and ft["before"] is not None and ft["after"] >= ft["before"]
