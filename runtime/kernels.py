@@ -1,13 +1,16 @@
-"""numba kernels shared by the runtimes (fake quantization, requantization epilogues)."""
+"""numba kernels shared by the runtimes (fake quantization, depthwise convolution).
+
+Serial on purpose: on a loaded 2-core machine (CI runs two test workers) numba's
+thread pool oversubscribes the cores and is far slower than one thread."""
 from __future__ import annotations
 
 import numba
 import numpy as np
 
 
-@numba.njit(cache=True, parallel=True, fastmath=False)
+@numba.njit(cache=True, fastmath=False)
 def _fq_flat(x, out, s, inv, lo, hi):
-    for i in numba.prange(x.size):
+    for i in range(x.size):
         q = np.floor(x[i] * s + np.float32(0.5))
         if q < lo:
             q = lo
@@ -23,12 +26,12 @@ def fake_quant_scalar(x: np.ndarray, s, inv, lo, hi) -> np.ndarray:
     return out
 
 
-@numba.njit(cache=True, parallel=True, fastmath=False)
+@numba.njit(cache=True, fastmath=False)
 def _depthwise2d(xp, w, out, mg, sh, sw, dh, dw):
     N, C, _, _ = xp.shape
     M, _, kh, kw = w.shape
     oh, ow = out.shape[2], out.shape[3]
-    for nm in numba.prange(N * M):
+    for nm in range(N * M):
         n = nm // M
         m = nm % M
         c = m // mg
