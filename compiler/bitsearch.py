@@ -271,8 +271,10 @@ def search_data(ctx, split: str | None, metric: str | None) -> tuple[str, Datase
 def search_context(graph: Graph, ctx, *, split: str | None = None, metric: str | None = None,
                    max_drop: float | None = None, target_score: float | None = None,
                    layer_range: tuple[int, int] | None = None, min_bits: int | None = None,
-                   format_search: int = 2, options: dict | None = None) -> SearchContext:
-    """A SearchContext for ``graph`` (after choose-formats) from a PassContext."""
+                   format_search: int = 2, options: dict | None = None,
+                   bias_correction: bool = False) -> SearchContext:
+    """A SearchContext for ``graph`` (after choose-formats) from a PassContext. With ``bias_correction``
+    the simulated networks carry the bias correction of ``passes.bias_correction`` at every width."""
     from ..runtime.fakequant import QuantSim
     from .influence import layer_range as pick_range
     from .quant import FormatTableAnalysis, QuantPlanAnalysis
@@ -281,12 +283,17 @@ def search_context(graph: Graph, ctx, *, split: str | None = None, metric: str |
     table = ctx.analyses.get(FormatTableAnalysis, graph, search=format_search)
     ref = ctx.analyses.get(FloatReference, graph, split=split)  # the float value needs it anyway
     float_value = evaluate(metric, ref, data.y, ref)
-    sctx = SearchContext(graph=graph, plan=plan, table=table, sim=QuantSim(plan, table), target=ctx.target,
+    bc = None
+    if bias_correction:
+        from ..passes.bias_correction import bias_correction_for
+        bc = bias_correction_for(graph, ctx).corrected_bias
+    sctx = SearchContext(graph=graph, plan=plan, table=table, sim=QuantSim(plan, table, bc), target=ctx.target,
                          data=data, metric=metric, reference=ref, float_value=float_value,
                          goal=resolve_goal(float_value, metric, max_drop, target_score),
                          batch_size=ctx.batch_size, quiet=ctx.quiet, seed=ctx.seed, options=dict(options or {}),
                          min_bits=min_bits, candidates=pick_range(plan.layers, layer_range))
     sctx.options.setdefault("split", split)
+    sctx.options.setdefault("bias_correction", bool(bias_correction))
     if note:
         sctx.options.setdefault("note", note)
     return sctx

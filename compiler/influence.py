@@ -303,19 +303,21 @@ class LayerInfluence(Analysis):
 
     Parameters: ``variant``, ``split`` ("eval"/"calib"/None: eval when present),
     ``metric`` (None: the context's, else top1 with labels / agreement),
-    ``layer_range`` (S, G) and ``min_bits`` (b_m; None: the target's).
+    ``layer_range`` (S, G), ``min_bits`` (b_m; None: the target's) and ``bias_correction`` (simulate
+    ``passes.bias_correction`` in both networks).
     """
     name = "layer-influence"
 
     def __init__(self, variant: str = "chained", split: str | None = None, metric: str | None = None,
-                 layer_range: tuple[int, int] | None = None, min_bits: int | None = None, **params):
+                 layer_range: tuple[int, int] | None = None, min_bits: int | None = None,
+                 bias_correction: bool = False, **params):
         super().__init__(variant=variant, split=split, metric=metric, layer_range=layer_range,
-                         min_bits=min_bits, **params)
+                         min_bits=min_bits, bias_correction=bias_correction, **params)
 
     def compute(self, graph: Graph, ctx) -> InfluenceResult:
         from .bitsearch import search_context
         from .quant import config_from_ir
         p = self.params
         sctx = search_context(graph, ctx, split=p["split"], metric=p["metric"], layer_range=p["layer_range"],
-                              min_bits=p["min_bits"])
+                              min_bits=p["min_bits"], bias_correction=p["bias_correction"])
         return sctx.influence(config_from_ir(sctx.plan), p["variant"])

@@ -4,7 +4,8 @@
   "same" Pads into Convs, fold BatchNorm, Reshape -> Flatten, dead code, shapes.
 * ``-O1`` canonicalize + fixed-point formats at the target's default widths + QDQ.
 * ``-O2`` canonicalize, profile (choose-formats at the top of the target's ladder),
-  layer influence, the influence-driven bit-width search (assign-bit-widths), QDQ.
+  layer influence, the influence-driven bit-width search (assign-bit-widths), bias
+  correction (the expected weight-quantization error folded into the biases), QDQ.
 * ``-O3`` ``-O2`` with pruning and fine-tuning (when those passes are present).
 
 ``finetune`` (``--finetune`` / ``--no-finetune``): ``True`` adds the finetune pass
@@ -45,13 +46,16 @@ def pipeline_spec(level: int, target: Target | None, *, finetune: bool | None = 
         raise OptionError(f"-O{level} needs a --target (see 'mpqc targets')")
     spec.append("choose-formats" if level == 1 else "choose-formats{start=ladder}")
     if level >= 2:
-        spec.extend(["layer-influence", "assign-bit-widths"])
+        # the search scores every network with the bias correction applied just before insert-qdq
+        spec.extend(["layer-influence{bias_correction=true}", "assign-bit-widths{bias_correction=true}"])
     if level >= 3:
         spec.extend(["prune-channels", "finetune"])
     elif finetune:
         spec.append("finetune")
     if finetune is False:
         spec = [s for s in spec if s.split("{")[0] != "finetune"]
+    if level >= 2:
+        spec.append("bias-correction")
     spec.append("insert-qdq")
     return spec
 

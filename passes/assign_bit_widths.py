@@ -20,7 +20,9 @@ calib), k_step (next | double) and k_init (threshold strategy), repeat (go on
 with the next rung once every layer has been reduced: [0168]; threshold and
 min-influence), rank (influence | random | weight-range: the ordering, random and
 weight-range for ablations), report_variants (also measure the other influence
-variants on the starting network, for the report), format_search; for the
+variants on the starting network, for the report), format_search, bias_correction
+(score every network with the bias correction the bias-correction pass applies
+afterwards: set it when that pass follows, as in -O2); for the
 weight-difference strategies (weight-diff-bsearch, weight-diff-topk: seed 001,
 ``compiler.weight_diff``): cycles (default ``--cycles``, else 50), statistic, floor,
 count, keep_smallest, max_loss (they train on ``--train``).
@@ -67,6 +69,7 @@ class AssignBitWidthsPass(Pass):
     rank: Literal["influence", "random", "weight-range"] = "influence"
     report_variants: bool = True
     format_search: int = 2
+    bias_correction: bool = False
     # weight-difference strategies (seed 001, compiler.weight_diff): training cycles on --train, the
     # statistic, the binary search's floor, weight-diff-topk's count, claim 6, and the largest accuracy
     # loss against the all-high network (default: the goal above)
@@ -104,12 +107,14 @@ class AssignBitWidthsPass(Pass):
                  "keep_smallest": self.keep_smallest, "max_loss": self.max_loss, "train": ctx.train}
         sctx = search_context(graph, ctx, split=self.data, metric=self.metric, max_drop=max_drop,
                               target_score=target_score, layer_range=self.layers, min_bits=self.min_bits,
-                              format_search=self.format_search, options=sopts)
+                              format_search=self.format_search, options=sopts,
+                              bias_correction=self.bias_correction)
         plan, table = sctx.plan, sctx.table
         start = config_from_ir(plan)
         # influences of the starting network: from the analysis cache (the layer-influence pass), so
         # the strategy's first ranking does not measure them again
-        ana = dict(split=self.data, metric=self.metric, layer_range=self.layers, min_bits=self.min_bits)
+        ana = dict(split=self.data, metric=self.metric, layer_range=self.layers, min_bits=self.min_bits,
+                   bias_correction=self.bias_correction)
         ranked = self.rank == "influence" and strategy in INFLUENCE_STRATEGIES
         variants = (VARIANTS if self.report_variants else (self.variant,)) if ranked else ()
         initial = {}
@@ -149,6 +154,7 @@ def search_report(sctx, start: BitConfig, final: BitConfig, initial: dict, strat
     final_value = sctx.evaluate(final)
     return {
         "strategy": strategy, "variant": sctx.options.get("variant"), "rank": sctx.options.get("rank"),
+        "bias_correction": bool(sctx.options.get("bias_correction")),
         "metric": sctx.metric, "data": {"split": sctx.options.get("split"), "source": sctx.data.source,
                                         "samples": len(sctx.data)},
         "note": sctx.options.get("note"),

@@ -8,7 +8,8 @@ and writes the influences and the evaluation values along the cuts to the report
 It changes nothing; the results stay cached for ``assign-bit-widths``.
 
 Options: variants (colon-separated, default all three), layers (range S:G),
-min_bits (b_m), metric, data (eval | calib; default eval when given).
+min_bits (b_m), metric, data (eval | calib; default eval when given), bias_correction
+(both networks carry the bias correction of the bias-correction pass).
 Skipped (nothing measured) when ``--strategy`` names a strategy that does not rank by
 influence (the weight-difference ones).
 Requires: choose-formats, data, a target. Preserves: everything (it does not modify the graph).
@@ -34,6 +35,7 @@ class LayerInfluencePass(Pass):
     min_bits: int | None = None
     metric: str | None = None
     data: str | None = None
+    bias_correction: bool = False
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         if ctx.target is None:
@@ -51,6 +53,7 @@ class LayerInfluencePass(Pass):
             return PassResult(False)
         for v in self.variants:
             res = ctx.analyses.get(LayerInfluence, graph, variant=v, split=self.data, metric=self.metric,
-                                   layer_range=self.layers, min_bits=self.min_bits)
+                                   layer_range=self.layers, min_bits=self.min_bits,
+                                   bias_correction=self.bias_correction)
             sec[v] = res.to_json()
         return PassResult(False)

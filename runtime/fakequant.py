@@ -19,9 +19,15 @@ from .executor import Executor, float_node_fn, run_batched
 
 
 class QuantSim:
-    def __init__(self, plan: QuantPlan, table: FormatTable):
+    """``bias_correction`` (optional): callable ``(layer, weight_format, bias_format) -> float bias or None``
+    giving the
+    bias to quantize instead of the layer's own (``passes.bias_correction.BiasCorrection.corrected_bias``);
+    a layer without a bias input gets one when it returns an array."""
+
+    def __init__(self, plan: QuantPlan, table: FormatTable, bias_correction=None):
         self.plan = plan
         self.table = table
+        self.bias_correction = bias_correction
         self._wcache: dict[tuple, np.ndarray] = {}
         self._bcache: dict[tuple, np.ndarray] = {}
 
@@ -33,13 +39,16 @@ class QuantSim:
             self._wcache[key] = w
         return w
 
-    def _qbias(self, node: Node, in_fmt: QFormat, w_fmt: QFormat) -> np.ndarray:
+    def _qbias(self, node: Node, in_fmt: QFormat, w_fmt: QFormat) -> np.ndarray | None:
         key = (id(node), in_fmt.bits, w_fmt.bits)
-        b = self._bcache.get(key)
-        if b is None:
-            b = fake_quant(node.bias.const, self.table.bias_format(node, in_fmt, w_fmt))
-            self._bcache[key] = b
-        return b
+        if key not in self._bcache:
+            b = node.bias.const if node.bias is not None else None
+            b_fmt = self.table.bias_format(node, in_fmt, w_fmt)
+            if self.bias_correction is not None:
+                cb = self.bias_correction(node, w_fmt, b_fmt)
+                b = b if cb is None else cb
+            self._bcache[key] = None if b is None else fake_quant(b, b_fmt)
+        return self._bcache[key]
 
     def node_fn(self, config: BitConfig | None, *, float_layers: set | None = None):
         """Node function for ``config`` (None: plain float). Layers in ``float_layers`` stay float."""
@@ -61,6 +70,10 @@ class QuantSim:
                 args[1] = self._qweight(node, wf[node])
                 if node.bias is not None and len(args) > 2:
                     args[2] = self._qbias(node, fmts[node.inputs[0]], wf[node])
+                elif self.bias_correction is not None and node.bias is None:
+                    b = self._qbias(node, fmts[node.inputs[0]], wf[node])
+                    if b is not None:
+                        args = (args + [None])[:2] + [b]
             outs = float_node_fn(node, args)
             res = []
             for v, a in zip(node.outputs, outs):

@@ -182,7 +182,7 @@ def test_pipelines_add_or_drop_finetune():
     names = lambda spec: [s.split("{")[0] for s in spec]  # noqa: E731
     o2 = names(pipeline_spec(2, t))
     o2f = names(pipeline_spec(2, t, finetune=True))
-    assert "finetune" not in o2 and o2f == o2[:-1] + ["finetune", "insert-qdq"]
+    assert "finetune" not in o2 and o2f == o2[:-2] + ["finetune", "bias-correction", "insert-qdq"]
     assert o2f.index("finetune") == o2f.index("assign-bit-widths") + 1
     assert names(pipeline_spec(1, t, finetune=True))[-2:] == ["finetune", "insert-qdq"]
     o3 = names(pipeline_spec(3, t))
@@ -203,7 +203,8 @@ def test_compile_o2_with_finetune_end_to_end(trained):
     res = comp()
     rep = res.report
     assert report_json_bytes(rep) == report_json_bytes(comp().report)  # deterministic, no wall times
-    assert [p.split("{")[0] for p in rep["pipeline"]][-3:] == ["assign-bit-widths", "finetune", "insert-qdq"]
+    assert [p.split("{")[0] for p in rep["pipeline"]][-4:] == ["assign-bit-widths", "finetune", "bias-correction",
+                                                                 "insert-qdq"]
     ft = rep["passes"]["finetune"]
     assert ft["train"]["steps"] == 13 and ft["before"] is not None and ft["after"] >= ft["before"]
     tr = rep["passes"]["assign-bit-widths"]["trace"]
