@@ -36,7 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from mpqc.compiler.bitsearch import INFLUENCE_STRATEGIES, get_strategy, search_context
+from mpqc.compiler.bitsearch import INFLUENCE_STRATEGIES, check_goal_reachable, get_strategy, search_context
 from mpqc.compiler.errors import OptionError
 from mpqc.compiler.influence import VARIANTS, LayerInfluence
 from mpqc.compiler.info import layer_macs
@@ -111,6 +111,7 @@ class AssignBitWidthsPass(Pass):
                               bias_correction=self.bias_correction)
         plan, table = sctx.plan, sctx.table
         start = config_from_ir(plan)
+        check_goal_reachable(sctx, start)  # before measuring anything else
         # influences of the starting network: from the analysis cache (the layer-influence pass), so
         # the strategy's first ranking does not measure them again
         ana = dict(split=self.data, metric=self.metric, layer_range=self.layers, min_bits=self.min_bits,

@@ -10,7 +10,8 @@ It changes nothing; the results stay cached for ``assign-bit-widths``.
 Options: variants (colon-separated, default all three), layers (range S:G),
 min_bits (b_m), metric, data (eval | calib; default eval when given), bias_correction
 (both networks carry the bias correction of the bias-correction pass).
-Skipped (nothing measured) when ``--strategy`` names a strategy that does not rank by
+With ``--max-drop`` / ``--target-score`` given, a starting network that already misses the goal is a
+``TargetError`` before any sweep. Skipped (nothing measured) when ``--strategy`` names a strategy that does not rank by
 influence (the weight-difference ones).
 Requires: choose-formats, data, a target. Preserves: everything (it does not modify the graph).
 """
@@ -18,11 +19,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mpqc.compiler.bitsearch import INFLUENCE_STRATEGIES
+from mpqc.compiler.bitsearch import INFLUENCE_STRATEGIES, check_goal_reachable, search_context
 from mpqc.compiler.errors import OptionError
 from mpqc.compiler.influence import VARIANTS, LayerInfluence
 from mpqc.compiler.ir import Graph
 from mpqc.compiler.passes import Pass, PassContext, PassResult, register_pass
+from mpqc.compiler.quant import config_from_ir
 
 
 @register_pass
@@ -51,6 +53,13 @@ class LayerInfluencePass(Pass):
         if strategy is not None and strategy not in INFLUENCE_STRATEGIES:
             sec["skipped"] = f"--strategy {strategy} does not rank layers by influence"
             return PassResult(False)
+        opts = getattr(ctx, "options", None) or {}
+        if opts.get("max_drop") is not None or opts.get("target_score") is not None:
+            # an accuracy target the starting network already misses: fail before the sweeps
+            sctx = search_context(graph, ctx, split=self.data, metric=self.metric, max_drop=opts.get("max_drop"),
+                                  target_score=opts.get("target_score"), layer_range=self.layers,
+                                  min_bits=self.min_bits, bias_correction=self.bias_correction)
+            check_goal_reachable(sctx, config_from_ir(sctx.plan))
         for v in self.variants:
             res = ctx.analyses.get(LayerInfluence, graph, variant=v, split=self.data, metric=self.metric,
                                    layer_range=self.layers, min_bits=self.min_bits,

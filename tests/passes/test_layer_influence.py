@@ -36,3 +36,9 @@ def test_skipped_for_a_strategy_without_influences_and_bad_options():
     assert "does not rank layers by influence" in ctx.report["passes"]["layer-influence"]["skipped"]
     with pytest.raises(OptionError, match="variants=sideways"):
         run_o2("layer-influence{variants=sideways}")
+
+
+def test_a_goal_the_start_misses_fails_before_any_sweep():
+    from mpqc.compiler.errors import TargetError
+    with pytest.raises(TargetError, match="not met even before"):
+        run_o2("layer-influence", options={"target_score": 1.5})
