@@ -26,11 +26,14 @@ demo: $(STAMP)
 	$(VENV)/bin/mpqc eval $(OUT)/digits_resnet_q.onnx --data examples/digits.npz:test --runtime ort
 	$(VENV)/bin/mpqc eval $(OUT)/digits_resnet_bundle.npz --data examples/digits.npz:test --runtime emulator
 
+# two test workers, one BLAS thread each: more threads than cores only fight
+TESTENV := OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 -p no:cacheprovider
+	$(TESTENV) $(PY) -m pytest -q -n 2 -p no:cacheprovider
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n 2 -m "not slow" -p no:cacheprovider
+	$(TESTENV) $(PY) -m pytest -q -n 2 -m "not slow" -p no:cacheprovider
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py
