@@ -514,6 +514,24 @@ def k_lrn(node, x):
 
 
 # --------------------------------------------------------------------------- pooling
+def _tap_reduce(xp: np.ndarray, kernel, strides, dilations, out_sp, op, acc_dtype=None) -> np.ndarray:
+    """Reduce the pooling windows of an already padded input tap by tap: for each kernel
+    offset one strided view, combined with ``op`` (np.maximum / np.add) in place. Much
+    faster than reducing over the window axes of a sliding-window view."""
+    nd = len(kernel)
+    out = None
+    for kidx in np.ndindex(*kernel):
+        sl = (slice(None), slice(None)) + tuple(
+            slice(kidx[i] * dilations[i], kidx[i] * dilations[i] + (out_sp[i] - 1) * strides[i] + 1, strides[i])
+            for i in range(nd))
+        v = xp[sl]
+        if out is None:
+            out = np.array(v, dtype=acc_dtype or v.dtype)  # a contiguous copy
+        else:
+            op(out, v, out=out)
+    return out
+
+
 def _pool(node, x, kind: str):
     nd = x.ndim - 2
     kernel = list(node.attr("kernel_shape"))
@@ -529,24 +547,21 @@ def _pool(node, x, kind: str):
     extra = [max(0, (out_sp[i] - 1) * strides[i] + (kernel[i] - 1) * dil[i] + 1
                  - (x.shape[2 + i] + pads[i] + pads[i + nd])) for i in range(nd)]
     full_pads = pads[:nd] + [pads[nd + i] + extra[i] for i in range(nd)]
-    axes = tuple(range(-nd, 0))
     if kind == "max":
         fill = -np.inf if np.issubdtype(x.dtype, np.floating) else np.iinfo(x.dtype).min
         xp = _pad_spatial(x, full_pads, fill)
-        win = _windows(xp, kernel, strides, dil, out_sp)
-        return np.max(win, axis=axes).astype(x.dtype)
-    xp = _pad_spatial(x.astype(np.float64), full_pads, 0.0)
-    win = _windows(xp, kernel, strides, dil, out_sp)
-    s = np.sum(win, axis=axes)
-    ones = np.ones((1, 1) + tuple(x.shape[2:]))
+        return _tap_reduce(xp, kernel, strides, dil, out_sp, np.maximum).astype(x.dtype, copy=False)
+    acc = np.float64 if x.dtype == np.float64 else np.float32
+    xp = _pad_spatial(x.astype(acc, copy=False), full_pads, 0.0)
+    s = _tap_reduce(xp, kernel, strides, dil, out_sp, np.add)
+    ones = np.ones((1, 1) + tuple(x.shape[2:]), dtype=acc)
     if node.attr("count_include_pad", 0):
         # padded (explicit pads) cells count, ceil-mode overhang does not
-        ones_p = _pad_spatial(np.ones((1, 1) + tuple(x.shape[2:])), pads, 1.0)
-        ones_p = _pad_spatial(ones_p, [0] * nd + extra, 0.0)
-        cnt = np.sum(_windows(ones_p, kernel, strides, dil, out_sp), axis=axes)
+        ones_p = _pad_spatial(_pad_spatial(ones, pads, 1.0), [0] * nd + extra, 0.0)
     else:
-        cnt = np.sum(_windows(_pad_spatial(ones, full_pads, 0.0), kernel, strides, dil, out_sp), axis=axes)
-    return (s / cnt).astype(x.dtype)
+        ones_p = _pad_spatial(ones, full_pads, 0.0)
+    cnt = _tap_reduce(ones_p, kernel, strides, dil, out_sp, np.add)
+    return (s / cnt).astype(x.dtype, copy=False)
 
 
 @validator("MaxPool")
