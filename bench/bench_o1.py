@@ -10,7 +10,7 @@ with onnxruntime's default fused int8 kernels -- as top-1 equality and largest l
 difference in LSB of the output format; throughput of the emulator against onnxruntime float
 and int8 on the same batch.
 
-    .venv/bin/python bench/bench_o1.py [--models digits_resnet,...] [--write]
+    .venv/bin/python bench/bench_o1.py [--models digits_resnet,...] [--write] [--from-json]
 
 ``--write`` replaces the section "## -O1 fixed point" of bench/RESULTS.md; the JSON lands in
 bench/out/o1.json.
@@ -68,9 +68,21 @@ def bench_model(name: str, targets: list[str], log) -> dict:
     log(f"{name}: float {acc_float:.4f}")
     rows = {"float": {"accuracy": acc_float, "model_bytes": os.path.getsize(model_path(name))}}
     progs = {}
-    for tgt in targets:
+    for spec in targets:
+        # "npu8:a16": 16-bit activations (isolates the weights' share of the loss);
+        # "npu8:s0": n from the range alone, no MSE search (what the MSE choice buys)
+        tgt, *mods = spec.split(":")
+        opts = {"a": "act_bits", "s": "search"}
+        cf = {opts[m[0]]: m[1:] for m in mods}
+        act_bits = cf.get("act_bits")
+        passes = None
+        if cf:
+            from mpqc.compiler.pipelines import CANONICALIZE
+            o = ",".join(f"{k}={v}" for k, v in cf.items())
+            passes = ",".join(CANONICALIZE + [f"choose-formats{{{o}}}", "insert-qdq"])
         t = time.perf_counter()
-        res = compile_model(model_path(name), level=1, target=tgt, calib=(xc, None), batch_size=batch)
+        res = compile_model(model_path(name), level=1, target=tgt, calib=(xc, None), batch_size=batch,
+                            passes=passes)
         onnx_bytes = res.onnx_bytes()
         dt = time.perf_counter() - t
         npz, _ = bundle_bytes(res.graph, res.report)
@@ -81,13 +93,17 @@ def bench_model(name: str, targets: list[str], log) -> dict:
         exact = ort_run(ort_session(onnx_bytes, exact=True), xt, batch)
         fused = ort_run(ort_session(onnx_bytes), xt, batch)
         tot = res.report["quantization"]["totals"]
-        rows[f"mpqc -O1 {tgt}"] = {
+        notes = ([f"activations {act_bits} bits"] if act_bits else []) + (
+            ["n from the range, no MSE search"] if cf.get("search") == "0" else [])
+        key = f"mpqc -O1 {tgt}" + (f" ({', '.join(notes)})" if notes else "")
+        rows[key] = {
             "accuracy": top1(emu, yt), "accuracy_ort_exact": top1(exact, yt), "accuracy_ort_default": top1(fused, yt),
             "quantize_seconds": dt, "model_bytes": len(onnx_bytes), "bundle_bytes": len(npz),
             "weight_bytes": tot["weight_bytes"]["quantized"], "output_lsb": lsb, "emulator_seconds": t_emu,
             "vs_ort_exact": agreement_stats(emu, exact, lsb), "vs_ort_default": agreement_stats(emu, fused, lsb)}
-        progs[tgt] = (lower(res.graph), onnx_bytes)
-        r = rows[f"mpqc -O1 {tgt}"]
+        if not cf:
+            progs.setdefault(tgt, (lower(res.graph), onnx_bytes))
+        r = rows[key]
         log(f"  mpqc {tgt}: acc {r['accuracy']:.4f} (ORT exact {r['accuracy_ort_exact']:.4f}, default "
             f"{r['accuracy_ort_default']:.4f}), {dt:.1f}s, vs ORT exact {r['vs_ort_exact']}, "
             f"vs default {r['vs_ort_default']}")
@@ -104,7 +120,7 @@ def bench_model(name: str, targets: list[str], log) -> dict:
             int8 = qb
     # throughput on one batch
     xb = xt[:batch]
-    prog, onnx_bytes = progs[targets[0]]
+    prog, onnx_bytes = progs["npu8"]
     emu = Emulator(prog)
     s_float, s_int8, s_qdq = ort_session(str(model_path(name))), ort_session(int8), ort_session(onnx_bytes)
     tp = {"batch": batch,
@@ -114,6 +130,31 @@ def bench_model(name: str, targets: list[str], log) -> dict:
           "ort_mpqc_qdq": throughput(lambda: ort_run(s_qdq, xb, batch), batch)}
     log(f"  throughput (img/s): {tp}")
     return {"model": name, "rows": rows, "throughput": tp}
+
+
+def findings(results: list[dict]) -> list[str]:
+    """Sentences derived from the numbers (so a rerun cannot leave them stale)."""
+    out = []
+    npu = [(r["model"], r["rows"]["mpqc -O1 npu8"]) for r in results if "mpqc -O1 npu8" in r["rows"]]
+    exact = [m for m, row in npu if row["vs_ort_exact"]["max_lsb"] == 0
+             and row["vs_ort_exact"]["top1_equal"] == row["vs_ort_exact"]["samples"]]
+    within = [m for m, row in npu if row["vs_ort_exact"]["max_lsb"] <= 1
+              and row["vs_ort_exact"]["top1_equal"] == row["vs_ort_exact"]["samples"]]
+    out.append(f"* `-O1 npu8`, emulator vs onnxruntime exact: bit-identical logits on {len(exact)} of {len(npu)} "
+               f"models ({', '.join(exact) or 'none'}); same top-1 and within 1 LSB on {len(within)} of {len(npu)}.")
+    fused = [(m, row["vs_ort_default"]["max_lsb"]) for m, row in npu if row["vs_ort_default"]["max_lsb"] > 0]
+    if fused:
+        out.append("* onnxruntime's default fused kernels differ on " + ", ".join(f"{m} ({d:.0f} LSB)" for m, d in fused)
+                   + ": its u8s8 `QLinearConv` saturates 16-bit pair sums on AVX2 CPUs without VNNI "
+                     "(docs/FIXED_POINT.md §6); the unfused execution is exact.")
+    digits = [(r["model"], r["rows"]["float"]["accuracy"], r["rows"]["mpqc -O1 npu8"]["accuracy"]) for r in results
+              if r["model"].startswith("digits") and "mpqc -O1 npu8" in r["rows"]]
+    if digits:
+        worst = max(f - q for _, f, q in digits)
+        out.append(f"* digits models at `-O1 npu8`: largest test accuracy drop against float {worst * 100:.2f} points "
+                   f"({'within' if worst <= 0.005 else 'outside'} the 0.5-point goal).")
+    out.append("* EfficientNet-Lite0: what the rows say about the gap is discussed in docs/FIXED_POINT.md §9.")
+    return out
 
 
 def markdown(results: list[dict], wall: float) -> str:
@@ -127,7 +168,7 @@ def markdown(results: list[dict], wall: float) -> str:
              "Bytes: the .onnx file. Emulator vs ORT: samples with the same top-1, and the largest logit "
              "difference in LSB of the output format (elements that differ). "
              f"2 shared CPU cores ({platform.processor() or platform.machine()}, AVX2 without VNNI); "
-             f"whole run {wall / 60:.1f} min. Reproduce: `.venv/bin/python bench/bench_o1.py --write`.", "",
+             f"{wall / 60:.1f} min for all models. Reproduce: `.venv/bin/python bench/bench_o1.py --write`.", "",
              "| model | configuration | accuracy | ORT exact | ORT default | seconds | model bytes | "
              "emulator = ORT exact | emulator = ORT default |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -145,6 +186,7 @@ def markdown(results: list[dict], wall: float) -> str:
             secs = f"{row['quantize_seconds']:.1f}" if "quantize_seconds" in row else "-"
             lines.append(f"| {r['model']} | {key} | {acc:.4f} | {exact:.4f} | {default:.4f} | {secs} | "
                          f"{row['model_bytes']:,} | {ag('vs_ort_exact')} | {ag('vs_ort_default')} |")
+    lines += ["", *findings(results)]
     lines += ["", "Throughput on one batch (images/s, best of 3 after a warm-up): the emulator (numpy BLAS + "
               "numba epilogues, integer program already lowered) against onnxruntime running the float model, "
               "quantize_static's per-channel int8 model and mpqc's QDQ model.", "",
@@ -162,16 +204,35 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=",".join(ALL_MODELS))
     ap.add_argument("--write", action="store_true", help="update bench/RESULTS.md")
+    ap.add_argument("--from-json", action="store_true", help="only rebuild the table from bench/out/o1.json")
     args = ap.parse_args(argv)
+    if args.from_json:
+        old = json.loads((OUT / "o1.json").read_text())
+        md = markdown(old["results"], sum(old["wall_seconds"].values()))
+        print(md)
+        if args.write:
+            write_section(SECTION, md)
+        return 0
     t0 = time.perf_counter()
-    results = []
+    results = {}
+    prev = OUT / "o1.json"
+    if prev.exists():  # a run on some models keeps the others' last results
+        old = json.loads(prev.read_text())
+        results = {r["model"]: r for r in old.get("results", [])}
+        wall = old.get("wall_seconds", {})
+    else:
+        wall = {}
     for name in args.models.split(","):
-        targets = ["npu8", "ort-int8"] if name.startswith("efficientnet") else ["npu8"]
-        results.append(bench_model(name, targets, lambda s: print(s, flush=True)))
-    md = markdown(results, time.perf_counter() - t0)
+        t = time.perf_counter()
+        targets = (["npu8", "ort-int8", "npu8:a16", "npu8:s0"] if name.startswith("efficientnet")
+                   else ["npu8"])
+        results[name] = bench_model(name, targets, lambda s: print(s, flush=True))
+        wall[name] = time.perf_counter() - t
+    ordered = [results[m] for m in ALL_MODELS if m in results]
+    md = markdown(ordered, sum(wall.get(m, 0.0) for m in results))
     print(md)
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "o1.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    prev.write_text(json.dumps({"results": ordered, "wall_seconds": wall}, indent=1, sort_keys=True) + "\n")
     if args.write:
         write_section(SECTION, md)
     return 0

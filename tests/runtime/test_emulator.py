@@ -311,3 +311,20 @@ def test_host_float_ops_run_before_the_input_quantizer():
     assert [s.kind for s in prog.steps] == ["float", "quantize", "dequantize"]
     assert np.array_equal(run_emulator(g, xv), ort_run(g, xv))
     assert np.array_equal(Emulator(prog).run(xv)[g.outputs[0].name], ort_run(g, xv))
+
+
+def test_16bit_activations_exact_where_float32_accumulation_rounds():
+    # sums far beyond 2^24: onnxruntime's unfused float32 Conv rounds partial sums (at most 1 LSB
+    # here), the emulator accumulates in float64 and matches the integer result exactly
+    rng = np.random.default_rng(4)
+    C = 256
+    w = rng.integers(-128, 128, (8, C, 1, 1))
+    xi = rng.integers(0, 32768, (2, C, 8, 8))
+    g = conv_graph([2, C, 8, 8], 2 ** -10, np.int16, w, 2.0 ** -7, None, 2 ** -5, np.int16)
+    x = (xi * 2 ** -10).astype(np.float32)
+    acc = np.einsum("nchw,mc->nmhw", xi.astype(np.int64), w[:, :, 0, 0].astype(np.int64))
+    assert np.abs(acc).max() > 2 ** 24
+    ref = np.array([[[[ref_shift(int(a), 12, "half-even") for a in row] for row in ch] for ch in n] for n in acc])
+    ref = np.clip(ref, -32768, 32767)
+    assert np.array_equal(ints_of(run_emulator(g, x), 2 ** -5), ref)
+    assert np.max(np.abs(ints_of(ort_run(g, x), 2 ** -5) - ref)) <= 1
