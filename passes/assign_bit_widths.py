@@ -12,7 +12,9 @@ with labels), else the calibration data with agreement with the float model as
 the metric; the report says which. The goal is ``float * (1 - max_drop)``
 (``--max-drop``, default 0.01) or ``target_score`` (``--target-score``, absolute).
 
-Options: strategy (default: ``--strategy``, else influence-update), variant
+Options: strategy (default: ``--strategy``, else ``auto``: influence-update, the most
+thorough, unless its estimated cost exceeds AUTO_BUDGET_RUNS network runs -- e.g.
+EfficientNet-Lite0's 50 layers -- then min-influence), variant
 (chained | isolated | reversed: how influences are measured), max_drop,
 target_score, layers (the range [S, G] as ``S:G``, layer indices in graph order,
 G may be negative), min_bits (b_m; default the target's), metric, data (eval |
@@ -46,7 +48,25 @@ from mpqc.compiler.quant import (BitConfig, FormatTableAnalysis, QuantPlanAnalys
                                  check_bias_fits, config_from_ir, weight_bytes)
 from mpqc.compiler.ranges import ActivationRanges
 
-DEFAULT_STRATEGY = "influence-update"
+#: ``strategy=auto`` (the default) runs influence-update, the most thorough strategy, unless its cost --
+#: about (layers x rungs) steps of one influence sweep (1 + layers / 2 network runs) and one evaluation
+#: each -- exceeds this many full network runs; then min-influence (one sweep, one run per step)
+AUTO_BUDGET_RUNS = 400
+
+
+def auto_strategy(sctx, start) -> tuple[str, str]:
+    from mpqc.compiler.influence import lower_rung
+    n_layers = rungs = 0
+    for n in sctx.range_layers:
+        r, b = 0, start.bits[n]
+        while (b := lower_rung(sctx.target, b, sctx.min_bits)) is not None:
+            r += 1
+        n_layers += r > 0
+        rungs += r
+    est = rungs * (2 + n_layers / 2)
+    strategy = "influence-update" if est <= AUTO_BUDGET_RUNS else "min-influence"
+    return strategy, (f"auto: {strategy} (influence-update would take about {est:.0f} network runs for "
+                      f"{n_layers} layers and {rungs} layer-rungs; budget {AUTO_BUDGET_RUNS})")
 
 
 @register_pass
@@ -86,7 +106,7 @@ class AssignBitWidthsPass(Pass):
         if self.data not in (None, "eval", "calib"):
             raise OptionError(f"assign-bit-widths: data={self.data!r} must be eval or calib")
         opts = getattr(ctx, "options", {}) or {}
-        strategy = self.strategy or opts.get("strategy") or DEFAULT_STRATEGY
+        strategy = self.strategy or opts.get("strategy") or "auto"
         max_drop = self.max_drop if self.max_drop is not None else opts.get("max_drop")
         target_score = self.target_score if self.target_score is not None else opts.get("target_score")
         if self.max_drop is not None and self.target_score is not None:
@@ -99,7 +119,8 @@ class AssignBitWidthsPass(Pass):
             raise OptionError(f"assign-bit-widths: max_drop={max_drop} must be in [0, 1)")
         if self.min_bits is not None and self.min_bits < 1:
             raise OptionError(f"assign-bit-widths: min_bits={self.min_bits} must be at least 1")
-        fn = get_strategy(strategy)
+        if strategy != "auto":
+            get_strategy(strategy)  # an unknown name fails before any work
         sopts = {"variant": self.variant, "k_step": self.k_step, "k_init": self.k_init, "repeat": self.repeat,
                  "rank": self.rank, "strategy": strategy,
                  "cycles": self.cycles if self.cycles is not None else opts.get("cycles"),
@@ -112,6 +133,11 @@ class AssignBitWidthsPass(Pass):
         plan, table = sctx.plan, sctx.table
         start = config_from_ir(plan)
         check_goal_reachable(sctx, start)  # before measuring anything else
+        choice = None
+        if strategy == "auto":
+            strategy, choice = auto_strategy(sctx, start)
+            sctx.options["strategy"] = strategy
+        fn = get_strategy(strategy)
         # influences of the starting network: from the analysis cache (the layer-influence pass), so
         # the strategy's first ranking does not measure them again
         ana = dict(split=self.data, metric=self.metric, layer_range=self.layers, min_bits=self.min_bits,
@@ -130,7 +156,8 @@ class AssignBitWidthsPass(Pass):
             for n in plan.layers:
                 if n.qconfig.bias_format is not None:
                     check_bias_fits(n, n.bias.const, n.qconfig.bias_format)
-        ctx.section(self.name).update(search_report(sctx, start, final, initial, strategy))
+        ctx.section(self.name).update(search_report(sctx, start, final, initial, strategy),
+                                      strategy_choice=choice or "given")
         return PassResult(modified)
 
 

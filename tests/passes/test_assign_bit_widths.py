@@ -290,3 +290,17 @@ def test_deterministic_report():
     a = run_o2("assign-bit-widths{max_drop=0.05}")[1].report
     b = run_o2("assign-bit-widths{max_drop=0.05}")[1].report
     assert json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+def test_auto_strategy_picks_influence_update_unless_too_costly():
+    from mpqc.passes.assign_bit_widths import AUTO_BUDGET_RUNS, auto_strategy
+    s = Crafted(penalties={}, infl=None)
+    # 3 layers x 3 rungs: 9 steps of (2 + 3/2) runs = 31.5 runs
+    assert auto_strategy(s, s.start()) == ("influence-update", auto_strategy(s, s.start())[1])
+    assert "about 32 network runs for 3 layers and 9 layer-rungs" in auto_strategy(s, s.start())[1]
+    big = Crafted(penalties={}, infl=None)
+    big.candidates = big.layers * 40  # as if 120 layers: 360 layer-rungs x (2 + 60) runs >> the budget
+    assert auto_strategy(big, big.start())[0] == "min-influence" and AUTO_BUDGET_RUNS == 400
+    g, ctx, pm = run_o2("assign-bit-widths{max_drop=0.05}")
+    sec = ctx.report["passes"]["assign-bit-widths"]
+    assert sec["strategy"] == "influence-update" and sec["strategy_choice"].startswith("auto: influence-update")
