@@ -338,6 +338,24 @@ def _start(sctx: SearchContext, start: BitConfig) -> float:
     return v
 
 
+def _steps(sctx: SearchContext, start: BitConfig, desc: str):
+    """Counts the steps of a search loop (forever), with a progress bar sized to the layer-rungs left."""
+    import itertools
+    from .progress import progress_iter
+    total = 0
+    for n in sctx.range_layers:
+        b = start.bits[n]
+        while (lo := _lower_bits(sctx, b)) is not None:
+            total += 1
+            b = lo
+    return progress_iter(itertools.count(), desc=None if sctx.quiet else desc, total=total)
+
+
+def _lower_bits(sctx: SearchContext, bits) -> tuple[int, int] | None:
+    from .influence import lower_rung
+    return lower_rung(sctx.target, bits, sctx.min_bits)
+
+
 def _scores_json(scores: dict[Node, float]) -> dict[str, float]:
     return {n.name: float(s) for n, s in scores.items()}
 
@@ -347,6 +365,7 @@ def _scores_json(scores: dict[Node, float]) -> dict[str, float]:
 def min_influence(sctx: SearchContext, start: BitConfig) -> BitConfig:
     """FIG. 16-17: reduce the not-yet-reduced layer of lowest influence while eval > goal."""
     _start(sctx, start)
+    steps = iter(_steps(sctx, start, "search (min-influence)"))
     cur = start  # NN_T, also NN* (the last network that met the goal)
     repeat = bool(sctx.options.get("repeat", False))
     while True:
@@ -355,7 +374,7 @@ def min_influence(sctx: SearchContext, start: BitConfig) -> BitConfig:
             return cur
         scores = _ranking(sctx, cur, cands)
         reduced: list[Node] = []
-        for n in _order(sctx, cur, scores):
+        for n, _ in zip(_order(sctx, cur, scores), steps):
             new = _reduce(sctx, cur, [n])
             v = sctx.evaluate(new)
             verdict = sctx.compare(v)
@@ -374,6 +393,7 @@ def min_influence(sctx: SearchContext, start: BitConfig) -> BitConfig:
 def threshold(sctx: SearchContext, start: BitConfig) -> BitConfig:
     """FIG. 14-15: reduce every not-yet-reduced layer with influence <= K, raise K, repeat."""
     _start(sctx, start)
+    steps = iter(_steps(sctx, start, "search (threshold)"))
     cur = start
     repeat = bool(sctx.options.get("repeat", False))
     step = sctx.options.get("k_step", "next")
@@ -388,6 +408,7 @@ def threshold(sctx: SearchContext, start: BitConfig) -> BitConfig:
         remaining = list(cands)
         k = float(min(scores.values())) if k_init is None else float(k_init)
         while remaining:
+            next(steps)
             sel = [n for n in _order(sctx, cur, {n: scores[n] for n in remaining}) if scores[n] <= k]
             if sel:
                 new = _reduce(sctx, cur, sel)
@@ -418,7 +439,7 @@ def influence_update(sctx: SearchContext, start: BitConfig) -> BitConfig:
     """FIG. 18-19: min-influence with influences recomputed on the reduced network after each step."""
     _start(sctx, start)
     cur = start
-    while True:
+    for _ in _steps(sctx, start, "search (influence-update)"):
         cands = _lowerable(sctx, cur)
         if not cands:  # S216: every layer at b_m: the last reduced network is the result
             return cur

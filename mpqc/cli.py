@@ -66,7 +66,9 @@ def compile_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-drop", type=float, help="largest allowed drop of the evaluation value relative to "
                                                   "the float model (e.g. 0.01)")
     s.add_argument("--target-score", type=float, help="lowest allowed absolute evaluation value")
-    s.add_argument("--strategy", help="bit-width search strategy (see 'mpqc passes')")
+    s.add_argument("--strategy", help="bit-width search strategy: auto (default: influence-update unless too "
+                                    "costly, then min-influence), influence-update, min-influence, threshold "
+                                    "(seed 000), weight-diff-bsearch, weight-diff-topk (seed 001)")
     t = p.add_argument_group("training (needs --train with labels)")
     t.add_argument("--cycles", type=int, metavar="K",
                    help="training cycles (SGD steps) of the weight-difference statistic used by the "

@@ -50,7 +50,7 @@ class LayerInfluencePass(Pass):
             raise OptionError(f"layer-influence: data={self.data!r} must be eval or calib")
         sec = ctx.section(self.name)
         strategy = (getattr(ctx, "options", None) or {}).get("strategy")
-        if strategy is not None and strategy not in INFLUENCE_STRATEGIES:
+        if strategy is not None and strategy not in INFLUENCE_STRATEGIES + ("auto",):
             sec["skipped"] = f"--strategy {strategy} does not rank layers by influence"
             return PassResult(False)
         opts = getattr(ctx, "options", None) or {}
