@@ -172,8 +172,11 @@ def markdown(results: list[dict], wall: float) -> str:
              "| model | configuration | accuracy | ORT exact | ORT default | seconds | model bytes | "
              "emulator = ORT exact | emulator = ORT default |",
              "|---|---|---|---|---|---|---|---|---|"]
+    def order(key):  # float, then mpqc's configurations, then onnxruntime's
+        return (0 if key == "float" else 1 if key.startswith("mpqc") else 2, key != "mpqc -O1 npu8", key)
+
     for r in results:
-        for key, row in r["rows"].items():
+        for key, row in sorted(r["rows"].items(), key=lambda kv: order(kv[0])):
             def ag(k):
                 a = row.get(k)
                 if a is None:
