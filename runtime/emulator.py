@@ -18,10 +18,10 @@ Semantics (docs/FIXED_POINT.md has the full story):
   integer inputs and weights accumulate exactly (``layer`` step, BLAS), the int32 bias
   is added, Relu/Clip clamp the accumulator exactly, Add aligns operands by shifts,
   GlobalAveragePool sums (``den`` = window size); every QuantizeLinear after integer
-  math is a ``requant`` step: arithmetic shift with rounding (half up on the npu
-  targets, half to even when the graph says so), exact rational rounding when
-  dividing by a window size, saturation to the container -- numba kernels in
-  ``runtime/emulator_kernels.py``.
+  math is a ``requant`` step: arithmetic shift with rounding (the graph's
+  ``mpqc.rounding``: half to even, as ONNX and the npu targets, or half up), the clamp
+  of a fused Relu/Clip, exact rational rounding when dividing by a window size,
+  saturation to the container -- numba kernels in ``runtime/emulator_kernels.py``.
 * Float-scale formats (``ort-int8``) requantize as onnxruntime does: ``f32(acc) *
   f32(multiplier)``, ties to even.
 * An op without an integer rule (Sigmoid, Softmax, ...) is evaluated in float64 on
