@@ -169,6 +169,15 @@ def summary_text(report: dict) -> str:
     if acc:
         lines.append("accuracy: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                               for k, v in acc.items()))
+    search = (report.get("passes") or {}).get("assign-bit-widths")
+    if search and isinstance(search.get("final_value"), float):
+        ratio = search.get("weight_ratio_int8")
+        lines.append(f"bit-width search ({search['strategy']}): {search['metric']} on {search['data']['split']} "
+                     f"{search['final_value']:.4f} (goal {search['goal']:.4f}, float {search['float_value']:.4f})"
+                     + (f", weights {ratio:.1%} of uniform int8" if isinstance(ratio, float) else "")
+                     + f", {search.get('evaluations', 0)} evaluations")
+        if search.get("note"):
+            lines.append(f"note: {search['note']}")
     layers = cm.get("layers", [])
     if layers and any(l.get("act_bits") for l in layers):
         lines.append(format_table(["layer", "op", "w bits", "a bits", "bytes"],
