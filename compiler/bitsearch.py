@@ -215,16 +215,22 @@ def resolve_goal(float_value: float, metric: str, max_drop: float | None, target
     """The value a search must keep: ``float * (1 - max_drop)`` for ratio metrics, else absolute."""
     if target_score is not None:
         return float(target_score)
+    if metric in ("mse", "psnr") and max_drop is None:
+        return float("nan")  # no goal yet: enough to measure influences, an error for a search
     drop = 0.01 if max_drop is None else float(max_drop)
-    if metric in ("mse",):  # negative values: allow |mse| to grow by the relative drop
-        return float_value * (1 + drop)
-    if metric == "psnr":
-        return float_value * (1 - drop) if np.isfinite(float_value) else 60.0
+    if metric in ("mse", "psnr"):
+        # against the float model itself the value is 0 (mse) or infinite (psnr): no drop is relative to it
+        what = "the largest mean squared error allowed, negated (e.g. -1e-3)" if metric == "mse" else \
+            "the lowest PSNR in dB (e.g. 40)"
+        raise OptionError(f"--metric {metric} compares with the float model, so --max-drop has nothing to be "
+                          f"relative to: give --target-score, {what}")
     return float_value * (1 - drop)
 
 
 def check_goal_reachable(ctx: SearchContext, start: BitConfig) -> float:
     """Evaluate the starting network; a goal it already misses is impossible."""
+    if not np.isfinite(ctx.goal):
+        resolve_goal(ctx.float_value, ctx.metric, 0.0, None)  # raises the message that says what to give
     v = ctx.evaluate(start)
     if not ctx.meets(v):
         raise TargetError(

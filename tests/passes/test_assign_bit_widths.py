@@ -304,3 +304,14 @@ def test_auto_strategy_picks_influence_update_unless_too_costly():
     g, ctx, pm = run_o2("assign-bit-widths{max_drop=0.05}")
     sec = ctx.report["passes"]["assign-bit-widths"]
     assert sec["strategy"] == "influence-update" and sec["strategy_choice"].startswith("auto: influence-update")
+
+
+def test_mse_and_psnr_need_an_absolute_target():
+    with pytest.raises(OptionError, match="give --target-score"):
+        run_o2("assign-bit-widths{metric=mse,max_drop=0.1}")
+    g, ctx, pm = run_o2("assign-bit-widths{metric=psnr,target_score=20,strategy=min-influence}")
+    sec = ctx.report["passes"]["assign-bit-widths"]
+    assert sec["metric"] == "psnr" and sec["goal"] == 20.0 and sec["final_value"] >= 20.0
+    assert sec["float_value"] == "inf" or sec["float_value"] == float("inf")
+    with pytest.raises(OptionError, match="give --target-score"):
+        run_o2("assign-bit-widths{metric=mse}")  # no goal at all
