@@ -10,12 +10,13 @@ compiled alongside; onnxruntime's quantize_static per channel is taken from
 bench/out/o1.json when bench_o1.py has run (else the README's figure).
 
     .venv/bin/python bench/bench_o2.py [--models digits_resnet,digits_vgg,efficientnet_lite0]
-        [--strategy S] [--no-bias-correction] [--scaling] [--write]
+        [--strategy S] [--no-bias-correction] [--scaling] [--report-only] [--write]
 
 ``--scaling`` times full -O2 compiles of digits_resnet with 75/150/300 eval samples and
 with the search restricted to the first 3/6/10 layers (``assign-bit-widths{layers=0:k}``).
 ``--write`` replaces the sections "## -O2 mixed precision" (and "## -O2 compile time") of
-bench/RESULTS.md; the JSON lands in bench/out/o2.json (o2_scaling.json).
+bench/RESULTS.md; each model's JSON lands in bench/out/o2_<model>.json (o2_scaling.json), and
+``--report-only`` rebuilds the table from them.
 Set NUMBA_NUM_THREADS=1 on a loaded machine (numba's thread pool waits on busy cores).
 """
 from __future__ import annotations
@@ -108,16 +109,24 @@ def compile_one(model: str, level: int, target: str, *, max_drop=None, passes=No
     return res, time.perf_counter() - t
 
 
-def run_model(model: str, strategy: str | None, bias_correction: bool) -> dict:
-    cfg = CONFIGS[model]
+def run_model(spec: str, strategy: str | None, bias_correction: bool, with_o1: bool = True) -> dict:
+    """``spec`` is a model name, optionally with another max-drop: ``efficientnet_lite0@0.1``."""
+    model, _, drop = spec.partition("@")
+    cfg = dict(CONFIGS[model])
+    if drop:
+        cfg["max_drop"] = float(drop)
     batch = cfg.get("batch_size", 64)
     ft = float_outputs(model, batch)
     row: dict = {"model": model, "target": cfg["target"], "max_drop": cfg["max_drop"],
                  "bias_correction": bias_correction}
-    res1, t1 = compile_one(model, 1, cfg["target"], batch=batch)
-    q1 = res1.report.get("quantization", {})
-    row["O1"] = {"seconds": t1, **test_value(model, res1.graph, ft, batch),
-                 "weight_bytes": _weight_bytes(res1.graph)}
+    cached = OUT / f"o1_{model}_{cfg['target']}.json"
+    if cached.exists():  # -O1 does not depend on the -O2 options: measured once per model and target
+        row["O1"] = json.loads(cached.read_text())
+    else:
+        res1, t1 = compile_one(model, 1, cfg["target"], batch=batch)
+        row["O1"] = {"seconds": t1, **test_value(model, res1.graph, ft, batch),
+                     "weight_bytes": _weight_bytes(res1.graph)}
+        cached.write_text(json.dumps(row["O1"]))
     print(f"{model}: -O1 {row['O1']}", flush=True)
     passes = o2_passes(strategy, bias_correction)
     try:
@@ -148,15 +157,23 @@ def _weight_bytes(graph) -> float:
     return weight_bytes(plan, config_from_ir(plan))
 
 
-def ort_per_channel(model: str) -> float:
+def ort_per_channel(model: str) -> str:
+    """onnxruntime's quantize_static per channel: the README's figure, and bench_o1.py's when it ran here."""
+    here = _ort_measured(model)
+    readme = ORT_PER_CHANNEL_README[model]
+    return f"{readme:.4f}" + (f" ({here:.4f} here)" if here is not None and abs(here - readme) > 1e-9 else "")
+
+
+def _ort_measured(model: str) -> float | None:
     p = OUT / "o1.json"
     if p.exists():
-        for r in json.loads(p.read_text()):
-            if r.get("model") == model:
+        d = json.loads(p.read_text())
+        for r in (d.get("results", []) if isinstance(d, dict) else d):
+            if isinstance(r, dict) and r.get("model") == model:
                 row = r["rows"].get("ORT quantize_static per-channel")
                 if row and "accuracy" in row:
                     return row["accuracy"]
-    return ORT_PER_CHANNEL_README[model]
+    return None
 
 
 def markdown(rows: list[dict], cmd: str) -> str:
@@ -175,14 +192,14 @@ def markdown(rows: list[dict], cmd: str) -> str:
         ortv = ort_per_channel(r["model"])
         if "error" in o2:
             lines.append(f"| {r['model']} | {r['target']}, max-drop {r['max_drop']} | "
-                         f"{o1['float_test'] if metric == 'top-1' else 1.0:.4f} | {o1[key]:.4f} | {o2['error'][:90]} | "
-                         f"| {o1['weight_bytes']:,.0f} | {ortv:.4f} | | | |")
+                         f"{o1['float_test'] if metric == 'top-1' else 1.0:.4f} | {o1[key]:.4f} | {o2['error'].split('] ')[-1].split(' (raise')[0]} | "
+                         f"| {o1['weight_bytes']:,.0f} | {ortv} | | | |")
             continue
         lines.append(
             f"| {r['model']} | {r['target']}, max-drop {r['max_drop']} ({o2['metric']} ≥ {o2['goal']:.4f} on eval) | "
             f"{(o2['float_test'] if metric == 'top-1' else 1.0):.4f} | {o1[key]:.4f} | **{o2[key]:.4f}** | "
             f"{o2['weight_bytes']:,.0f} / {o2['weight_bytes_int8']:,.0f} = **{o2['weight_ratio_int8']:.1%}** | "
-            f"{o1['weight_bytes']:,.0f} | {ortv:.4f} | {o2['evaluations']} | {o2['influence_sweeps']} "
+            f"{o1['weight_bytes']:,.0f} | {ortv} | {o2['evaluations']} | {o2['influence_sweeps']} "
             f"({o2['suffix_runs']} suffix runs) | {o2['seconds']:.0f} |")
     lines.append("")
     for r in rows:
@@ -236,12 +253,19 @@ def scaling(write: bool) -> None:
         write_section(SECTION_TIME, "\n".join(lines) + "\n")
 
 
+def row_path(spec: str, strategy: str | None, bias_correction: bool) -> Path:
+    tag = spec.replace("@", "_drop") + (f"_{strategy}" if strategy else "") + ("" if bias_correction else "_nobc")
+    return OUT / f"o2_{tag}.json"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="digits_resnet,digits_vgg,efficientnet_lite0")
+    ap.add_argument("--models", default="digits_resnet,digits_vgg,efficientnet_lite0,efficientnet_lite0@0.1",
+                    help="model names, each optionally with another max-drop: efficientnet_lite0@0.1")
     ap.add_argument("--strategy", default=None)
     ap.add_argument("--no-bias-correction", action="store_true")
     ap.add_argument("--scaling", action="store_true")
+    ap.add_argument("--report-only", action="store_true", help="rebuild the table from bench/out/o2_*.json")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
     from mpqc.compiler.progress import set_quiet
@@ -250,12 +274,17 @@ def main() -> None:
     if args.scaling:
         scaling(args.write)
         return
-    rows = [run_model(m, args.strategy, not args.no_bias_correction) for m in args.models.split(",")]
-    name = "o2.json" if not args.strategy and not args.no_bias_correction else \
-        f"o2_{args.strategy or 'default'}{'_nobc' if args.no_bias_correction else ''}.json"
-    (OUT / name).write_text(json.dumps(rows, indent=1, default=str))
-    cmd = "NUMBA_NUM_THREADS=1 .venv/bin/python bench/bench_o2.py " + " ".join(sys.argv[1:])
-    md = markdown(rows, cmd.strip())
+    bc = not args.no_bias_correction
+    rows = []
+    for spec in args.models.split(","):
+        p = row_path(spec, args.strategy, bc)
+        if args.report_only:
+            rows.append(json.loads(p.read_text()))
+            continue
+        rows.append(run_model(spec, args.strategy, bc))
+        p.write_text(json.dumps(rows[-1], indent=1, default=str))
+    argv = [a for a in sys.argv[1:] if a != "--report-only"]
+    md = markdown(rows, ("NUMBA_NUM_THREADS=1 .venv/bin/python bench/bench_o2.py " + " ".join(argv)).strip())
     print(md)
     if args.write:
         write_section(SECTION, md)
