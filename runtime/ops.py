@@ -4,8 +4,16 @@ A kernel is ``fn(node, *inputs) -> array | tuple[array, ...]`` where ``inputs``
 are numpy arrays (``None`` for omitted optional inputs). ``KERNELS`` maps op type
 to kernel; the frontend refuses any op not in it. Semantics follow the ONNX
 operator specification at opset 13-21 (older models are upgraded on import).
-Convolutions go through im2col and BLAS; depthwise convolutions accumulate tap by
-tap, which is much faster than a per-group loop.
+Convolutions go through im2col and BLAS (depthwise ones through a numba kernel);
+pooling reduces tap by tap over strided views.
+
+``VALIDATORS`` holds import-time checks (``validate_node``, called by the frontend)
+for attribute values no kernel implements: training-mode BatchNormalization and
+Dropout, MaxPool's Indices output, blocked quantization, casts to element types
+outside ``SUPPORTED_DTYPES``. They raise ``UnsupportedOpError`` so that nothing
+runs with a silently wrong meaning. Conformance: ``tests/runtime/test_conformance.py``
+runs the onnx package's node cases, ``tests/runtime/test_light_models.py`` its
+real-architecture models.
 """
 from __future__ import annotations
 
