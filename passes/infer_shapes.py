@@ -18,10 +18,25 @@ from mpqc.compiler.ir import Graph
 from mpqc.compiler.passes import Pass, PassContext, PassResult, register_pass
 
 
+#: float constants larger than this are passed to shape inference as typed graph inputs
+#: (their values never decide a shape), so no weight is serialized just to infer shapes
+LARGE_CONST = 256
+
+
+def _without_large_constants(graph: Graph) -> Graph:
+    """A structural copy whose large float constants are graph inputs of the same type."""
+    g, _ = graph.clone()
+    for v in g.values():
+        if v.is_const and v.const.dtype.kind == "f" and v.const.size > LARGE_CONST:
+            v.const = None
+            g.inputs.append(v)
+    return g
+
+
 def infer_shapes(graph: Graph) -> bool:
     """Update value shapes in place; return True when any shape changed."""
     from mpqc.compiler.export import to_onnx
-    model = to_onnx(graph, check=False)
+    model = to_onnx(_without_large_constants(graph), check=False)
     for o in model.graph.output:  # graph outputs are re-inferred too: their declared shape may be stale
         o.ClearField("type")
     try:
