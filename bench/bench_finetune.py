@@ -100,7 +100,7 @@ def markdown(rows, epochs, lr) -> str:
 
 
 def main(argv=None) -> int:
-    from bench_weight_diff import replace_section  # noqa: E402 (same folder)
+    from common import write_section  # noqa: E402 (same folder)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--epochs", type=float, default=3)
     ap.add_argument("--lr", type=float, default=0.002)
@@ -126,9 +126,7 @@ def main(argv=None) -> int:
     md = markdown(rows, rows[0]["epochs"], rows[0]["lr"])
     print(md)
     if args.write:
-        p = ROOT / "bench" / "RESULTS.md"
-        text = p.read_text() if p.exists() else "# Benchmark results\n"
-        p.write_text(replace_section(text, SECTION, md))
+        write_section(SECTION, md)
     return 0
 
 

@@ -179,17 +179,9 @@ def _short(name: str) -> str:
     return name.replace("_output_0", "").replace("/Conv", "").replace("/layers/layers.", "L").strip("/")
 
 
-def replace_section(text: str, section: str, body: str) -> str:
-    """``text`` with the markdown section starting at ``section`` replaced by ``body`` (appended if absent)."""
-    if section not in text:
-        return text.rstrip("\n") + "\n\n" + body
-    start = text.index(section)
-    nxt = text.find("\n## ", start + len(section))
-    end = len(text) if nxt < 0 else nxt + 1
-    return text[:start] + body + ("\n" if nxt >= 0 and not body.endswith("\n\n") else "") + text[end:]
-
-
 def main(argv=None) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import write_section  # noqa: E402 (same folder)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cycles", type=int, default=50)
     ap.add_argument("--widths", default="3,2")
@@ -215,9 +207,7 @@ def main(argv=None) -> int:
     md = markdown(results, results[0]["cycles"], wall)
     print(md)
     if args.write:
-        p = ROOT / "bench" / "RESULTS.md"
-        text = p.read_text() if p.exists() else "# Benchmark results\n"
-        p.write_text(replace_section(text, SECTION, md))
+        write_section(SECTION, md)
     return 0
 
 
