@@ -188,9 +188,13 @@ def summary_text(report: dict) -> str:
 
 def cmd_info(argv: list[str]) -> int:
     args = info_parser().parse_args(argv)
-    from mpqc.compiler.frontend import load_graph
+    from mpqc.compiler.export import load_qdq_graph
     from mpqc.compiler.info import format_info, model_info
-    g = load_graph(args.model)
+    from mpqc.passes.insert_qdq import dequantized_view, is_qdq_graph
+    g = load_qdq_graph(args.model)
+    if is_qdq_graph(g):  # a quantized model: statistics of its layers at their recorded widths
+        g = dequantized_view(g)
+        _restore_bits(g)
     if args.level == 0:
         from mpqc.compiler.passes import PassContext, PassManager
         from mpqc.compiler.pipelines import build_pipeline
@@ -204,6 +208,15 @@ def cmd_info(argv: list[str]) -> int:
     else:
         print(format_info(info))
     return 0
+
+
+def _restore_bits(g) -> None:
+    """Layer widths recorded by insert-qdq in the model's metadata -> ``node.qconfig``."""
+    from mpqc.compiler.qformat import LayerQConfig
+    bits = json.loads(g.metadata.get("mpqc.layer_bits", "{}"))
+    for n in g.layers():
+        if n.name in bits and n.qconfig is None:
+            n.qconfig = LayerQConfig(int(bits[n.name][0]), int(bits[n.name][1]))
 
 
 def cmd_eval(argv: list[str]) -> int:

@@ -34,6 +34,8 @@ Seed: 001 (fixed-point Qm.n, FIG. 5-6): the export of its formats.
 """
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass
 from typing import Literal
 
@@ -158,6 +160,10 @@ class InsertQDQPass(Pass):
             ctx.report["quantization"] = quantization_report(graph, ctx)
         names = _Names(graph)
         counts = {"weights": 0, "biases": 0, "activations": 0, "clamps": 0}
+        # widths travel in the file: a 2-bit layer sits in an int8 container (read by 'mpqc info')
+        graph.metadata["mpqc.layer_bits"] = json.dumps(
+            {n.name: [n.qconfig.weight_bits, n.qconfig.act_bits] for n in layers if n.qconfig is not None},
+            sort_keys=True)
         for n in layers:
             _quantize_layer(graph, n, names, self.int4, counts)
         for v in acts:
