@@ -2,9 +2,10 @@
 
 ``QuantSim(plan, table)`` turns a ``BitConfig`` into a node function for the
 ``Executor``: layer weights and biases are replaced by their dequantized integers
-(cached per width), input points are rounded when read, and every layer/arith
-output is rounded to its format (round half up, saturation) right after the node
-runs. Layout ops pass values through, which is exact on the integer grid.
+(cached per width, rounded half up as insert-qdq stores them), input points are
+rounded when read, and every layer/arith output is rounded to its format right
+after the node runs (the target's rounding of requantization shifts, half to even
+on the npu targets, and saturation). Layout ops pass values through, which is exact on the integer grid.
 This is NN_S of the influence method, and what searches evaluate; the bit-exact
 integer emulator (``runtime.emulator``) computes the same network in integers.
 """
@@ -18,6 +19,24 @@ from ..compiler.quant import BitConfig, FormatTable, QuantPlan
 from .executor import Executor, float_node_fn, run_batched
 
 
+def fake_quant_act(x: np.ndarray, fmt: QFormat, rounding: str = "half-up") -> np.ndarray:
+    """``fake_quant`` of an activation with the target's rounding of requantization shifts: the
+    emulator (and onnxruntime) round ties to even on the npu targets, so the simulated network is
+    the deployed one bit for bit."""
+    if rounding != "half-even" or fmt.fscale is not None or fmt.bits > 16:
+        return fake_quant(x, fmt)
+    lo, hi = fmt.qmin, fmt.qmax
+    f = fmt.frac_array()
+    if fmt.axis is not None:
+        shp = [1] * np.ndim(x)
+        shp[fmt.axis % np.ndim(x)] = -1
+        f = f.reshape(shp)
+    s = np.ldexp(np.float32(1.0), f).astype(np.float32)
+    q = np.rint(np.asarray(x, np.float32) * s)
+    np.clip(q, lo, hi, out=q)
+    return (q / s).astype(np.float32)
+
+
 class QuantSim:
     """``bias_correction`` (optional): callable ``(layer, weight_format, bias_format) -> float bias or None``
     giving the
@@ -28,6 +47,8 @@ class QuantSim:
         self.plan = plan
         self.table = table
         self.bias_correction = bias_correction
+        #: rounding of activations (requantization shifts): the target's ("half-even" on the npu targets)
+        self.rounding = getattr(table.target, "rounding", "half-up") if table is not None else "half-up"
         self._wcache: dict[tuple, np.ndarray] = {}
         self._bcache: dict[tuple, np.ndarray] = {}
 
@@ -60,12 +81,13 @@ class QuantSim:
         points = plan.points
         layer_ids = {id(n) for n in plan.layers}
         float_layers = float_layers or set()
+        rounding = self.rounding
 
         def fn(node: Node, args: list):
             args = list(args)
             for i, v in enumerate(node.inputs):
                 if v is not None and v in points and points[v].kind == "input":
-                    args[i] = fake_quant(args[i], fmts[v])
+                    args[i] = fake_quant_act(args[i], fmts[v], rounding)
             if id(node) in layer_ids and node not in float_layers:
                 args[1] = self._qweight(node, wf[node])
                 if node.bias is not None and len(args) > 2:
@@ -80,7 +102,7 @@ class QuantSim:
                 p = points.get(v)
                 if p is not None and p.kind in ("layer", "arith") and not (
                         p.kind == "layer" and p.layer in float_layers):
-                    a = fake_quant(a, fmts[v])
+                    a = fake_quant_act(a, fmts[v], rounding)
                 res.append(a)
             return tuple(res)
 

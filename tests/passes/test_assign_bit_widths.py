@@ -315,3 +315,15 @@ def test_mse_and_psnr_need_an_absolute_target():
     assert sec["float_value"] == "inf" or sec["float_value"] == float("inf")
     with pytest.raises(OptionError, match="give --target-score"):
         run_o2("assign-bit-widths{metric=mse}")  # no goal at all
+
+
+def test_the_search_scores_the_exported_fixed_point_network():
+    from mpqc.compiler.metrics import agreement
+    from mpqc.runtime.emulator import run_emulator
+    g, ctx, pm = run_o2("layer-influence{bias_correction=true},"
+                        "assign-bit-widths{bias_correction=true,max_drop=0.05},bias-correction,insert-qdq")
+    sec = ctx.report["passes"]["assign-bit-widths"]
+    from mpqc.runtime.executor import run_batched
+    float_out = run_batched(classifier(), ctx.eval.x)[0]
+    assert agreement(run_emulator(g, ctx.eval.x), float_out) == sec["final_value"]
+    assert sec["bias_correction"] is True and any(b != [8, 8] for b in sec["final_bits"].values())

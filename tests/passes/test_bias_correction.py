@@ -10,8 +10,8 @@ from mpqc.compiler.passes import PassContext, PassManager, parse_pipeline
 from mpqc.compiler.qformat import fake_quant
 from mpqc.compiler.quant import BitConfig, FormatTableAnalysis, QuantPlanAnalysis
 from mpqc.compiler.targets import get_target
-from mpqc.runtime.executor import Executor, run_batched
-from mpqc.runtime.fakequant import QuantSim, ir_node_fn
+from mpqc.runtime.executor import Executor
+from mpqc.runtime.fakequant import QuantSim
 from mpqc.passes.bias_correction import BiasCorrection, LayerInputMeans
 
 from tests.graphs import GraphBuilder, randn
@@ -93,8 +93,9 @@ def test_search_simulation_equals_the_corrected_network():
     sim = QuantSim(plan, table, bias_correction_for(g, ctx).corrected_bias)
     cfg = BitConfig({n: (n.qconfig.weight_bits, n.qconfig.act_bits) for n in plan.layers}, 8)
     simulated = sim.run(cfg, x)[0]
-    PassManager(parse_pipeline("bias-correction")).run(g, ctx)
-    exported = run_batched(g, x, node_fn=ir_node_fn(g))[0]
+    PassManager(parse_pipeline("bias-correction,insert-qdq")).run(g, ctx)
+    from mpqc.runtime.emulator import run_emulator
+    exported = run_emulator(g, x)  # the fixed-point network, in integers
     np.testing.assert_array_equal(simulated, exported)
 
 
