@@ -31,6 +31,11 @@ def _round(y, mode):
     return np.rint(y)
 
 
+@numba.njit(cache=True, inline="always")
+def _clamp(q, lo, hi):
+    return lo if q < lo else (hi if q > hi else q)
+
+
 @numba.njit(cache=True)
 def requant_shift(acc, shift, lo, hi, mode, out):
     """out = clamp(round(acc * 2^-shift[c]), lo[c], hi[c]); exact for |acc * 2^-shift| < 2^52."""
@@ -42,11 +47,7 @@ def requant_shift(acc, shift, lo, hi, mode, out):
             h = hi[c]
             for s in range(S):
                 q = _round(acc[p, c, s] * m, mode)
-                if q < l:
-                    q = l
-                elif q > h:
-                    q = h
-                out[p, c, s] = q
+                out[p, c, s] = _clamp(q, l, h)
 
 
 @numba.njit(cache=True)
@@ -82,11 +83,7 @@ def requant_div(acc, shift, den, lo, hi, mode, out):
                     if 2 * r > di or (2 * r == di and q % 2 != 0):
                         q += 1
                 qf = float(q)
-                if qf < l:
-                    qf = l
-                elif qf > h:
-                    qf = h
-                out[p, c, s] = qf
+                out[p, c, s] = _clamp(qf, l, h)
 
 
 @numba.njit(cache=True)
@@ -102,11 +99,7 @@ def requant_float(acc, mult, lo, hi, out):
             for s in range(S):
                 y = np.float32(np.float32(acc[p, c, s]) * m)
                 q = _round(float(y), 1)
-                if q < l:
-                    q = l
-                elif q > h:
-                    q = h
-                out[p, c, s] = q
+                out[p, c, s] = _clamp(q, l, h)
 
 
 @numba.njit(cache=True)
