@@ -17,7 +17,6 @@ with the search restricted to the first 3/6/10 layers (``assign-bit-widths{layer
 ``--write`` replaces the sections "## -O2 mixed precision" (and "## -O2 compile time") of
 bench/RESULTS.md; each model's JSON lands in bench/out/o2_<model>.json (o2_scaling.json), and
 ``--report-only`` rebuilds the table from them.
-Set NUMBA_NUM_THREADS=1 on a loaded machine (numba's thread pool waits on busy cores).
 """
 from __future__ import annotations
 
@@ -177,6 +176,16 @@ def _ort_measured(model: str) -> float | None:
     return None
 
 
+def short_name(name: str) -> str:
+    """'/layers/layers.0/c1/Conv' -> 'layers.0/c1', '/stem/stem.0/Conv' -> 'stem.0', '/fc/Gemm' -> 'fc'."""
+    parts = [p for p in name.split("/") if p]
+    if len(parts) > 1 and parts[-1] in ("Conv", "Gemm", "MatMul", "ConvTranspose"):
+        parts = parts[:-1]
+    if len(parts) > 1 and parts[1].startswith(parts[0]):
+        parts = parts[1:]
+    return "/".join(parts)
+
+
 def markdown(rows: list[dict], cmd: str) -> str:
     lines = [SECTION, "",
              "Seed 000 (ALGORITHMS.md §2-3): `mpqc -O2` searched on the eval split, measured on the test split with "
@@ -207,13 +216,12 @@ def markdown(rows: list[dict], cmd: str) -> str:
         o2 = r["O2"]
         if "error" in o2:
             continue
-        bits = ", ".join(f"{k.strip('/').split('/')[-2] if k.count('/') > 1 else k}: w{v[0]}a{v[1]}"
-                         for k, v in o2["final_bits"].items())
+        bits = ", ".join(f"{short_name(k)}: w{v[0]}a{v[1]}" for k, v in o2["final_bits"].items())
         lines.append(f"- {r['model']}: strategy {o2['strategy']}, {o2['steps']} steps, MAC cost "
                      f"{o2['mac_cost_ratio']:.1%} of w8a8; bits: {bits}")
     lines.append("")
     lines.append(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores shared with other "
-                 "jobs; NUMBA_NUM_THREADS=" + os.environ.get("NUMBA_NUM_THREADS", "default") + ".")
+                 "jobs (wall-clock seconds are noisy).")
     return "\n".join(lines) + "\n\n"
 
 
@@ -241,7 +249,7 @@ def scaling(write: bool) -> None:
              "Full `mpqc -O2 --target npu4 --max-drop 0.01` compiles of digits_resnet (influence-update, bias "
              "correction), wall-clock seconds on the shared 2-core machine (noisy: other jobs run alongside). "
              "Rows with fewer layers restrict the search range (`assign-bit-widths{layers=0:k-1}`).", "",
-             "Reproduce: `NUMBA_NUM_THREADS=1 .venv/bin/python bench/bench_o2.py --scaling --write`", "",
+             "Reproduce: `.venv/bin/python bench/bench_o2.py --scaling --write`", "",
              "| eval samples | layers searched | wall s | CPU s | layer-influence s | assign-bit-widths s | "
              "evaluations | influence sweeps | suffix runs |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -287,8 +295,8 @@ def main() -> None:
             continue
         rows.append(run_model(spec, args.strategy, bc))
         p.write_text(json.dumps(rows[-1], indent=1, default=str))
-    argv = [a for a in sys.argv[1:] if a != "--report-only"]
-    md = markdown(rows, ("NUMBA_NUM_THREADS=1 .venv/bin/python bench/bench_o2.py " + " ".join(argv)).strip())
+    argv = [a for a in sys.argv[1:] if a not in ("--report-only", "--write")]
+    md = markdown(rows, (".venv/bin/python bench/bench_o2.py " + " ".join(argv)).strip())
     print(md)
     if args.write:
         write_section(SECTION, md)
