@@ -16,7 +16,8 @@ bench/out/o1.json when bench_o1.py has run (else the README's figure).
 with the search restricted to the first 3/6/10 layers (``assign-bit-widths{layers=0:k}``).
 ``--write`` replaces the sections "## -O2 mixed precision" (and "## -O2 compile time") of
 bench/RESULTS.md; each model's JSON lands in bench/out/o2_<model>.json (o2_scaling.json), and
-``--report-only`` rebuilds the table from them.
+``--report-only`` rebuilds the table from them; each -O2 compile's full report (JSON and
+HTML) lands beside them (o2_<model>_report.json / .html).
 """
 from __future__ import annotations
 
@@ -135,6 +136,11 @@ def run_model(spec: str, strategy: str | None, bias_correction: bool, with_o1: b
         row["O2"] = {"error": f"{type(e).__name__}: {e}"}
         print(f"{model}: -O2 {row['O2']}", flush=True)
         return row
+    from mpqc.compiler.driver import _clean_nan, report_json_bytes
+    from mpqc.compiler.html_report import render_html
+    tag = spec.replace("@", "_drop")
+    (OUT / f"o2_{tag}_report.json").write_bytes(report_json_bytes(_clean_nan(res2.report)))
+    (OUT / f"o2_{tag}_report.html").write_text(render_html(_clean_nan(res2.report)))
     sec = res2.report["passes"]["assign-bit-widths"]
     row["O2"] = {"seconds": t2, "cpu_seconds": res2.report["cpu_seconds"], **test_value(model, res2.graph, ft, batch),
                  "eval_float": sec["float_value"], "eval_final": sec["final_value"], "goal": sec["goal"],
