@@ -15,7 +15,7 @@ network NN* each ordering stops at: its size and test accuracy; (b) at equal siz
 the influence ranking's NN* reached -- the eval and test accuracy of the first network of each
 walk that is at most that size.
 
-    .venv/bin/python bench/ablation.py [--models digits_resnet,digits_vgg] [--seeds 5] [--write]
+    .venv/bin/python bench/ablation.py [--models digits_resnet,digits_vgg] [--seeds 5] [--report-only] [--write]
 
 ``--write`` replaces the section "## Influence ranking ablation" of bench/RESULTS.md; the
 walks land in bench/out/ablation.json.
@@ -151,14 +151,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="digits_resnet,digits_vgg")
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--report-only", action="store_true", help="rebuild the tables from bench/out/ablation.json")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
     from mpqc.compiler.progress import set_quiet
     set_quiet(True)
     OUT.mkdir(parents=True, exist_ok=True)
-    results = run(args.models.split(","), args.seeds)
-    (OUT / "ablation.json").write_text(json.dumps(results, indent=1))
-    md = markdown(results, ".venv/bin/python bench/ablation.py " + " ".join(sys.argv[1:]))
+    if args.report_only:
+        results = json.loads((OUT / "ablation.json").read_text())
+    else:
+        results = run(args.models.split(","), args.seeds)
+        (OUT / "ablation.json").write_text(json.dumps(results, indent=1))
+    argv = [a for a in sys.argv[1:] if a not in ("--report-only", "--write")]
+    md = markdown(results, (".venv/bin/python bench/ablation.py " + " ".join(argv)).strip())
     print(md)
     if args.write:
         write_section(SECTION, md)

@@ -226,12 +226,17 @@ def markdown(rows: list[dict], cmd: str) -> str:
         lines.append(f"- {r['model']}: strategy {o2['strategy']}, {o2['steps']} steps, MAC cost "
                      f"{o2['mac_cost_ratio']:.1%} of w8a8; bits: {bits}")
     lines.append("")
+    bcp = OUT / "o2_bias_correction.json"
+    if bcp.exists():
+        lines += bc_markdown(json.loads(bcp.read_text()))
     lines.append(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores shared with other "
                  "jobs (wall-clock seconds are noisy).")
     return "\n".join(lines) + "\n\n"
 
 
-def scaling(write: bool) -> None:
+def scaling(write: bool, report_only: bool = False) -> None:
+    if report_only:
+        return scaling_markdown(json.loads((OUT / "o2_scaling.json").read_text()), write)
     rows = []
     for n in (75, 150, 300):
         res, t = compile_one("digits_resnet", 2, "npu4", max_drop=0.01, eval_n=n,
@@ -251,6 +256,10 @@ def scaling(write: bool) -> None:
                      "pass_seconds": {x["pass"]: x["seconds"] for x in res.report["timings"]}})
         print(rows[-1], flush=True)
     (OUT / "o2_scaling.json").write_text(json.dumps(rows, indent=1))
+    scaling_markdown(rows, write)
+
+
+def scaling_markdown(rows: list[dict], write: bool) -> None:
     lines = [SECTION_TIME, "",
              "Full `mpqc -O2 --target npu4 --max-drop 0.01` compiles of digits_resnet (influence-update, bias "
              "correction), wall-clock seconds on the shared 2-core machine (noisy: other jobs run alongside). "
@@ -263,12 +272,52 @@ def scaling(write: bool) -> None:
         lines.append(f"| {r['eval_samples']} | {r['layers']} | {r['seconds']:.0f} | {r['cpu_seconds']:.0f} | "
                      f"{ps.get('layer-influence', 0):.0f} | "
                      f"{ps.get('assign-bit-widths', 0):.0f} | {r['evaluations']} | {r['sweeps']} | {r['suffix_runs']} |")
-    lines += ["", "Cost model: one influence sweep = one prefix run plus, per cut, one suffix run "
-              "(on average half the network), so a sweep costs about (1 + L/2) full runs and grows linearly "
-              "with the samples; influence-update runs one sweep per step, and the steps grow with the layers "
-              "times the rungs of the ladder, so its cost grows about quadratically with the layers.", ""]
+    lines += ["", "Cost model: an influence sweep is one prefix run plus one suffix run per cut of the range, each "
+              "suffix running from its cut to the output; influence-update runs one sweep and one evaluation per "
+              "step, and takes up to (layers x rungs) steps. So the compile time is linear in the samples "
+              "(measured: x1.9 and x1.8 per doubling) and, for k searched layers of an L-layer network, grows "
+              "like k x (1 + L/2) network runs: linear in k for a fixed network (measured 28 / 53 / 93 s for "
+              "3 / 6 / 10 layers), quadratic when the whole of a deeper network is searched -- which is why "
+              "`strategy=auto` switches to min-influence (one sweep, one run per step) above 400 estimated runs, "
+              "as for EfficientNet-Lite0's 50 layers.", ""]
+    print("\n".join(lines))
     if write:
         write_section(SECTION_TIME, "\n".join(lines) + "\n")
+
+
+def bc_effect(models: list[str]) -> list[dict]:
+    """Test accuracy of the -O2 starting network (every layer at the top of the ladder) with and without
+    the bias-correction pass, under the emulator: what the pass is worth before any search."""
+    from mpqc.compiler.pipelines import CANONICALIZE
+    rows = []
+    for model in models:
+        cfg = CONFIGS[model]
+        batch = cfg.get("batch_size", 64)
+        ft = float_outputs(model, batch)
+        row = {"model": model, "target": cfg["target"]}
+        for bc in (False, True):
+            passes = ",".join(CANONICALIZE + ["choose-formats{start=ladder}"] + (["bias-correction"] if bc else [])
+                              + ["insert-qdq"])
+            res, t = compile_one(model, 2, cfg["target"], passes=passes, batch=batch)
+            row["bias_correction" if bc else "plain"] = test_value(model, res.graph, ft, batch)
+        print(row, flush=True)
+        rows.append(row)
+    (OUT / "o2_bias_correction.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def bc_markdown(rows: list[dict]) -> list[str]:
+    from mpqc.compiler.targets import get_target
+    lines = ["Bias correction (`bias-correction`, the expected weight-quantization error folded into the biases) "
+             "on the -O2 starting network, before any search (every layer at the top rung of the ladder), test "
+             "split, emulator (`bench_o2.py --bc-effect`):", "",
+             "| model | starting bits | without | with bias correction |", "|---|---|---|---|"]
+    for r in rows:
+        key = "test_agreement" if r["model"].startswith("efficientnet") else "test"
+        w, a = get_target(r["target"]).ladder[0]
+        lines.append(f"| {r['model']} ({'agreement' if key == 'test_agreement' else 'top-1'}) | "
+                     f"{r['target']} w{w}a{a} | {r['plain'][key]:.4f} | {r['bias_correction'][key]:.4f} |")
+    return lines + [""]
 
 
 def row_path(spec: str, strategy: str | None, bias_correction: bool) -> Path:
@@ -284,13 +333,17 @@ def main() -> None:
     ap.add_argument("--no-bias-correction", action="store_true")
     ap.add_argument("--scaling", action="store_true")
     ap.add_argument("--report-only", action="store_true", help="rebuild the table from bench/out/o2_*.json")
+    ap.add_argument("--bc-effect", action="store_true", help="the starting network with and without bias correction")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
     from mpqc.compiler.progress import set_quiet
     set_quiet(True)
     OUT.mkdir(parents=True, exist_ok=True)
     if args.scaling:
-        scaling(args.write)
+        scaling(args.write, args.report_only)
+        return
+    if args.bc_effect:
+        bc_effect(list(dict.fromkeys(m.partition("@")[0] for m in args.models.split(","))))
         return
     bc = not args.no_bias_correction
     rows = []
