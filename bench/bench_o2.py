@@ -51,7 +51,8 @@ def data_file(model: str) -> str:
     return str(BENCH / ("photos.npz" if model.startswith("efficientnet") else "digits.npz"))
 
 
-def o2_passes(strategy: str | None, bias_correction: bool, layers: str | None = None) -> str:
+def o2_passes(strategy: str | None, bias_correction: bool, layers: str | None = None,
+              variant: str | None = None) -> str:
     from mpqc.compiler.pipelines import pipeline_spec
     from mpqc.compiler.targets import get_target
     spec = pipeline_spec(2, get_target("npu8"))
@@ -66,6 +67,10 @@ def o2_passes(strategy: str | None, bias_correction: bool, layers: str | None = 
                 opts.append(f"strategy={strategy}")
             if layers:
                 opts.append(f"layers={layers}")
+            if variant and name == "layer-influence":
+                opts.append(f"variants={variant}")
+            if variant and name == "assign-bit-widths":
+                opts += [f"variant={variant}", "report_variants=false"]
         if name == "bias-correction" and not bias_correction:
             continue
         out.append(name + ("{" + ",".join(opts) + "}" if opts else ""))
@@ -110,7 +115,7 @@ def compile_one(model: str, level: int, target: str, *, max_drop=None, passes=No
     return res, time.perf_counter() - t
 
 
-def run_model(spec: str, strategy: str | None, bias_correction: bool, with_o1: bool = True) -> dict:
+def run_model(spec: str, strategy: str | None, bias_correction: bool, variant: str | None = None) -> dict:
     """``spec`` is a model name, optionally with another max-drop: ``efficientnet_lite0@0.1``."""
     model, _, drop = spec.partition("@")
     cfg = dict(CONFIGS[model])
@@ -129,7 +134,8 @@ def run_model(spec: str, strategy: str | None, bias_correction: bool, with_o1: b
                      "weight_bytes": _weight_bytes(res1.graph)}
         cached.write_text(json.dumps(row["O1"]))
     print(f"{model}: -O1 {row['O1']}", flush=True)
-    passes = o2_passes(strategy, bias_correction)
+    passes = o2_passes(strategy, bias_correction, variant=variant)
+    row["variant"] = variant or "chained"
     try:
         res2, t2 = compile_one(model, 2, cfg["target"], max_drop=cfg["max_drop"], passes=passes, batch=batch)
     except Exception as e:  # a TargetError is a result too: report it
@@ -138,7 +144,7 @@ def run_model(spec: str, strategy: str | None, bias_correction: bool, with_o1: b
         return row
     from mpqc.compiler.driver import _clean_nan, report_json_bytes
     from mpqc.compiler.html_report import render_html
-    tag = spec.replace("@", "_drop")
+    tag = spec.replace("@", "_drop") + (f"_{variant}" if variant else "")
     (OUT / f"o2_{tag}_report.json").write_bytes(report_json_bytes(_clean_nan(res2.report)))
     (OUT / f"o2_{tag}_report.html").write_text(render_html(_clean_nan(res2.report)))
     sec = res2.report["passes"]["assign-bit-widths"]
@@ -238,7 +244,8 @@ def markdown(rows: list[dict], cmd: str) -> str:
                          f"| {o1['weight_bytes']:,.0f} | {ortv} | | | |")
             continue
         lines.append(
-            f"| {r['model']} | {r['target']}, max-drop {r['max_drop']} ({o2['metric']} ≥ {o2['goal']:.4f} on eval) | "
+            f"| {r['model']} | {r['target']}, max-drop {r['max_drop']} ({o2['metric']} ≥ {o2['goal']:.4f} on eval)"
+            f"{'' if r.get('variant', 'chained') == 'chained' else ', ' + r['variant'] + ' influence'} | "
             f"{(o2['float_test'] if metric == 'top-1' else 1.0):.4f} | {o1[key]:.4f} | **{o2[key]:.4f}** | "
             f"{o2['weight_bytes']:,.0f} / {o2['weight_bytes_int8']:,.0f} = **{o2['weight_ratio_int8']:.1%}** | "
             f"{o1['weight_bytes']:,.0f} | {ortv} | {o2['evaluations']} | {o2['influence_sweeps']} "
@@ -368,8 +375,9 @@ def bc_markdown(rows: list[dict]) -> list[str]:
     return lines + [""]
 
 
-def row_path(spec: str, strategy: str | None, bias_correction: bool) -> Path:
-    tag = spec.replace("@", "_drop") + (f"_{strategy}" if strategy else "") + ("" if bias_correction else "_nobc")
+def row_path(spec: str, strategy: str | None, bias_correction: bool, variant: str | None = None) -> Path:
+    tag = spec.replace("@", "_drop") + (f"_{strategy}" if strategy else "") + ("" if bias_correction else "_nobc") \
+        + (f"_{variant}" if variant else "")
     return OUT / f"o2_{tag}.json"
 
 
@@ -378,6 +386,8 @@ def main() -> None:
     ap.add_argument("--models", default="digits_resnet,digits_vgg,efficientnet_lite0,efficientnet_lite0@0.1",
                     help="model names, each optionally with another max-drop: efficientnet_lite0@0.1")
     ap.add_argument("--strategy", default=None)
+    ap.add_argument("--variant", default=None, help="influence variant of the search (default chained; "
+                    "measures only that variant)")
     ap.add_argument("--no-bias-correction", action="store_true")
     ap.add_argument("--scaling", action="store_true")
     ap.add_argument("--report-only", action="store_true", help="rebuild the table from bench/out/o2_*.json")
@@ -396,11 +406,11 @@ def main() -> None:
     bc = not args.no_bias_correction
     rows = []
     for spec in args.models.split(","):
-        p = row_path(spec, args.strategy, bc)
+        p = row_path(spec, args.strategy, bc, args.variant)
         if args.report_only:
             rows.append(json.loads(p.read_text()))
             continue
-        rows.append(run_model(spec, args.strategy, bc))
+        rows.append(run_model(spec, args.strategy, bc, args.variant))
         p.write_text(json.dumps(rows[-1], indent=1, default=str))
     argv = [a for a in sys.argv[1:] if a not in ("--report-only", "--write")]
     md = markdown(rows, (".venv/bin/python bench/bench_o2.py " + " ".join(argv)).strip())
