@@ -110,11 +110,7 @@ def quantize_pow2(x, frac, zp, lo, hi, mode, out):
     n = x.size
     for i in range(n):
         q = _round(float(x[i]) * m, mode) + zp
-        if q < lo:
-            q = lo
-        elif q > hi:
-            q = hi
-        out[i] = q - zp
+        out[i] = _clamp(q, lo, hi) - zp
 
 
 @numba.njit(cache=True)
@@ -125,11 +121,7 @@ def quantize_float(x, scale, zp, lo, hi, out):
     for i in range(n):
         y = np.float32(np.float32(x[i]) / s)
         q = _round(float(y), 1) + zp
-        if q < lo:
-            q = lo
-        elif q > hi:
-            q = hi
-        out[i] = q - zp
+        out[i] = _clamp(q, lo, hi) - zp
 
 
 @numba.njit(cache=True)
