@@ -154,7 +154,7 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true", help="rebuild the tables from bench/out/ablation.json")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
-    from mpqc.compiler.progress import set_quiet
+    from mpqc.core.progress import set_quiet
     set_quiet(True)
     OUT.mkdir(parents=True, exist_ok=True)
     if args.report_only:

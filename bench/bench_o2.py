@@ -413,7 +413,7 @@ def main() -> None:
     ap.add_argument("--bc-effect", action="store_true", help="the starting network with and without bias correction")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
-    from mpqc.compiler.progress import set_quiet
+    from mpqc.core.progress import set_quiet
     set_quiet(True)
     OUT.mkdir(parents=True, exist_ok=True)
     if args.scaling:

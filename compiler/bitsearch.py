@@ -39,8 +39,8 @@ from typing import Any, Callable
 import numpy as np
 
 from .data import Dataset
-from .errors import DataError, OptionError, TargetError
-from .ir import Graph, Node
+from ..core.errors import DataError, OptionError, TargetError
+from ..core.ir import Graph, Node
 from .metrics import check_metric, evaluate
 from .passes import Analysis
 from .quant import BitConfig, FormatTable, QuantPlan, weight_bytes
@@ -347,7 +347,7 @@ def _start(sctx: SearchContext, start: BitConfig) -> float:
 def _steps(sctx: SearchContext, start: BitConfig, desc: str):
     """Counts the steps of a search loop (forever), with a progress bar sized to the layer-rungs left."""
     import itertools
-    from .progress import progress_iter
+    from ..core.progress import progress_iter
     total = 0
     for n in sctx.range_layers:
         b = start.bits[n]

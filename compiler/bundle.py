@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError, ModelError
-from .ir import Graph
+from ..core.errors import DataError, ModelError
+from ..core.ir import Graph
 
 BUNDLE_FORMAT = "mpqc-bundle"
 BUNDLE_VERSION = 1

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
-from .ir import Value
+from ..core.errors import DataError
+from ..core.ir import Value
 
 
 @dataclass

@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 
 from .data import Dataset, load_dataset
-from .errors import OptionError
+from ..core.errors import OptionError
 from .export import atomic_write_bytes, to_onnx
 from .frontend import load_graph
 from .info import model_info
-from .ir import Graph
+from ..core.ir import Graph
 from .passes import Pass, PassContext, PassManager, parse_pipeline
 from .pipelines import build_pipeline
 from .targets import Target, get_target

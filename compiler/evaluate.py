@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 
 from .data import load_dataset
-from .errors import DataError, ModelError, OptionError
+from ..core.errors import DataError, ModelError, OptionError
 from .export import load_qdq_graph as load_graph  # the frontend's loader, plus int4 weights widened
-from .ir import Graph
+from ..core.ir import Graph
 from .metrics import NEEDS_REFERENCE, check_metric, evaluate
 
 RUNTIMES = ("float", "emulator", "ort")

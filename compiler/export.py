@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import CompilerError
-from .ir import Graph, Value
+from ..core.errors import CompilerError
+from ..core.ir import Graph, Value
 
 PRODUCER = "mpqc"
 

@@ -16,8 +16,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import ModelError, UnsupportedOpError
-from .ir import Graph, Node, Value
+from ..core.errors import ModelError, UnsupportedOpError
+from ..core.ir import Graph, Node, Value
 
 log = logging.getLogger(__name__)
 

@@ -40,8 +40,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .errors import OptionError
-from .ir import Graph, Node, Value
+from ..core.errors import OptionError
+from ..core.ir import Graph, Node, Value
 from .passes import Analysis
 from .quant import BitConfig, QuantPlan
 from .targets import Target
@@ -138,7 +138,7 @@ def sweep(sim, x: np.ndarray, prefix: BitConfig | None, cuts: Sequence[tuple[int
     partial run fed with the prefix's tensors crossing the cut.
     """
     from ..runtime.executor import Executor, batches
-    from .progress import progress_iter
+    from ..core.progress import progress_iter
     plan = sim.plan
     graph = plan.graph
     order = stream_order(plan)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .ir import Graph, Node
+from ..core.ir import Graph, Node
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import DataError, OptionError
+from ..core.errors import DataError, OptionError
 
 METRICS = ("top1", "top5", "mean-score", "agreement", "mse", "psnr")
 NEEDS_LABELS = {"top1", "top5", "mean-score"}

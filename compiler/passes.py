@@ -27,8 +27,8 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-from .errors import CompilerError, OptionError, PassError
-from .ir import Graph
+from ..core.errors import CompilerError, OptionError, PassError
+from ..core.ir import Graph
 
 log = logging.getLogger(__name__)
 

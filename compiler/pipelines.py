@@ -15,7 +15,7 @@ and bias correction), so it trains the network exactly as it is exported.
 """
 from __future__ import annotations
 
-from .errors import OptionError
+from ..core.errors import OptionError
 from .passes import PASS_REGISTRY, Pass, _ensure_passes_loaded, parse_pipeline
 from .targets import Target
 

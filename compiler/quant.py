@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import CompilerError
-from .ir import Graph, Node, Value
+from ..core.errors import CompilerError
+from ..core.ir import Graph, Node, Value
 from .passes import Analysis
-from .qformat import LayerQConfig, QFormat, choose_frac_mse, choose_frac_mse_per_channel, qrange
+from ..core.qformat import LayerQConfig, QFormat, choose_frac_mse, choose_frac_mse_per_channel, qrange
 from .targets import Target
 
 FUSABLE_ACTIVATIONS = ("Relu", "Clip")

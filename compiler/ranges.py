@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import DataError
-from .ir import Graph, Value
+from ..core.errors import DataError
+from ..core.ir import Graph, Value
 from .passes import Analysis, PassContext
 
 
@@ -94,7 +94,7 @@ class ActivationRanges(Analysis):
 def profile(graph: Graph, x: np.ndarray, *, batch_size: int = 64, sample_cap: int = 1 << 17,
             node_fn=None, quiet: bool = True) -> dict[Value, TensorStats]:
     from ..runtime.executor import Executor, batches, float_node_fn
-    from .progress import progress_iter
+    from ..core.progress import progress_iter
     values = [v for v in graph.inputs] + [o for n in graph.nodes for o in n.outputs]
     stats = {v: TensorStats() for v in values}
     n_batches = max(1, -(-len(x) // batch_size))

@@ -51,8 +51,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from .bitsearch import SearchContext, check_goal_reachable, register_strategy
-from .errors import DataError, OptionError
-from .ir import Graph, Node
+from ..core.errors import DataError, OptionError
+from ..core.ir import Graph, Node
 from .passes import Analysis
 from .quant import BitConfig
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from mpqc.compiler.driver import CompileResult, compile_model
-from mpqc.compiler.errors import (CompilerError, DataError, ModelError, OptionError, PassError,
+from mpqc.core.errors import (CompilerError, DataError, ModelError, OptionError, PassError,
                                   TargetError, UnsupportedOpError, VerifyError)
-from mpqc.compiler.ir import Graph, Node, Value
+from mpqc.core.ir import Graph, Node, Value
 
 
 def load(path, *, canonicalize: bool = True) -> Graph:

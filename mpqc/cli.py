@@ -16,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-from mpqc.compiler.errors import CompilerError, OptionError
+from mpqc.core.errors import CompilerError, OptionError
 
 SUBCOMMANDS = ("info", "eval", "targets", "passes", "compile")
 
@@ -117,7 +117,7 @@ def eval_parser() -> argparse.ArgumentParser:
 
 
 def _setup(quiet: bool, verbose: int = 0) -> None:
-    from mpqc.compiler.progress import set_quiet
+    from mpqc.core.progress import set_quiet
     set_quiet(quiet)
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="mpqc: %(name)s: %(message)s", stream=sys.stderr)
@@ -212,7 +212,7 @@ def cmd_info(argv: list[str]) -> int:
 
 def _restore_bits(g) -> None:
     """Layer widths recorded by insert-qdq in the model's metadata -> ``node.qconfig``."""
-    from mpqc.compiler.qformat import LayerQConfig
+    from mpqc.core.qformat import LayerQConfig
     bits = json.loads(g.metadata.get("mpqc.layer_bits", "{}"))
     for n in g.layers():
         if n.name in bits and n.qconfig is None:

@@ -39,10 +39,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from mpqc.compiler.bitsearch import INFLUENCE_STRATEGIES, check_goal_reachable, get_strategy, search_context
-from mpqc.compiler.errors import OptionError
+from mpqc.core.errors import OptionError
 from mpqc.compiler.influence import VARIANTS, LayerInfluence
 from mpqc.compiler.info import layer_macs
-from mpqc.compiler.ir import Graph
+from mpqc.core.ir import Graph
 from mpqc.compiler.passes import Pass, PassContext, PassResult, register_pass
 from mpqc.compiler.quant import (BitConfig, FormatTableAnalysis, QuantPlanAnalysis, apply_config,
                                  check_bias_fits, config_from_ir, weight_bytes)

@@ -32,10 +32,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mpqc.compiler.errors import DataError
-from mpqc.compiler.ir import Graph, Node
+from mpqc.core.errors import DataError
+from mpqc.core.ir import Graph, Node
 from mpqc.compiler.passes import Analysis, Pass, PassContext, PassResult, register_pass
-from mpqc.compiler.qformat import QFormat, fake_quant, qrange
+from mpqc.core.qformat import QFormat, fake_quant, qrange
 from mpqc.compiler.quant import (FormatTableAnalysis, QuantPlanAnalysis, apply_config, config_from_ir)
 from mpqc.compiler.ranges import ActivationRanges
 
@@ -78,7 +78,7 @@ class LayerInputMeans(Analysis):
     name = "layer-input-means"
 
     def compute(self, graph: Graph, ctx) -> dict[Node, np.ndarray]:
-        from mpqc.compiler.progress import progress_iter
+        from mpqc.core.progress import progress_iter
         from mpqc.runtime.executor import Executor, batches, float_node_fn
         data = ctx.calib
         if data is None:

@@ -20,10 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from mpqc.compiler.errors import OptionError
-from mpqc.compiler.ir import Graph
+from mpqc.core.errors import OptionError
+from mpqc.core.ir import Graph
 from mpqc.compiler.passes import Pass, PassContext, PassResult, register_pass
-from mpqc.compiler.qformat import fake_quant, sqnr_db
+from mpqc.core.qformat import fake_quant, sqnr_db
 from mpqc.compiler.quant import (BitConfig, FormatTableAnalysis, QuantPlanAnalysis, apply_config,
                                  check_bias_fits)
 from mpqc.compiler.ranges import ActivationRanges

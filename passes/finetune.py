@@ -36,8 +36,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from mpqc.compiler.errors import DataError, OptionError
-from mpqc.compiler.ir import Graph
+from mpqc.core.errors import DataError, OptionError
+from mpqc.core.ir import Graph
 from mpqc.compiler.passes import Pass, PassContext, PassResult, register_pass
 from mpqc.compiler.quant import FormatTable, QuantPlanAnalysis, check_bias_fits
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mpqc.compiler.ir import Graph
+from mpqc.core.ir import Graph
 from mpqc.compiler.passes import Pass, PassContext, PassResult, register_pass
 
 

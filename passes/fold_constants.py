@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mpqc.compiler.ir import Graph, Node, Value
+from mpqc.core.ir import Graph, Node, Value
 from mpqc.compiler.passes import Pass, PassContext, PassResult, register_pass
 
 NEVER_FOLD = {"QuantizeLinear", "DequantizeLinear", "RandomNormal", "RandomUniform",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mpqc.compiler.ir import Graph, Node
+from mpqc.core.ir import Graph, Node
 from mpqc.compiler.passes import Pass, PassContext, PassResult, register_pass
 
 

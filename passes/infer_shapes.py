@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import onnx
 
 from mpqc.compiler.frontend import onnx_dtype_to_np
-from mpqc.compiler.ir import Graph
+from mpqc.core.ir import Graph
 from mpqc.compiler.passes import Pass, PassContext, PassResult, register_pass
 
 

@@ -41,10 +41,10 @@ from typing import Literal
 
 import numpy as np
 
-from mpqc.compiler.errors import OptionError, PassError
-from mpqc.compiler.ir import Graph, Node, Value, topo_values
+from mpqc.core.errors import OptionError, PassError
+from mpqc.core.ir import Graph, Node, Value, topo_values
 from mpqc.compiler.passes import Pass, PassContext, PassResult, register_pass
-from mpqc.compiler.qformat import QFormat, qrange, quantize_pow2
+from mpqc.core.qformat import QFormat, qrange, quantize_pow2
 
 QDQ_OPSET = 21
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
@@ -101,7 +101,7 @@ def dequantized_view(graph: Graph) -> Graph:
     model) see layers again. Returns ``graph`` itself when it has no Q/DQ."""
     if not is_qdq_graph(graph):
         return graph
-    from mpqc.compiler.qformat import dequantize_linear
+    from mpqc.core.qformat import dequantize_linear
     g = graph.copy()
     for n in list(g.nodes):
         if n.op_type != "DequantizeLinear":
@@ -275,7 +275,7 @@ def quantization_report(graph: Graph, ctx: PassContext) -> dict:
     """Per-layer and per-tensor formats, SQNR, bytes and MACs, with totals against float and
     uniform int8 (written before the QDQ rewrite, on the annotated IR)."""
     from mpqc.compiler.info import layer_macs
-    from mpqc.compiler.qformat import fake_quant, sqnr_db
+    from mpqc.core.qformat import fake_quant, sqnr_db
     from mpqc.compiler.quant import QuantPlanAnalysis
     tgt = ctx.target
     plan = ctx.analyses.get(QuantPlanAnalysis, graph)

@@ -20,9 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mpqc.compiler.bitsearch import INFLUENCE_STRATEGIES, check_goal_reachable, search_context
-from mpqc.compiler.errors import OptionError
+from mpqc.core.errors import OptionError
 from mpqc.compiler.influence import VARIANTS, LayerInfluence
-from mpqc.compiler.ir import Graph
+from mpqc.core.ir import Graph
 from mpqc.compiler.passes import Pass, PassContext, PassResult, register_pass
 from mpqc.compiler.quant import config_from_ir
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mpqc.compiler.ir import Graph
+from mpqc.core.ir import Graph
 from mpqc.compiler.passes import Pass, PassContext, PassResult, register_pass
 
 

@@ -38,9 +38,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..compiler.errors import CompilerError, DataError, UnsupportedOpError
-from ..compiler.ir import Graph, Node, Value
-from ..compiler.qformat import QFormat
+from ..core.errors import CompilerError, DataError, UnsupportedOpError
+from ..core.ir import Graph, Node, Value
+from ..core.qformat import QFormat
 from .grad_kernels import col2im, fake_quant_ste
 from .ops import KERNELS, _out_size, _pad_spatial, _windows, conv_pads, conv_params
 

@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from ..compiler.errors import CompilerError, DataError, UnsupportedOpError
-from ..compiler.ir import Graph, Node, Value
+from ..core.errors import CompilerError, DataError, UnsupportedOpError
+from ..core.ir import Graph, Node, Value
 from . import emulator_kernels as K
 
 ROUNDINGS = ("half-up", "half-even")
@@ -197,7 +197,7 @@ class _Lowering:
 
     def fold_cfix(self, a: _AV) -> _AV:
         """A DequantizeLinear of a constant, evaluated (ONNX semantics) for a float consumer."""
-        from ..compiler.qformat import dequantize_linear
+        from ..core.qformat import dequantize_linear
         arr = dequantize_linear(a.const, a.scale.astype(np.float32), a.zp_arr, axis=a.axis if a.axis is not None else 1)
         return _AV("const", a.name + "_dequantized_const", const=arr)
 
@@ -878,7 +878,7 @@ def run_emulator(model, x: np.ndarray, *, batch_size: int = 64, progress: str | 
                  rounding: str | None = None, outputs: str = "first") -> np.ndarray | dict:
     """Run ``model`` (Graph, Program, .onnx or bundle .npz) on ``x`` in batches with the
     fixed-point emulator; returns the first output (``outputs="all"``: every output by name)."""
-    from ..compiler.progress import progress_iter
+    from ..core.progress import progress_iter
     from .executor import batches
     prog = load_program(model, rounding=rounding)
     emu = Emulator(prog)

@@ -14,8 +14,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..compiler.errors import CompilerError, DataError, UnsupportedOpError
-from ..compiler.ir import Graph, Node, Value
+from ..core.errors import CompilerError, DataError, UnsupportedOpError
+from ..core.ir import Graph, Node, Value
 from .ops import KERNELS
 
 NodeFn = Callable[[Node, list], Sequence[np.ndarray]]
@@ -139,7 +139,7 @@ def run_batched(graph: Graph, x: np.ndarray | Mapping, *, batch_size: int = 64, 
     n = len(next(iter(feeds.values())))
     outs = [ex._resolve(o) for o in (outputs or graph.outputs)]
     chunks: list[list[np.ndarray]] = [[] for _ in outs]
-    from ..compiler.progress import progress_iter
+    from ..core.progress import progress_iter
     for sl in progress_iter(list(batches(n, batch_size)), desc=progress):
         res = ex.run({k: v[sl] for k, v in feeds.items()}, outs)
         for i, o in enumerate(outs):

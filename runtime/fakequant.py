@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..compiler.ir import Graph, Node, Value
-from ..compiler.qformat import QFormat, fake_quant
+from ..core.ir import Graph, Node, Value
+from ..core.qformat import QFormat, fake_quant
 from ..compiler.quant import BitConfig, FormatTable, QuantPlan
 from .executor import Executor, float_node_fn, run_batched
 

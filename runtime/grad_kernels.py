@@ -1,7 +1,7 @@
 """numba kernels of the training engine: fake quantization with its straight-through mask.
 
 ``fake_quant_ste(x, fmt)`` returns the fake-quantized tensor (exactly what
-``compiler.qformat.fake_quant`` returns) together with the clipped
+``core.qformat.fake_quant`` returns) together with the clipped
 straight-through mask: 1 where the rounded integer fell inside the format's range
 (the gradient passes), 0 where it saturated (the gradient is cut). One pass over
 the data for float32 tensors, per tensor or per channel.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ..compiler.qformat import QFormat, _frac_b, fake_quant, qrange
+from ..core.qformat import QFormat, _frac_b, fake_quant, qrange
 
 
 @numba.njit(cache=True, fastmath=False)

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ..compiler.errors import UnsupportedOpError
+from ..core.errors import UnsupportedOpError
 
 KERNELS: dict[str, Callable] = {}
 
@@ -849,7 +849,7 @@ _QINT = frozenset(np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.uint16, 
 
 @kernel("QuantizeLinear")
 def k_quantize(node, x, scale, zp=None):
-    from ..compiler.qformat import quantize_linear
+    from ..core.qformat import quantize_linear
     v_qdq(node)
     if zp is not None:
         out_dt = zp.dtype
@@ -864,7 +864,7 @@ def k_quantize(node, x, scale, zp=None):
 
 @kernel("DequantizeLinear")
 def k_dequantize(node, x, scale, zp=None):
-    from ..compiler.qformat import dequantize_linear
+    from ..core.qformat import dequantize_linear
     v_qdq(node)
     if x.dtype not in _QINT:
         _unsupported(node, f"dequantization of {x.dtype}")

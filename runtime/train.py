@@ -16,8 +16,8 @@ from typing import Callable
 
 import numpy as np
 
-from ..compiler.errors import DataError, OptionError
-from ..compiler.ir import Graph, Value
+from ..core.errors import DataError, OptionError
+from ..core.ir import Graph, Value
 from .autograd import GradEngine
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -151,7 +151,7 @@ def fit(engine: GradEngine, x: np.ndarray, y: np.ndarray, opts: TrainOptions, *,
     t0 = time.perf_counter()
     order = None
     ep_loss = ep_correct = ep_seen = 0.0
-    from ..compiler.progress import progress_iter
+    from ..core.progress import progress_iter
     for step in progress_iter(range(total), desc=progress):
         pos = step % per_epoch
         if pos == 0:

@@ -5,7 +5,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mpqc.compiler.ir import Graph, Node, Value
+from mpqc.core.ir import Graph, Node, Value
 
 
 class GraphBuilder:

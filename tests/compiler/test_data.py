@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from mpqc.compiler.data import Dataset, check_input, load_dataset, parse_spec
-from mpqc.compiler.errors import DataError
-from mpqc.compiler.ir import Value
+from mpqc.core.errors import DataError
+from mpqc.core.ir import Value
 
 from tests.conftest import bench_path
 

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from mpqc.compiler.errors import ModelError, UnsupportedOpError
+from mpqc.core.errors import ModelError, UnsupportedOpError
 from mpqc.compiler.export import save_onnx, to_onnx
 from mpqc.compiler.frontend import from_onnx, load_graph
 from mpqc.compiler.passes import PassContext, PassManager

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from mpqc.compiler.data import Dataset
-from mpqc.compiler.errors import OptionError
+from mpqc.core.errors import OptionError
 from mpqc.compiler.influence import (VARIANTS, LayerInfluence, compute_influence, crossing_values,
                                      cut_positions, layer_range, lower_rung, reduced_config, stream_order,
                                      sweep)
 from mpqc.compiler.metrics import agreement, neg_mse
 from mpqc.compiler.passes import PassContext, PassManager, parse_pipeline
-from mpqc.compiler.qformat import QFormat
+from mpqc.core.qformat import QFormat
 from mpqc.compiler.quant import BitConfig, FormatTable, QuantPlan
 from mpqc.compiler.targets import get_target
 from mpqc.runtime.fakequant import QuantSim

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mpqc.compiler.errors import VerifyError
-from mpqc.compiler.ir import Graph, Node, Value
+from mpqc.core.errors import VerifyError
+from mpqc.core.ir import Graph, Node, Value
 
 from tests.graphs import GraphBuilder, ops, rel_err, run_float, run_ort
 

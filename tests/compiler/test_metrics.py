@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from mpqc.compiler.errors import DataError, OptionError
+from mpqc.core.errors import DataError, OptionError
 from mpqc.compiler.metrics import (METRICS, agreement, average_precision, box_iou, check_metric, evaluate,
                                    mean_average_precision, mean_iou, mean_score, neg_mse, psnr, softmax, top_k)
 

@@ -12,8 +12,8 @@ from typing import Literal, Optional
 import numpy as np
 import pytest
 
-from mpqc.compiler.errors import CompilerError, DataError, OptionError, PassError
-from mpqc.compiler.ir import Graph
+from mpqc.core.errors import CompilerError, DataError, OptionError, PassError
+from mpqc.core.ir import Graph
 from mpqc.compiler.passes import (PASS_REGISTRY, Analysis, Pass, PassContext, PassManager, PassResult,
                                   get_pass_class, make_pass, parse_pipeline, register_pass)
 from mpqc.compiler.pipelines import CANONICALIZE, build_pipeline, pipeline_spec

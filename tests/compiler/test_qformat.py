@@ -9,7 +9,7 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from mpqc.compiler.qformat import (QFormat, choose_frac_mse, choose_frac_mse_per_channel, dequantize_pow2,
+from mpqc.core.qformat import (QFormat, choose_frac_mse, choose_frac_mse_per_channel, dequantize_pow2,
                                    fake_quant, quantize_pow2, range_frac, round_half_up, sqnr_db)
 
 

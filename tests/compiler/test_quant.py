@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from mpqc.compiler.data import Dataset
-from mpqc.compiler.errors import CompilerError
+from mpqc.core.errors import CompilerError
 from mpqc.compiler.passes import PassContext
-from mpqc.compiler.qformat import QFormat, choose_frac_mse
+from mpqc.core.qformat import QFormat, choose_frac_mse
 from mpqc.compiler.quant import (BitConfig, FormatTableAnalysis, QuantPlan, QuantPlanAnalysis, apply_config,
                                  check_bias_fits, config_from_ir, float_act_format, float_weight_format,
                                  weight_axis, weight_bytes)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mpqc.compiler.data import Dataset
-from mpqc.compiler.errors import DataError
+from mpqc.core.errors import DataError
 from mpqc.compiler.passes import PassContext
 from mpqc.compiler.ranges import ActivationRanges, TensorStats, profile
 from mpqc.runtime.executor import Executor

@@ -8,7 +8,7 @@ import pytest
 
 from mpqc.compiler.bitsearch import SearchContext, get_strategy
 from mpqc.compiler.data import Dataset
-from mpqc.compiler.errors import DataError, OptionError, TargetError
+from mpqc.core.errors import DataError, OptionError, TargetError
 from mpqc.compiler.passes import PassContext, make_pass
 from mpqc.compiler.quant import BitConfig, FormatTableAnalysis, QuantPlan, QuantPlanAnalysis
 from mpqc.compiler.targets import get_target

@@ -7,7 +7,7 @@ import pytest
 
 from mpqc.compiler.bitsearch import SearchContext, get_strategy
 from mpqc.compiler.data import Dataset
-from mpqc.compiler.errors import OptionError, TargetError
+from mpqc.core.errors import OptionError, TargetError
 from mpqc.compiler.passes import PassContext, PassManager, parse_pipeline
 from mpqc.compiler.quant import BitConfig, FormatTableAnalysis, QuantPlan, QuantPlanAnalysis, weight_bytes
 from mpqc.compiler.targets import get_target

@@ -7,7 +7,7 @@ import pytest
 
 from mpqc.compiler.data import Dataset
 from mpqc.compiler.passes import PassContext, PassManager, parse_pipeline
-from mpqc.compiler.qformat import fake_quant
+from mpqc.core.qformat import fake_quant
 from mpqc.compiler.quant import BitConfig, FormatTableAnalysis, QuantPlanAnalysis
 from mpqc.compiler.targets import get_target
 from mpqc.runtime.executor import Executor
@@ -116,7 +116,7 @@ def test_negative_second_run_and_graph_without_correctable_layers():
 
 
 def test_needs_widths_and_calibration_data():
-    from mpqc.compiler.errors import CompilerError, DataError
+    from mpqc.core.errors import CompilerError, DataError
     g = graph()
     ctx = PassContext(target=get_target("npu4"))
     with pytest.raises(CompilerError, match="no bit widths yet"):

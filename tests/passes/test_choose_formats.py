@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mpqc.compiler.data import Dataset
-from mpqc.compiler.errors import DataError, OptionError
+from mpqc.core.errors import DataError, OptionError
 from mpqc.compiler.passes import PassContext, make_pass
 from mpqc.compiler.targets import get_target
 from mpqc.runtime.executor import Executor

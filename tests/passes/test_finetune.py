@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mpqc.compiler.data import Dataset
-from mpqc.compiler.errors import DataError
+from mpqc.core.errors import DataError
 from mpqc.compiler.passes import PassContext, make_pass
 from mpqc.compiler.quant import FormatTable, QuantPlan
 from mpqc.compiler.ranges import ActivationRanges
@@ -176,7 +176,7 @@ def test_without_labelled_eval_data_the_formats_are_rechosen(trained):
 
 
 def test_pipelines_add_or_drop_finetune():
-    from mpqc.compiler.errors import OptionError
+    from mpqc.core.errors import OptionError
     from mpqc.compiler.pipelines import pipeline_spec
     t = get_target("npu8")
     names = lambda spec: [s.split("{")[0] for s in spec]  # noqa: E731

@@ -8,10 +8,10 @@ import onnxruntime as ort
 import pytest
 
 from mpqc.compiler.data import Dataset
-from mpqc.compiler.errors import OptionError, PassError
+from mpqc.core.errors import OptionError, PassError
 from mpqc.compiler.export import to_onnx
 from mpqc.compiler.passes import PassContext, PassManager, parse_pipeline
-from mpqc.compiler.qformat import QFormat
+from mpqc.core.qformat import QFormat
 from mpqc.compiler.targets import get_target
 from mpqc.passes.insert_qdq import InsertQDQPass, dequantized_view
 from mpqc.runtime.emulator import run_emulator

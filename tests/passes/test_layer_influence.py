@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from mpqc.compiler.errors import OptionError
+from mpqc.core.errors import OptionError
 from mpqc.compiler.influence import LayerInfluence
 
 from tests.passes.test_assign_bit_widths import run_o2
@@ -39,6 +39,6 @@ def test_skipped_for_a_strategy_without_influences_and_bad_options():
 
 
 def test_a_goal_the_start_misses_fails_before_any_sweep():
-    from mpqc.compiler.errors import TargetError
+    from mpqc.core.errors import TargetError
     with pytest.raises(TargetError, match="not met even before"):
         run_o2("layer-influence", options={"target_score": 1.5})

@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mpqc.compiler.errors import DataError, UnsupportedOpError
-from mpqc.compiler.ir import Graph
-from mpqc.compiler.qformat import QFormat, fake_quant
+from mpqc.core.errors import DataError, UnsupportedOpError
+from mpqc.core.ir import Graph
+from mpqc.core.qformat import QFormat, fake_quant
 from mpqc.runtime.autograd import GradEngine, QuantSpec, softmax_cross_entropy, unbroadcast
 from mpqc.runtime.grad_kernels import fake_quant_ste
 from tests.graphs import GraphBuilder, run_float

@@ -22,7 +22,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from mpqc.compiler.errors import UnsupportedOpError
+from mpqc.core.errors import UnsupportedOpError
 from mpqc.compiler.frontend import from_onnx
 from mpqc.runtime.executor import Executor
 from mpqc.runtime.ops import KERNELS

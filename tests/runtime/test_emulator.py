@@ -7,9 +7,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from mpqc.compiler.errors import CompilerError, DataError
+from mpqc.core.errors import CompilerError, DataError
 from mpqc.compiler.export import to_onnx
-from mpqc.compiler.qformat import QFormat
+from mpqc.core.qformat import QFormat
 from mpqc.runtime.emulator import Emulator, lower, run_emulator
 from tests.graphs import GraphBuilder
 

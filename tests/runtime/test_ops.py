@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from mpqc.compiler.errors import UnsupportedOpError
+from mpqc.core.errors import UnsupportedOpError
 from mpqc.compiler.frontend import from_onnx
 from mpqc.runtime.executor import Executor
 

@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from mpqc.compiler.errors import DataError, OptionError
+from mpqc.core.errors import DataError, OptionError
 from mpqc.runtime.autograd import GradEngine
 from mpqc.runtime.train import SGD, TrainOptions, accuracy, check_labels, fit, init_weights, lr_at
 from tests.conftest import bench_path
