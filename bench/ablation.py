@@ -48,11 +48,13 @@ def prepare(model: str):
 
 def walk(graph, ctx, strategy: str, rank: str, seed: int = 0) -> dict:
     """Every step of ``strategy`` with ``rank`` when the goal never stops it."""
-    from mpqc.compiler.bitsearch import get_strategy, search_context
+    from mpqc.compiler.bitsearch import search_context
+    from mpqc.compiler.options import SearchOptions
+    from mpqc.compiler.strategies import get_strategy
     from mpqc.compiler.quant import BitConfig, config_from_ir
     ctx.seed = seed
     sctx = search_context(graph, ctx, target_score=-1.0, bias_correction=True,
-                          options={"rank": rank, "repeat": True, "variant": "chained"})
+                          options=SearchOptions(rank=rank, repeat=True, variant="chained"))
     t = time.perf_counter()
     start = config_from_ir(sctx.plan)
     get_strategy(strategy)(sctx, start)

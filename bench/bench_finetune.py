@@ -53,7 +53,8 @@ def test_accuracy(g, x, y) -> float:
 def run_case(model, tname, wb, ab, what, data, epochs, lr) -> dict:
     from mpqc.compiler.data import Dataset
     from mpqc.compiler.frontend import load_graph
-    from mpqc.compiler.passes import PassContext, PassManager, make_pass
+    from mpqc.compiler.passes import PassContext, PassManager
+    from mpqc.compiler.pipelines import make_pass
     from mpqc.compiler.pipelines import build_pipeline
     from mpqc.runtime.executor import run_batched
     g = load_graph(BENCH / f"{model}.onnx")

@@ -82,7 +82,7 @@ def o2_passes(strategy: str | None, bias_correction: bool, layers: str | None = 
 
 def test_value(model: str, graph, float_test: np.ndarray, batch: int) -> dict:
     """Test accuracy (digits) or agreement with float (EfficientNet) under the emulator."""
-    from mpqc.runtime.emulator import run_emulator
+    from mpqc.compiler.lowering import run_emulator
     x, y = load_split(model, "test")
     t = time.perf_counter()
     out = run_emulator(graph, x, batch_size=batch)
@@ -102,7 +102,7 @@ def float_outputs(model: str, batch: int) -> np.ndarray:
 def compile_one(model: str, level: int, target: str, *, max_drop=None, passes=None, batch=64,
                 eval_n: int | None = None) -> tuple:
     from mpqc.compiler.data import load_dataset
-    from mpqc.compiler.driver import compile_model
+    from mpqc.compiler.driver import Diagnostics, compile_model
     from mpqc.compiler.frontend import load_graph
     g = load_graph(model_path(model))
     ev = load_dataset(data_file(model) + ":eval", g.inputs[0], option="--eval")
@@ -111,7 +111,7 @@ def compile_one(model: str, level: int, target: str, *, max_drop=None, passes=No
     t, c = time.perf_counter(), time.process_time()
     res = compile_model(g, level=level, target=target, calib=data_file(model) + ":calib", eval=ev,
                         passes=passes, batch_size=batch, options={"max_drop": max_drop} if max_drop else {},
-                        time_passes=True, printer=lambda s: None)
+                        diagnostics=Diagnostics(time_passes=True, printer=lambda s: None))
     res.report["cpu_seconds"] = time.process_time() - c  # less sensitive than wall time to other jobs
     return res, time.perf_counter() - t
 
@@ -164,7 +164,7 @@ def run_model(spec: str, strategy: str | None, bias_correction: bool, variant: s
 
 def _weight_bytes(graph) -> float:
     from mpqc.compiler.quant import QuantPlan, config_from_ir, weight_bytes
-    from mpqc.passes.insert_qdq import dequantized_view
+    from mpqc.compiler.qdq import dequantized_view
     g = dequantized_view(graph)
     plan = QuantPlan.build(g)
     return weight_bytes(plan, config_from_ir(plan))

@@ -47,7 +47,8 @@ def bench_target(a_bits: int):
 def prepare(model: str, a_bits: int, data):
     from mpqc.compiler.data import Dataset
     from mpqc.compiler.frontend import load_graph
-    from mpqc.compiler.passes import PassContext, PassManager, make_pass
+    from mpqc.compiler.passes import PassContext, PassManager
+    from mpqc.compiler.pipelines import make_pass
     from mpqc.compiler.pipelines import build_pipeline
     g = load_graph(BENCH / f"{model}.onnx")
     PassManager(build_pipeline(0)).run(g, PassContext())
@@ -63,7 +64,9 @@ def order_by(sctx, start, scores):
 
 
 def run_model(model: str, a_bits: int, data, cycles: int, log) -> dict:
-    from mpqc.compiler.bitsearch import SearchContext, get_strategy, search_context
+    from mpqc.compiler.bitsearch import SearchContext, search_context
+    from mpqc.compiler.options import SearchOptions
+    from mpqc.compiler.strategies import get_strategy
     from mpqc.compiler.quant import config_from_ir
     from mpqc.compiler.weight_diff import weight_difference
     g, ctx, ds = prepare(model, a_bits, data)
@@ -104,7 +107,7 @@ def run_model(model: str, a_bits: int, data, cycles: int, log) -> dict:
     # the strategies on the same ranking (computed once, given to both)
     strat = {}
     for sname, opts in (("weight-diff-bsearch", {"max_loss": 0.01}), ("weight-diff-topk", {"count": len(layers) // 2})):
-        s2 = search_context(g, ctx, split="eval", metric="top1", options={"weight_diff": wd, **opts})
+        s2 = search_context(g, ctx, split="eval", metric="top1", options=SearchOptions(weight_diff=wd, **opts))
         cfg = get_strategy(sname)(s2, start)
         chosen = [n.name for n in layers if cfg.bits[n] != start.bits[n]]
         strat[sname] = {"options": opts, "reduced": chosen, "count": len(chosen), "eval": s2.evaluate(cfg),

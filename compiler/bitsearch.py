@@ -1,4 +1,4 @@
-"""Shared machinery of the bit-width searches, and the seed-000 strategies (ALGORITHMS.md §3).
+"""Shared machinery of the bit-width searches, and the layer-influence strategies.
 
 A ``SearchContext`` bundles what every strategy needs: the quantization plan and
 format table, the fake-quant simulator, the evaluation data and metric, the float
@@ -6,11 +6,11 @@ reference outputs, the target and its ladder, the goal and a trace. ``evaluate``
 scores a ``BitConfig`` (cached by its key, so a strategy never pays twice for the
 same network); ``influence`` runs the LayerInfluence analysis for a network;
 ``record`` appends a step to the trace. Strategies are plain functions
-``strategy(sctx, start) -> BitConfig`` registered by name with
-``@register_strategy("name")``; the ``assign-bit-widths`` pass looks them up and
-passes its strategy options in ``sctx.options``.
+``strategy(sctx, start) -> BitConfig``, listed by name in ``compiler/strategies.py``;
+the ``assign-bit-widths`` pass looks them up and passes its strategy options
+(``compiler.options.SearchOptions``) in ``sctx.options``.
 
-The three strategies of seed 000 (FIG. 14-19, claims 4-9). "Reducing" a layer
+The three strategies of US 2021/0201141 A1 (FIG. 14-19, claims 4-9; docs/LAYER_INFLUENCE.md). "Reducing" a layer
 moves it one rung down the target's ladder (npu8: w8a16 -> w4a8; npu4: w8a8 ->
 w4a8 -> w4a4 -> w2a4), never below the minimum width b_m. Each step's evaluation
 value (the "third evaluation value") is compared with the goal exactly as the
@@ -33,17 +33,24 @@ influence ranking (for the ablation that measures what the ranking is worth).
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from .data import Dataset
 from ..core.errors import DataError, OptionError, TargetError
 from ..core.ir import Graph, Node
+from ..core.progress import progress_iter
+from ..runtime.executor import run_batched
+from .bias_correction import bias_correction_for
+from .data import Dataset
+from .influence import InfluenceResult, compute_influence, layer_range as pick_range, lower_rung
 from .metrics import check_metric, evaluate
+from .options import SearchOptions
 from .passes import Analysis
-from .quant import BitConfig, FormatTable, QuantPlan, weight_bytes
+from .quant import BitConfig, FormatTable, FormatTableAnalysis, QuantPlan, QuantPlanAnalysis, config_from_ir, weight_bytes
+from .quantsim import QuantSim
 from .targets import Target
 
 #: the strategies that rank layers by their degree of influence (the others do not need it measured)
@@ -84,7 +91,7 @@ class SearchContext:
     batch_size: int = 64
     quiet: bool = True
     seed: int = 0
-    options: dict[str, Any] = field(default_factory=dict)
+    options: SearchOptions = field(default_factory=SearchOptions)
     trace: list[TraceStep] = field(default_factory=list)
     _cache: dict[tuple, float] = field(default_factory=dict)
     evaluations: int = 0
@@ -144,12 +151,10 @@ class SearchContext:
 
     def lower(self, config: BitConfig, node: Node) -> tuple[int, int] | None:
         """The next rung below ``node``'s widths on the target ladder (None at the bottom or b_m)."""
-        from .influence import lower_rung
         return lower_rung(self.target, config.bits[node], self.min_bits)
 
     def influence(self, config: BitConfig, variant: str = "chained", candidates: list[Node] | None = None):
         """LayerInfluence of ``config`` as NN_T (``compiler.influence.compute_influence``)."""
-        from .influence import compute_influence
         cands = self.range_layers if candidates is None else list(candidates)
         key = (config.key(self.layers), variant, tuple(id(n) for n in cands))
         res = self._icache.get(key)
@@ -180,37 +185,6 @@ class SearchContext:
         return node.weight.const.size * (config.bits[node][0] - lo[0]) / 8
 
 
-Strategy = Callable[[SearchContext, BitConfig], BitConfig]
-STRATEGIES: dict[str, Strategy] = {}
-
-
-def register_strategy(name: str):
-    def deco(fn: Strategy) -> Strategy:
-        if name in STRATEGIES and STRATEGIES[name] is not fn:
-            raise ValueError(f"strategy {name!r} registered twice")
-        STRATEGIES[name] = fn
-        return fn
-    return deco
-
-
-def get_strategy(name: str) -> Strategy:
-    _load_strategies()
-    if name not in STRATEGIES:
-        raise OptionError(f"unknown strategy {name!r}; choose one of {', '.join(sorted(STRATEGIES))}")
-    return STRATEGIES[name]
-
-
-def _load_strategies() -> None:
-    """Strategies of other modules register on import (weight-difference: compiler.weight_diff)."""
-    import importlib
-    for mod in ("weight_diff",):
-        try:
-            importlib.import_module(f"{__package__}.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__package__}.{mod}":
-                raise
-
-
 def resolve_goal(float_value: float, metric: str, max_drop: float | None, target_score: float | None) -> float:
     """The value a search must keep: ``float * (1 - max_drop)`` for ratio metrics, else absolute."""
     if target_score is not None:
@@ -225,6 +199,21 @@ def resolve_goal(float_value: float, metric: str, max_drop: float | None, target
         raise OptionError(f"--metric {metric} compares with the float model, so --max-drop has nothing to be "
                           f"relative to: give --target-score, {what}")
     return float_value * (1 - drop)
+
+
+def search_goal(max_drop: float | None, target_score: float | None, options, where: str
+                ) -> tuple[float | None, float | None]:
+    """(max_drop, target_score) of a pass: its own options, else the compile options' (``--max-drop``,
+    ``--target-score``); a pass option replaces both compile options."""
+    if max_drop is not None and target_score is not None:
+        raise OptionError(f"{where}: give either max_drop or target_score, not both")
+    if target_score is not None:
+        return None, target_score
+    if max_drop is not None:
+        if not 0 <= max_drop < 1:
+            raise OptionError(f"{where}: max_drop={max_drop} must be in [0, 1)")
+        return max_drop, None
+    return options.max_drop, options.target_score
 
 
 def check_goal_reachable(ctx: SearchContext, start: BitConfig) -> float:
@@ -250,7 +239,6 @@ class FloatReference(Analysis):
         self.split = split
 
     def compute(self, graph: Graph, ctx) -> np.ndarray:
-        from ..runtime.executor import run_batched
         data = getattr(ctx, self.split)
         return run_batched(graph, data.x, batch_size=ctx.batch_size,
                            progress=None if ctx.quiet else f"float reference ({self.split})")[0]
@@ -277,13 +265,10 @@ def search_data(ctx, split: str | None, metric: str | None) -> tuple[str, Datase
 def search_context(graph: Graph, ctx, *, split: str | None = None, metric: str | None = None,
                    max_drop: float | None = None, target_score: float | None = None,
                    layer_range: tuple[int, int] | None = None, min_bits: int | None = None,
-                   format_search: int = 2, options: dict | None = None,
+                   format_search: int = 2, options: SearchOptions | None = None,
                    bias_correction: bool = False) -> SearchContext:
     """A SearchContext for ``graph`` (after choose-formats) from a PassContext. With ``bias_correction``
     the simulated networks carry the bias correction of ``passes.bias_correction`` at every width."""
-    from ..runtime.fakequant import QuantSim
-    from .influence import layer_range as pick_range
-    from .quant import FormatTableAnalysis, QuantPlanAnalysis
     split, data, metric, note = search_data(ctx, split, metric if metric is not None else ctx.metric)
     plan = ctx.analyses.get(QuantPlanAnalysis, graph)
     table = ctx.analyses.get(FormatTableAnalysis, graph, search=format_search)
@@ -291,26 +276,26 @@ def search_context(graph: Graph, ctx, *, split: str | None = None, metric: str |
     float_value = evaluate(metric, ref, data.y, ref)
     bc = None
     if bias_correction:
-        from ..passes.bias_correction import bias_correction_for
         bc = bias_correction_for(graph, ctx).corrected_bias
     sctx = SearchContext(graph=graph, plan=plan, table=table, sim=QuantSim(plan, table, bc), target=ctx.target,
                          data=data, metric=metric, reference=ref, float_value=float_value,
                          goal=resolve_goal(float_value, metric, max_drop, target_score),
-                         batch_size=ctx.batch_size, quiet=ctx.quiet, seed=ctx.seed, options=dict(options or {}),
+                         batch_size=ctx.batch_size, quiet=ctx.quiet, seed=ctx.seed,
+                         options=(options if options is not None else SearchOptions()).check(),
                          min_bits=min_bits, candidates=pick_range(plan.layers, layer_range))
-    sctx.options.setdefault("split", split)
-    sctx.options.setdefault("bias_correction", bool(bias_correction))
-    if note:
-        sctx.options.setdefault("note", note)
+    sctx.options.split = split
+    sctx.options.bias_correction = bool(bias_correction)
+    if note and sctx.options.note is None:
+        sctx.options.note = note
     return sctx
 
 
 # ---------------------------------------------------------------------------- ranking
 def _ranking(sctx: SearchContext, config: BitConfig, cands: list[Node]) -> dict[Node, float]:
     """Score per candidate (lower = reduce first): influence, or an ablation ordering."""
-    rank = sctx.options.get("rank", "influence")
+    rank = sctx.options.rank
     if rank == "influence":
-        res = sctx.influence(config, sctx.options.get("variant", "chained"))
+        res = sctx.influence(config, sctx.options.variant)
         return {n: float(res.influence[n]) for n in cands}
     idx = {id(n): i for i, n in enumerate(sctx.layers)}
     if rank == "random":  # one fixed random permutation of the layers (seeded)
@@ -346,8 +331,6 @@ def _start(sctx: SearchContext, start: BitConfig) -> float:
 
 def _steps(sctx: SearchContext, start: BitConfig, desc: str):
     """Counts the steps of a search loop (forever), with a progress bar sized to the layer-rungs left."""
-    import itertools
-    from ..core.progress import progress_iter
     total = 0
     for n in sctx.range_layers:
         b = start.bits[n]
@@ -358,7 +341,6 @@ def _steps(sctx: SearchContext, start: BitConfig, desc: str):
 
 
 def _lower_bits(sctx: SearchContext, bits) -> tuple[int, int] | None:
-    from .influence import lower_rung
     return lower_rung(sctx.target, bits, sctx.min_bits)
 
 
@@ -367,13 +349,12 @@ def _scores_json(scores: dict[Node, float]) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------- strategies
-@register_strategy("min-influence")
 def min_influence(sctx: SearchContext, start: BitConfig) -> BitConfig:
     """FIG. 16-17: reduce the not-yet-reduced layer of lowest influence while eval > goal."""
     _start(sctx, start)
     steps = iter(_steps(sctx, start, "search (min-influence)"))
     cur = start  # NN_T, also NN* (the last network that met the goal)
-    repeat = bool(sctx.options.get("repeat", False))
+    repeat = sctx.options.repeat
     while True:
         cands = _lowerable(sctx, cur)
         if not cands:
@@ -395,17 +376,16 @@ def min_influence(sctx: SearchContext, start: BitConfig) -> BitConfig:
             return cur
 
 
-@register_strategy("threshold")
 def threshold(sctx: SearchContext, start: BitConfig) -> BitConfig:
     """FIG. 14-15: reduce every not-yet-reduced layer with influence <= K, raise K, repeat."""
     _start(sctx, start)
     steps = iter(_steps(sctx, start, "search (threshold)"))
     cur = start
-    repeat = bool(sctx.options.get("repeat", False))
-    step = sctx.options.get("k_step", "next")
+    repeat = sctx.options.repeat
+    step = sctx.options.k_step
     if step not in ("next", "double"):
         raise OptionError(f"k_step={step!r} is unknown; choose next or double")
-    k_init = sctx.options.get("k_init")
+    k_init = sctx.options.k_init
     while True:
         cands = _lowerable(sctx, cur)
         if not cands:
@@ -440,7 +420,6 @@ def threshold(sctx: SearchContext, start: BitConfig) -> BitConfig:
             return cur
 
 
-@register_strategy("influence-update")
 def influence_update(sctx: SearchContext, start: BitConfig) -> BitConfig:
     """FIG. 18-19: min-influence with influences recomputed on the reduced network after each step."""
     _start(sctx, start)
@@ -461,3 +440,26 @@ def influence_update(sctx: SearchContext, start: BitConfig) -> BitConfig:
         if verdict == "equal":
             return new
         cur = new
+
+
+class LayerInfluence(Analysis):
+    """``InfluenceResult`` of the network the IR describes (its ``node.qconfig`` bits as NN_T).
+
+    Parameters: ``variant``, ``split`` ("eval"/"calib"/None: eval when present),
+    ``metric`` (None: the context's, else top1 with labels / agreement),
+    ``layer_range`` (S, G), ``min_bits`` (b_m; None: the target's) and ``bias_correction`` (simulate
+    the bias-correction pass in both networks).
+    """
+    name = "layer-influence"
+
+    def __init__(self, variant: str = "chained", split: str | None = None, metric: str | None = None,
+                 layer_range: tuple[int, int] | None = None, min_bits: int | None = None,
+                 bias_correction: bool = False, **params):
+        super().__init__(variant=variant, split=split, metric=metric, layer_range=layer_range,
+                         min_bits=min_bits, bias_correction=bias_correction, **params)
+
+    def compute(self, graph: Graph, ctx) -> InfluenceResult:
+        p = self.params
+        sctx = search_context(graph, ctx, split=p["split"], metric=p["metric"], layer_range=p["layer_range"],
+                              min_bits=p["min_bits"], bias_correction=p["bias_correction"])
+        return sctx.influence(config_from_ir(sctx.plan), p["variant"])

@@ -17,14 +17,21 @@ from typing import Any
 
 import numpy as np
 
-from .data import Dataset, load_dataset
+from ..runtime.executor import run_batched
+from .bundle import bundle_bytes
+from .data import Dataset, check_input, load_dataset
 from ..core.errors import OptionError
 from .export import atomic_write_bytes, to_onnx
 from .frontend import load_graph
 from .info import model_info
+from .lowering import run_emulator
+from .metrics import NEEDS_REFERENCE, check_metric, evaluate
 from ..core.ir import Graph
-from .passes import Pass, PassContext, PassManager, parse_pipeline
-from .pipelines import build_pipeline
+from .html_report import render_html
+from .options import CompileOptions
+from .passes import Pass, PassContext, PassManager
+from .pipelines import build_pipeline, parse_pipeline
+from .qdq import dequantized_view, is_quantized
 from .targets import Target, get_target
 
 log = logging.getLogger(__name__)
@@ -32,6 +39,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class CompileResult:
+    """What ``compile_model`` returns: the compiled IR ``graph`` (QDQ form after insert-qdq;
+    ``node.qconfig``/``value.qformat`` hold the decisions), the canonical ``float_graph``, the
+    ``report`` (what ``--report`` writes), the pass ``context`` and the pass ``timings``."""
     graph: Graph
     float_graph: Graph
     report: dict[str, Any]
@@ -53,11 +63,9 @@ def _as_dataset(d, graph: Graph, option: str, default_split: str) -> Dataset | N
     if isinstance(d, (str, os.PathLike)):
         return load_dataset(str(d), graph.inputs[0], default_split=default_split, option=option)
     if isinstance(d, tuple):
-        from .data import check_input
         x, y = d
         return Dataset(check_input(np.asarray(x), graph.inputs[0], option), None if y is None else np.asarray(y),
                        f"<array>{option}")
-    from .data import check_input
     return Dataset(check_input(np.asarray(d), graph.inputs[0], option), None, f"<array>{option}")
 
 
@@ -87,25 +95,56 @@ def _clean_nan(o):
     return o
 
 
+@dataclass(frozen=True)
+class Outputs:
+    """Files a compile writes, all or nothing, after the whole pipeline succeeded: ``model``
+    (QDQ .onnx, ``-o``), ``report`` (JSON), ``html`` (report with plots), ``bundle`` (target
+    bundle .npz, plus its .json manifest beside it)."""
+    model: str | os.PathLike | None = None
+    report: str | os.PathLike | None = None
+    html: str | os.PathLike | None = None
+    bundle: str | os.PathLike | None = None
+
+
+@dataclass(frozen=True)
+class Diagnostics:
+    """``--verify-each``, ``--print-after PASS`` (a set of pass names, or "all"), ``--time-passes``;
+    ``printer`` receives the printed text (default: stdout)."""
+    verify_each: bool = False
+    print_after: frozenset[str] = frozenset()
+    time_passes: bool = False
+    printer: Any = None
+
+
 def compile_model(model: str | os.PathLike | Graph, *, level: int = 1, target: str | Target | None = "npu8",
                   calib=None, eval=None, train=None, metric: str | None = None,
-                  passes: str | list[Pass] | None = None, output: str | os.PathLike | None = None,
-                  report: str | os.PathLike | None = None, html: str | os.PathLike | None = None,
-                  bundle: str | os.PathLike | None = None, seed: int = 0, quiet: bool = True,
-                  batch_size: int = 64, verify_each: bool = False, print_after: set[str] | None = None,
-                  time_passes: bool = False, printer=None, options: dict | None = None) -> CompileResult:
-    """Compile ``model`` and write the requested outputs. See ``mpqc --help`` for the options."""
+                  passes: str | list[Pass] | None = None, options: CompileOptions | dict | None = None,
+                  outputs: Outputs | None = None, diagnostics: Diagnostics | None = None,
+                  seed: int = 0, quiet: bool = True, batch_size: int = 64) -> CompileResult:
+    """Compile ``model`` (a path or a Graph) and write ``outputs``.
+
+    ``level``: -O level (ignored when ``passes`` is given: a pass list string or Pass instances);
+    ``target``: a target name or ``Target``; ``calib``/``eval``/``train``: data (``FILE.npz[:SPLIT]``,
+    an array, an ``(x, y)`` tuple or a ``Dataset``); ``metric``: evaluation value (default top1
+    with labels, else agreement); ``options``: ``CompileOptions`` (or a dict of its fields);
+    ``seed``, ``quiet`` (no progress bars), ``batch_size``. See ``mpqc --help``."""
     t0 = time.perf_counter()
+    outputs = outputs or Outputs()
+    diagnostics = diagnostics or Diagnostics()
+    opts = CompileOptions.coerce(options)
+    if batch_size < 1:
+        raise OptionError(f"--batch-size must be at least 1, got {batch_size}")
+    if passes is not None and opts.finetune is not None:
+        raise OptionError("--finetune/--no-finetune choose a level's pipeline; with --passes list 'finetune' "
+                          "in the pass list instead")
     graph = model if isinstance(model, Graph) else load_graph(model)
     tgt = get_target(target) if isinstance(target, str) else target
-    ctx = PassContext(target=tgt, seed=seed, quiet=quiet, batch_size=batch_size)
+    ctx = PassContext(target=tgt, seed=seed, quiet=quiet, batch_size=batch_size, options=opts, metric=metric)
     ctx.calib = _as_dataset(calib, graph, "--calib", "calib")
     ctx.eval = _as_dataset(eval, graph, "--eval", "eval")
     ctx.train = _as_dataset(train, graph, "--train", "train")
-    ctx.metric = metric
-    ctx.options = dict(options or {})  # type: ignore[attr-defined]
     if passes is None:
-        pipeline = build_pipeline(level, tgt, finetune=ctx.options.get("finetune"))
+        pipeline = build_pipeline(level, tgt, finetune=opts.finetune)
     elif isinstance(passes, str):
         pipeline = parse_pipeline(passes)
     else:
@@ -122,29 +161,25 @@ def compile_model(model: str | os.PathLike | Graph, *, level: int = 1, target: s
     })
     float_graph = graph.copy()
     ctx.float_graph = float_graph
-    pm = PassManager(pipeline, verify_each=verify_each, print_after=print_after, time_passes=time_passes,
-                     printer=printer)
+    pm = PassManager(pipeline, verify_each=diagnostics.verify_each, print_after=set(diagnostics.print_after),
+                     time_passes=diagnostics.time_passes, printer=diagnostics.printer)
     pm.run(graph, ctx)
     # the float reference for later comparisons is the canonical float network
-    from ..passes.insert_qdq import dequantized_view
     ctx.report["compiled_model"] = model_info(dequantized_view(graph))
     if ctx.eval is not None:
         measure_accuracy(graph, ctx.float_graph or float_graph, ctx)
-    if time_passes:  # timings vary run to run: only on request, so reports stay byte-identical
+    if diagnostics.time_passes:  # timings vary run to run: only on request, so reports stay byte-identical
         ctx.report["timings"] = [{"pass": t.name, "seconds": round(t.seconds, 4), "modified": t.modified}
                                  for t in pm.timings]
         ctx.report["total_seconds"] = round(time.perf_counter() - t0, 3)
     result = CompileResult(graph, ctx.float_graph or float_graph, ctx.report, ctx, pm.timings)
-    write_outputs(result, output=output, report=report, html=html, bundle=bundle)
+    write_outputs(result, outputs)
     return result
 
 
 def measure_accuracy(graph: Graph, float_graph: Graph, ctx: PassContext) -> dict:
     """Final measurement on the eval split: the float network (float runtime) and, when the
     graph is quantized, the fixed-point emulator. Written to ``report["accuracy"]``."""
-    from ..passes.insert_qdq import is_quantized
-    from ..runtime.executor import run_batched
-    from .metrics import NEEDS_REFERENCE, check_metric, evaluate
     ds = ctx.eval
     metric = ctx.metric or ("top1" if ds.y is not None else "agreement")
     check_metric(metric, ds.y is not None)
@@ -155,20 +190,19 @@ def measure_accuracy(graph: Graph, float_graph: Graph, ctx: PassContext) -> dict
     acc["data"] = f"{ds.source} ({len(ds)} samples)"
     acc["float"] = evaluate(metric, ref, ds.y, ref)
     if is_quantized(graph):
-        from ..runtime.emulator import run_emulator
         out = run_emulator(graph, ds.x, batch_size=ctx.batch_size,
                            progress=None if ctx.quiet else "eval emulator")
         acc["quantized (emulator)"] = evaluate(metric, out, ds.y, ref if metric in NEEDS_REFERENCE else None)
     return acc
 
 
-def write_outputs(result: CompileResult, *, output=None, report=None, html=None, bundle=None) -> None:
+def write_outputs(result: CompileResult, outputs: Outputs) -> None:
     """Serialize everything first, then write each file atomically."""
     blobs: list[tuple[Any, bytes]] = []
-    if output is not None:
-        blobs.append((output, result.onnx_bytes()))
+    report, html, bundle = outputs.report, outputs.html, outputs.bundle
+    if outputs.model is not None:
+        blobs.append((outputs.model, result.onnx_bytes()))
     if bundle is not None:
-        from .bundle import bundle_bytes
         npz, manifest = bundle_bytes(result.graph, result.report)
         blobs.append((bundle, npz))
         blobs.append((Path(str(bundle)).with_suffix(".json"), manifest))
@@ -176,7 +210,6 @@ def write_outputs(result: CompileResult, *, output=None, report=None, html=None,
     if report is not None:
         blobs.append((report, report_json_bytes(rep)))
     if html is not None:
-        from .html_report import render_html
         blobs.append((html, render_html(rep).encode()))
     written: list[Path] = []
     try:

@@ -6,10 +6,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import load_dataset
 from ..core.errors import DataError, ModelError, OptionError
-from .export import load_qdq_graph as load_graph  # the frontend's loader, plus int4 weights widened
 from ..core.ir import Graph
+from ..core.program import bundle_input_value
+from ..runtime.executor import run_batched
+from .data import load_dataset
+from .export import load_qdq_graph as load_graph  # the frontend's loader, plus int4 weights widened
+from .export import to_onnx
+from .lowering import run_emulator
 from .metrics import NEEDS_REFERENCE, check_metric, evaluate
 
 RUNTIMES = ("float", "emulator", "ort")
@@ -21,18 +25,15 @@ def run_model(model: Graph | str | os.PathLike, x: np.ndarray, *, runtime: str =
     if runtime == "ort":
         return run_ort(model, x, batch_size=batch_size)
     if runtime == "emulator":
-        from ..runtime.emulator import run_emulator
         return run_emulator(model, x, batch_size=batch_size, progress=progress)
     if runtime != "float":
         raise OptionError(f"--runtime {runtime!r} is unknown; choose one of {', '.join(RUNTIMES)}")
-    from ..runtime.executor import run_batched
     g = model if isinstance(model, Graph) else load_graph(model)
     return run_batched(g, x, batch_size=batch_size, progress=progress)[0]
 
 
 def ort_session(model: Graph | str | os.PathLike):
-    import onnxruntime as ort
-    from .export import to_onnx
+    import onnxruntime as ort  # start-up: onnxruntime loads in about a second, needed only here
     so = ort.SessionOptions()
     so.log_severity_level = 3
     src = to_onnx(model, check=False).SerializeToString() if isinstance(model, Graph) else str(model)
@@ -54,7 +55,6 @@ def evaluate_file(model: str, data: str, *, metric: str | None = None, reference
     if not is_bundle and not Path(model).exists():
         raise ModelError(f"model file {model!r} does not exist")
     if is_bundle:
-        from ..runtime.emulator import bundle_input_value
         inp = bundle_input_value(model)
         graph_or_path = model
     else:

@@ -255,7 +255,7 @@ def from_onnx(model: onnx.ModelProto, *, origin: str = "model", fold: bool = Tru
         used_names.add(name)
         node = Node(n.op, name, {k: _attr_value(a) for k, a in n.attrs.items()}, n.domain or "")
         for t in n.inputs:
-            graph._append_input(node, conv(t))
+            graph.append_input(node, conv(t))
         for t in n.outputs:
             v = conv(t)
             v.producer = node

@@ -1,4 +1,4 @@
-"""LayerInfluence: the degree of influence of each layer's bit reduction (seed 000, ALGORITHMS.md §2).
+"""The degree of influence of each layer's bit reduction (US 2021/0201141 A1; docs/LAYER_INFLUENCE.md).
 
 Notation: NN_T is the current network (a ``BitConfig``: at first every layer at the
 top of the target's ladder), NN_S the same network with every layer of the target
@@ -42,11 +42,10 @@ import numpy as np
 
 from ..core.errors import OptionError
 from ..core.ir import Graph, Node, Value
-from .passes import Analysis
 from .quant import BitConfig, QuantPlan
 from .targets import Target
 
-VARIANTS = ("chained", "isolated", "reversed")
+from .options import VARIANTS
 
 
 # ---------------------------------------------------------------------------- ladder helpers
@@ -296,28 +295,3 @@ def compute_influence(sim, target: Target, config: BitConfig, x: np.ndarray,
     else:
         base, reduced = vals[-1], vals[0]
     return InfluenceResult(variant, list(layers), mov, influence, vals, names, base, reduced, config, s_cfg, stats)
-
-
-class LayerInfluence(Analysis):
-    """``InfluenceResult`` of the network the IR describes (its ``node.qconfig`` bits as NN_T).
-
-    Parameters: ``variant``, ``split`` ("eval"/"calib"/None: eval when present),
-    ``metric`` (None: the context's, else top1 with labels / agreement),
-    ``layer_range`` (S, G), ``min_bits`` (b_m; None: the target's) and ``bias_correction`` (simulate
-    ``passes.bias_correction`` in both networks).
-    """
-    name = "layer-influence"
-
-    def __init__(self, variant: str = "chained", split: str | None = None, metric: str | None = None,
-                 layer_range: tuple[int, int] | None = None, min_bits: int | None = None,
-                 bias_correction: bool = False, **params):
-        super().__init__(variant=variant, split=split, metric=metric, layer_range=layer_range,
-                         min_bits=min_bits, bias_correction=bias_correction, **params)
-
-    def compute(self, graph: Graph, ctx) -> InfluenceResult:
-        from .bitsearch import search_context
-        from .quant import config_from_ir
-        p = self.params
-        sctx = search_context(graph, ctx, split=p["split"], metric=p["metric"], layer_range=p["layer_range"],
-                              min_bits=p["min_bits"], bias_correction=p["bias_correction"])
-        return sctx.influence(config_from_ir(sctx.plan), p["variant"])

@@ -1,4 +1,4 @@
-"""Evaluation values (ALGORITHMS.md §0): higher is better for every metric.
+"""Evaluation values (docs/LAYER_INFLUENCE.md, "Evaluation values"): higher is better for every metric.
 
 ``evaluate(metric, outputs, labels, reference)``: ``outputs`` are the network's
 first output (logits or scores), ``labels`` the integer classes (or boxes for IoU),

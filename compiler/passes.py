@@ -4,13 +4,16 @@ Style follows onnx_ir / xDSL / LLVM's new pass manager:
 
 * A pass is a frozen dataclass subclassing ``Pass`` with a kebab-case ``name``,
   its options as fields, ``run(graph, ctx) -> PassResult`` and a ``preserves`` set
-  of analysis classes (default: none). Register it with ``@register_pass``.
+  of analysis classes (default: none), and a ``requires`` tuple of prerequisites
+  (``REQUIREMENTS``) that the manager checks before it runs the pass. The
+  built-in passes are listed in ``passes/registry.py``; ``compiler/pipelines.py``
+  parses pass lists against that registry.
 * An analysis subclasses ``Analysis`` and implements ``compute(graph, ctx)``;
   ``ctx.analyses.get(ActivationRanges, graph)`` computes it lazily and caches it.
   After a pass that reports ``modified=True`` the manager drops every cached
   analysis the pass does not list in ``preserves``.
-* ``parse_pipeline("fold-batchnorm,assign-bit-widths{strategy=min-influence,target=0.99}")``
-  builds pass instances, converting option strings to the fields' types.
+* ``build_pass(cls, {"opt": "1"})`` builds a pass instance, converting option strings
+  to the fields' types (``compiler.pipelines.parse_pipeline`` uses it).
 * ``PassManager`` runs a list with ``print_after``, ``time_passes`` and
   ``verify_each``; any failure inside a pass surfaces as a ``CompilerError`` whose
   message starts with the pass name.
@@ -29,12 +32,17 @@ import numpy as np
 
 from ..core.errors import CompilerError, OptionError, PassError
 from ..core.ir import Graph
+from .data import Dataset
+from .options import CompileOptions
+from .targets import Target
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class PassResult:
+    """What a pass returns: ``modified`` (the graph changed: the manager drops the cached analyses
+    the pass does not preserve) and ``info`` (free-form counts for tests and logs)."""
     modified: bool
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -98,13 +106,15 @@ def _freeze(v):
 
 @dataclass
 class PassContext:
-    """Everything passes share: target, data, metric, analyses, report, options."""
+    """Everything passes share: the target, the data splits, the metric, the typed compile
+    options (``options``, built by the CLI or the API), the analysis cache and the report."""
 
-    target: Any = None  # compiler.targets.Target
-    calib: Any = None  # compiler.data.Dataset
-    eval: Any = None  # compiler.data.Dataset
-    train: Any = None  # compiler.data.Dataset
+    target: Target | None = None
+    calib: Dataset | None = None
+    eval: Dataset | None = None
+    train: Dataset | None = None
     metric: str | None = None
+    options: CompileOptions = field(default_factory=CompileOptions)
     seed: int = 0
     quiet: bool = True
     batch_size: int = 64
@@ -120,13 +130,49 @@ class PassContext:
         return self.report.setdefault("passes", {}).setdefault(name, {})
 
 
+# ---------------------------------------------------------------------------- prerequisites
+def _has_formats(graph: Graph, ctx: "PassContext") -> bool:
+    return any(n.qconfig is not None for n in graph.layers()) or \
+        any(v.qformat is not None for v in graph.values() if not v.is_const)
+
+
+def _canonical(graph: Graph, ctx: "PassContext") -> bool:
+    return not any(n.op_type == "BatchNormalization" for n in graph.nodes)
+
+
+#: named prerequisites a pass can list in ``requires``: (check, what the user must provide)
+REQUIREMENTS: dict[str, tuple[Callable[[Graph, "PassContext"], bool], str]] = {
+    "target": (lambda g, ctx: ctx.target is not None, "a --target (see 'mpqc targets')"),
+    "calib": (lambda g, ctx: ctx.calib is not None, "calibration data: give --calib FILE.npz[:calib]"),
+    "train": (lambda g, ctx: ctx.train is not None,
+              "labelled training data: give --train FILE.npz[:train]"),
+    "data": (lambda g, ctx: ctx.eval is not None or ctx.calib is not None,
+             "evaluation or calibration data: give --eval FILE.npz[:eval] or --calib FILE.npz[:calib]"),
+    "formats": (_has_formats, "quantization formats on the IR: run choose-formats first"),
+    "folded-batchnorm": (_canonical, "BatchNormalization folded into the layers: run fold-batchnorm first"),
+}
+
+
+def check_requires(p: "Pass", graph: Graph, ctx: "PassContext") -> None:
+    """Raise a ``PassError`` naming the first prerequisite of ``p`` that ``graph``/``ctx`` lack."""
+    for req in p.requires:
+        check, what = REQUIREMENTS[req]
+        if not check(graph, ctx):
+            raise PassError(f"[{p.name}] needs {what}")
+
+
 # ---------------------------------------------------------------------------- passes
 @dataclass(frozen=True)
 class Pass:
-    """Base class: subclasses are frozen dataclasses whose fields are the options."""
+    """Base class of passes: subclasses are frozen dataclasses whose fields are the options.
+
+    ``name``: the kebab-case name of ``--passes``; ``preserves``: the analysis classes still valid
+    after the pass modified the graph; ``requires``: names of ``REQUIREMENTS`` the manager checks
+    before running it. ``run(graph, ctx)`` returns a ``PassResult``."""
 
     name: ClassVar[str] = "pass"
     preserves: ClassVar[frozenset] = frozenset()
+    requires: ClassVar[tuple[str, ...]] = ()
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -146,31 +192,6 @@ class Pass:
                     v = ":".join(str(x) for x in v)
                 opts.append(f"{f.name}={v}")
         return self.name + ("{" + ",".join(opts) + "}" if opts else "")
-
-
-PASS_REGISTRY: dict[str, type[Pass]] = {}
-
-
-def register_pass(cls: type[Pass]) -> type[Pass]:
-    if not re.fullmatch(r"[a-z][a-z0-9]*(-[a-z0-9]+)*", cls.name):
-        raise ValueError(f"pass name {cls.name!r} is not kebab-case")
-    if cls.name in PASS_REGISTRY and PASS_REGISTRY[cls.name] is not cls:
-        raise ValueError(f"pass {cls.name!r} registered twice")
-    PASS_REGISTRY[cls.name] = cls
-    return cls
-
-
-def _ensure_passes_loaded() -> None:
-    from .. import passes  # noqa: F401  (imports every pass module)
-
-
-def get_pass_class(name: str) -> type[Pass]:
-    _ensure_passes_loaded()
-    cls = PASS_REGISTRY.get(name)
-    if cls is None:
-        known = ", ".join(sorted(PASS_REGISTRY))
-        raise OptionError(f"unknown pass {name!r}; known passes: {known}")
-    return cls
 
 
 def _convert(value: str, tp, pass_name: str, opt: str):
@@ -216,51 +237,20 @@ def _convert(value: str, tp, pass_name: str, opt: str):
     return value
 
 
-def make_pass(name: str, options: dict[str, str] | None = None) -> Pass:
-    """Instantiate a registered pass from string options."""
-    cls = get_pass_class(name)
+def build_pass(cls: type[Pass], options: dict | None = None) -> Pass:
+    """Instantiate pass class ``cls`` with ``options`` (strings are converted to the fields' types)."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for k, v in (options or {}).items():
         if k not in fields:
             known = ", ".join(sorted(fields)) or "none"
-            raise OptionError(f"pass {name!r} has no option {k!r}; its options: {known}")
-        kwargs[k] = _convert(v, hints.get(k, str), name, k) if isinstance(v, str) else v
+            raise OptionError(f"pass {cls.name!r} has no option {k!r}; its options: {known}")
+        kwargs[k] = _convert(v, hints.get(k, str), cls.name, k) if isinstance(v, str) else v
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
-        raise OptionError(f"pass {name!r}: {e}") from None
-
-
-_PIPE_RE = re.compile(r"\s*([a-z0-9-]+)\s*(\{([^{}]*)\})?\s*(,|$)")
-
-
-def parse_pipeline(text: str) -> list[Pass]:
-    """Parse ``"a,b{opt=1,other=x}"`` into pass instances."""
-    passes: list[Pass] = []
-    pos = 0
-    text = text.strip()
-    if not text:
-        raise OptionError("--passes is empty; give a comma-separated list such as 'fold-constants,fold-batchnorm'")
-    while pos < len(text):
-        m = _PIPE_RE.match(text, pos)
-        if not m or m.end() == pos:
-            raise OptionError(f"cannot parse pass list near {text[pos:pos + 30]!r}; "
-                              "expected name or name{key=value,...}")
-        opts: dict[str, str] = {}
-        if m.group(3):
-            for item in m.group(3).split(","):
-                item = item.strip()
-                if not item:
-                    continue
-                if "=" not in item:
-                    raise OptionError(f"pass {m.group(1)!r}: option {item!r} must be key=value")
-                k, v = item.split("=", 1)
-                opts[k.strip()] = v.strip()
-        passes.append(make_pass(m.group(1), opts))
-        pos = m.end()
-    return passes
+        raise OptionError(f"pass {cls.name!r}: {e}") from None
 
 
 # ---------------------------------------------------------------------------- manager
@@ -272,7 +262,10 @@ class PassTiming:
 
 
 class PassManager:
-    """Runs passes in order, invalidating analyses, with optional instrumentation."""
+    """Runs passes in order: checks each pass's ``requires``, runs it, invalidates the analyses a
+    modifying pass does not preserve; optional instrumentation (``verify_each``, ``print_after``,
+    ``time_passes``). Any failure inside a pass surfaces as a ``CompilerError`` that starts with
+    ``[pass-name]``."""
 
     def __init__(self, passes: list[Pass], *, verify_each: bool = False,
                  print_after: set[str] | None = None, time_passes: bool = False,
@@ -293,6 +286,7 @@ class PassManager:
                                   f"({', '.join(p.name for p in self.passes)})")
         for p in self.passes:
             t0 = time.perf_counter()
+            check_requires(p, graph, ctx)
             try:
                 res = p.run(graph, ctx)
             except CompilerError as e:

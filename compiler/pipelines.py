@@ -12,11 +12,18 @@
 at ``-O1``/``-O2``; ``False`` drops it from ``-O3``; ``None`` (default) keeps each
 level's own choice. Fine-tuning is the last step before QDQ insertion (after pruning
 and bias correction), so it trains the network exactly as it is exported.
+
+Pass names resolve against the explicit registry of built-in passes
+(``passes/registry.py``, ``get_all_passes()``) plus the passes a user registers with
+``register_pass`` (for a pass of their own in ``--passes`` or ``parse_pipeline``).
 """
 from __future__ import annotations
 
+import re
+
 from ..core.errors import OptionError
-from .passes import PASS_REGISTRY, Pass, _ensure_passes_loaded, parse_pipeline
+from ..passes.registry import get_all_passes
+from .passes import Pass, build_pass
 from .targets import Target
 
 CANONICALIZE = [
@@ -62,10 +69,78 @@ def pipeline_spec(level: int, target: Target | None, *, finetune: bool | None = 
 
 
 def build_pipeline(level: int, target: Target | None = None, *, finetune: bool | None = None) -> list[Pass]:
-    _ensure_passes_loaded()
+    """The pass instances of ``-O{level}`` for ``target`` (see the module docstring); ``finetune``
+    adds (True) or drops (False) the finetune pass."""
     spec = pipeline_spec(level, target, finetune=finetune)
-    missing = [s for s in spec if s.split("{")[0] not in PASS_REGISTRY]
+    registry = pass_registry()
+    missing = [s for s in spec if s.split("{")[0] not in registry]
     if missing:
         raise OptionError(f"-O{level} needs passes that this build of mpqc does not have yet: "
                           f"{', '.join(dict.fromkeys(missing))}; use a lower -O level")
     return parse_pipeline(",".join(spec))
+
+
+# ---------------------------------------------------------------------------- registry and parsing
+_USER_PASSES: dict[str, type[Pass]] = {}
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Make a pass class of your own available by name to ``--passes`` / ``parse_pipeline``
+    (usable as a decorator). Built-in passes are listed in ``passes/registry.py`` instead."""
+    if not re.fullmatch(r"[a-z][a-z0-9]*(-[a-z0-9]+)*", cls.name):
+        raise ValueError(f"pass name {cls.name!r} is not kebab-case")
+    taken = pass_registry().get(cls.name)
+    if taken is not None and taken is not cls:
+        raise ValueError(f"pass {cls.name!r} registered twice")
+    _USER_PASSES[cls.name] = cls
+    return cls
+
+
+def pass_registry() -> dict[str, type[Pass]]:
+    """Every pass by name: the built-in ones, then those given to ``register_pass``."""
+    return {**get_all_passes(), **_USER_PASSES}
+
+
+def get_pass_class(name: str) -> type[Pass]:
+    registry = pass_registry()
+    cls = registry.get(name)
+    if cls is None:
+        raise OptionError(f"unknown pass {name!r}; known passes: {', '.join(sorted(registry))}")
+    return cls
+
+
+def make_pass(name: str, options: dict[str, str] | None = None) -> Pass:
+    """Instantiate a registered pass from string options."""
+    return build_pass(get_pass_class(name), options)
+
+
+_PIPE_RE = re.compile(r"\s*([a-z0-9-]+)\s*(\{([^{}]*)\})?\s*(,|$)")
+
+
+def parse_pipeline(text: str) -> list[Pass]:
+    """Parse ``"a,b{opt=1,other=x}"`` into pass instances."""
+    passes: list[Pass] = []
+    pos = 0
+    text = text.strip()
+    if not text:
+        raise OptionError("--passes is empty; give a comma-separated list such as 'fold-constants,fold-batchnorm'")
+    while pos < len(text):
+        m = _PIPE_RE.match(text, pos)
+        if not m or m.end() == pos:
+            raise OptionError(f"cannot parse pass list near {text[pos:pos + 30]!r}; "
+                              "expected name or name{key=value,...}")
+        opts: dict[str, str] = {}
+        if m.group(3):
+            for item in m.group(3).split(","):
+                item = item.strip()
+                if not item:
+                    continue
+                if "=" not in item:
+                    raise OptionError(f"pass {m.group(1)!r}: option {item!r} must be key=value")
+                k, v = item.split("=", 1)
+                opts[k.strip()] = v.strip()
+        passes.append(make_pass(m.group(1), opts))
+        pos = m.end()
+    return passes
+
+

@@ -19,7 +19,7 @@
 
 **Bit assignment** (``BitConfig``): ``{layer: (weight_bits, act_bits)}`` plus the
 width of the input points. ``FormatTable`` gives the Qm.n format of every point at
-any width, chosen once from the calibration statistics (ALGORITHMS.md §1: MSE
+any width, chosen once from the calibration statistics (docs/FIXED_POINT.md: MSE
 search around the range-derived fractional length). ``apply_config`` writes the
 decisions onto the IR: ``node.qconfig`` and ``value.qformat``.
 """

@@ -1,4 +1,4 @@
-"""Target profiles: what a chip executes, as data (ARCHITECTURE.md "Targets").
+"""Target profiles: what a chip executes, as data (not code branches).
 
 A ``Target`` lists allowed weight and activation widths (highest first: the first
 is the default for ``-O1``), the scale kind, whether weights may be per channel,

@@ -1,4 +1,4 @@
-"""Weight-difference statistic and the strategies built on it (seed 001, ALGORITHMS.md §4).
+"""Weight-difference statistic and the strategies built on it (US 12,393,828 B2; docs/WEIGHT_DIFFERENCE.md).
 
 **WeightDifference** (analysis): train the network for K *cycles* from its current
 weights W_l[0] (one cycle = one feedforward + backpropagation step of mini-batch
@@ -32,13 +32,14 @@ The ranking is computed once per call (or taken from ``options["weight_diff"]``,
 a precomputed ``WeightDiffResult``); only evaluations repeat, and those are cached
 by the search context.
 
-Strategy options, read from ``SearchContext.options`` (the pass fills them from
-its own options and the CLI): ``train`` (a labelled ``Dataset``; required unless
-``weight_diff`` is given), ``cycles`` (50), ``statistic`` ("mean-square"),
-``train_lr`` (0.01), ``train_batch_size`` (32), ``train_momentum`` (0.9),
-``quantized`` (False), ``max_loss`` (the threshold: largest allowed loss against the
-all-B network, absolute; default: keep the search's goal, i.e. ``--max-drop`` against
-the float network), ``floor`` (0), ``mode`` ("binary" | "halving"), ``count``
+Strategy options, the weight-difference fields of ``SearchContext.options``
+(``compiler.options.SearchOptions``; the pass fills them from its own options and
+the CLI): ``train`` (a labelled ``Dataset``; required unless ``weight_diff`` is
+given), ``cycles`` (50), ``statistic`` ("mean-square"), ``train_lr`` (0.01),
+``train_batch_size`` (32), ``train_momentum`` (0.9), ``quantized`` (False),
+``max_loss`` (the threshold: largest allowed loss against the all-B network,
+absolute; default: keep the search's goal, i.e. ``--max-drop`` against the float
+network), ``floor`` (0), ``mode`` ("binary" | "halving"), ``count``
 (weight-diff-topk; default half of the candidates), ``keep_smallest`` (False).
 """
 from __future__ import annotations
@@ -50,14 +51,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .bitsearch import SearchContext, check_goal_reachable, register_strategy
 from ..core.errors import DataError, OptionError
 from ..core.ir import Graph, Node
+from ..runtime.autograd import GradEngine, QuantSpec
+from ..runtime.train import TrainOptions, check_labels, fit
+from .bitsearch import SearchContext, check_goal_reachable
+from .options import STATISTICS
 from .passes import Analysis
 from .quant import BitConfig
-
-STATISTICS = ("mean-square", "mean", "variance", "std")
-MODES = ("binary", "halving")
 
 
 @dataclass
@@ -99,8 +100,6 @@ def weight_difference(graph: Graph, x: np.ndarray, y: np.ndarray | None, *, cycl
                       momentum: float = 0.9, weight_decay: float = 0.0, seed: int = 0, quant=None,
                       progress: str | None = None) -> WeightDiffResult:
     """Train ``cycles`` SGD steps from the graph's weights and compute the statistic per layer."""
-    from ..runtime.autograd import GradEngine
-    from ..runtime.train import TrainOptions, check_labels, fit
     check_statistic(statistic)
     if cycles < 1:
         raise OptionError(f"cycles must be at least 1, got {cycles}")
@@ -157,7 +156,6 @@ class WeightDifference(Analysis):
                             "with --train FILE.npz:train")
         quant = None
         if p["quantized"]:
-            from ..runtime.autograd import QuantSpec
             quant = QuantSpec.from_ir(graph)
         return weight_difference(graph, data.x, data.y, cycles=p["cycles"], statistic=p["statistic"],
                                  batch_size=p["batch_size"], lr=p["lr"], momentum=p["momentum"],
@@ -166,39 +164,25 @@ class WeightDifference(Analysis):
 
 
 # ---------------------------------------------------------------------------- strategies
-def _opt(ctx: SearchContext, key: str, default, tp=None):
-    v = ctx.options.get(key, default)
-    if v is None:
-        return default
-    if tp is bool and isinstance(v, str):
-        return v.lower() in ("1", "true", "yes", "on")
-    try:
-        return tp(v) if tp is not None else v
-    except (TypeError, ValueError):
-        raise OptionError(f"strategy option {key}={v!r} is not a valid {tp.__name__}") from None
-
-
 def ranking_for(ctx: SearchContext, start: BitConfig) -> WeightDiffResult:
     """The weight-difference result for the search (precomputed in ``options['weight_diff']`` or trained now)."""
-    pre = ctx.options.get("weight_diff")
+    o = ctx.options.check()
+    pre = o.weight_diff
     if pre is not None:
         missing = [n.name for n in ctx.layers if n not in pre.values]
         if missing:
             raise OptionError(f"the precomputed weight-difference ranking lacks layers {missing[:3]}")
         return pre
-    data = ctx.options.get("train") or getattr(ctx, "train", None)
+    data = o.train
     if data is None:
         raise DataError("weight-difference strategies train the network: give labelled training data "
                         "with --train FILE.npz:train")
-    statistic = _opt(ctx, "statistic", "mean-square", str)
-    check_statistic(statistic)
     quant = None
-    if _opt(ctx, "quantized", False, bool):
-        from ..runtime.autograd import QuantSpec
+    if o.quantized:
         quant = QuantSpec.from_config(ctx.plan, ctx.table, start)
-    return weight_difference(ctx.graph, data.x, data.y, cycles=_opt(ctx, "cycles", 50, int), statistic=statistic,
-                             batch_size=_opt(ctx, "train_batch_size", 32, int), lr=_opt(ctx, "train_lr", 0.01, float),
-                             momentum=_opt(ctx, "train_momentum", 0.9, float), seed=ctx.seed, quant=quant,
+    return weight_difference(ctx.graph, data.x, data.y, cycles=50 if o.cycles is None else o.cycles,
+                             statistic=o.statistic, batch_size=o.train_batch_size, lr=o.train_lr,
+                             momentum=o.train_momentum, seed=ctx.seed, quant=quant,
                              progress=None if ctx.quiet else "weight-diff")
 
 
@@ -220,7 +204,7 @@ class _Setup:
 
 def _setup(ctx: SearchContext, start: BitConfig, *, needs_goal: bool) -> _Setup:
     wd = ranking_for(ctx, start)
-    keep_smallest = _opt(ctx, "keep_smallest", False, bool)
+    keep_smallest = ctx.options.keep_smallest
     ranked = [n for n in wd.ranking if n in start.bits]
     skipped = ranked[:1] if keep_smallest else []
     lowered = {}
@@ -229,7 +213,7 @@ def _setup(ctx: SearchContext, start: BitConfig, *, needs_goal: bool) -> _Setup:
         if lo is not None and n not in skipped:
             lowered[n] = tuple(lo)
     cands = [n for n in ranked if n in lowered]
-    max_loss = ctx.options.get("max_loss")
+    max_loss = ctx.options.max_loss
     if max_loss is None and needs_goal:
         high = check_goal_reachable(ctx, start)
     else:
@@ -250,17 +234,11 @@ def _setup(ctx: SearchContext, start: BitConfig, *, needs_goal: bool) -> _Setup:
     return st
 
 
-@register_strategy("weight-diff-bsearch")
 def weight_diff_bsearch(ctx: SearchContext, start: BitConfig) -> BitConfig:
     """FIG. 11: the most lowest-statistic layers whose reduction stays within the threshold."""
     st = _setup(ctx, start, needs_goal=True)
     n = len(st.candidates)
-    floor = _opt(ctx, "floor", 0, int)
-    if floor < 0:
-        raise OptionError(f"floor must be >= 0, got {floor}")
-    mode = _opt(ctx, "mode", "binary", str)
-    if mode not in MODES:
-        raise OptionError(f"weight-diff-bsearch mode {mode!r} is unknown; choose binary or halving")
+    floor, mode = ctx.options.floor, ctx.options.mode
 
     def try_count(c: int, action: str) -> bool:
         cfg = st.config(start, c)
@@ -295,14 +273,11 @@ def weight_diff_bsearch(ctx: SearchContext, start: BitConfig) -> BitConfig:
     return st.config(start, lo)
 
 
-@register_strategy("weight-diff-topk")
 def weight_diff_topk(ctx: SearchContext, start: BitConfig) -> BitConfig:
     """FIG. 12: a fixed number of lowest-statistic layers go one rung down, without an accuracy check."""
     st = _setup(ctx, start, needs_goal=False)
     n = len(st.candidates)
-    count = _opt(ctx, "count", n // 2, int)
-    if count < 0:
-        raise OptionError(f"count must be >= 0, got {count}")
+    count = n // 2 if ctx.options.count is None else ctx.options.count
     c = min(count, n)
     cfg = st.config(start, c)
     v = ctx.evaluate(cfg)

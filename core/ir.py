@@ -29,7 +29,7 @@ from .errors import VerifyError
 
 Dim = int | str | None
 
-#: op types whose second input is a weight tensor: the "layers" of the seeds.
+#: op types whose second input is a weight tensor: the "layers" of the methods.
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
@@ -149,7 +149,7 @@ class Graph:
 
     # --- construction -----------------------------------------------------------
     def unique_name(self, prefix: str) -> str:
-        taken = self._names()
+        taken = self.names()
         if prefix not in taken:
             return prefix
         for i in itertools.count(1):
@@ -158,7 +158,8 @@ class Graph:
                 return cand
         raise AssertionError  # pragma: no cover
 
-    def _names(self) -> set[str]:
+    def names(self) -> set[str]:
+        """Every value and node name in use (for picking fresh ones in bulk; see ``unique_name``)."""
         names = {v.name for v in self.inputs} | {v.name for v in self.outputs}
         for n in self.nodes:
             names.add(n.name)
@@ -186,7 +187,7 @@ class Graph:
             if v.producer is not None:
                 raise VerifyError(f"value {v.name!r} already produced by node {v.producer.name!r}")
         for v in inputs:
-            self._append_input(node, v)
+            self.append_input(node, v)
         for v in outputs:
             v.producer = node
             node.outputs.append(v)
@@ -196,7 +197,8 @@ class Graph:
             self.nodes.insert(index, node)
         return node
 
-    def _append_input(self, node: Node, v: Value | None) -> None:
+    def append_input(self, node: Node, v: Value | None) -> None:
+        """Add ``v`` as the next input of ``node`` (None: an omitted optional input)."""
         node.inputs.append(v)
         if v is not None:
             v.uses.append((node, len(node.inputs) - 1))
@@ -389,7 +391,7 @@ class Graph:
             nn.prune = n.prune
             vmap[id(n)] = nn
             for v in n.inputs:
-                g._append_input(nn, cv(v))
+                g.append_input(nn, cv(v))
             for v in n.outputs:
                 o = cv(v)
                 o.producer = nn

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from mpqc.compiler.driver import CompileResult, compile_model
+from mpqc.compiler.driver import CompileResult, Diagnostics, Outputs, compile_model
+from mpqc.compiler.options import CompileOptions
 from mpqc.core.errors import (CompilerError, DataError, ModelError, OptionError, PassError,
                                   TargetError, UnsupportedOpError, VerifyError)
 from mpqc.core.ir import Graph, Node, Value
@@ -30,9 +31,17 @@ def load(path, *, canonicalize: bool = True) -> Graph:
     return g
 
 
-def compile(model, **kwargs) -> CompileResult:  # noqa: A001 - mirrors the CLI verb
-    """Compile a model; keyword arguments as ``compiler.driver.compile_model``."""
-    return compile_model(model, **kwargs)
+def compile(model, *, output=None, report=None, html=None, bundle=None, verify_each: bool = False,
+            print_after=(), time_passes: bool = False, **kwargs) -> CompileResult:  # noqa: A001 - the CLI verb
+    """Compile a model, as the ``mpqc`` command does.
+
+    ``output``/``report``/``html``/``bundle``: files to write (``-o``, ``--report``, ``--html``,
+    ``--emit-bundle``); ``verify_each``/``print_after``/``time_passes``: diagnostics; every other
+    keyword is ``compiler.driver.compile_model``'s (``level``, ``target``, ``calib``, ``eval``,
+    ``train``, ``metric``, ``passes``, ``options`` -- a ``CompileOptions`` or a dict of its fields
+    such as ``{"max_drop": 0.01}`` --, ``seed``, ``quiet``, ``batch_size``)."""
+    return compile_model(model, outputs=Outputs(output, report, html, bundle),
+                         diagnostics=Diagnostics(verify_each, frozenset(print_after), time_passes), **kwargs)
 
 
 def run(graph: Graph, x, *, batch_size: int = 64):
@@ -47,6 +56,7 @@ def save(graph: Graph, path) -> None:
     save_onnx(graph, path)
 
 
-__all__ = ["load", "compile", "run", "save", "Graph", "Node", "Value", "CompileResult", "CompilerError",
+__all__ = ["load", "compile", "run", "save", "Graph", "Node", "Value", "CompileResult", "CompileOptions",
+           "Outputs", "Diagnostics", "CompilerError",
            "DataError", "ModelError", "OptionError", "PassError", "TargetError", "UnsupportedOpError",
            "VerifyError", "__version__"]

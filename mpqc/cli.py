@@ -68,7 +68,7 @@ def compile_parser() -> argparse.ArgumentParser:
     s.add_argument("--target-score", type=float, help="lowest allowed absolute evaluation value")
     s.add_argument("--strategy", help="bit-width search strategy: auto (default: influence-update unless too "
                                     "costly, then min-influence), influence-update, min-influence, threshold "
-                                    "(seed 000), weight-diff-bsearch, weight-diff-topk (seed 001)")
+                                    "(US 2021/0201141 A1), weight-diff-bsearch, weight-diff-topk (US 12,393,828 B2)")
     t = p.add_argument_group("training (needs --train with labels)")
     t.add_argument("--cycles", type=int, metavar="K",
                    help="training cycles (SGD steps) of the weight-difference statistic used by the "
@@ -126,35 +126,20 @@ def _setup(quiet: bool, verbose: int = 0) -> None:
 def cmd_compile(argv: list[str]) -> int:
     args = compile_parser().parse_args(argv)
     _setup(args.quiet, args.verbose)
-    from mpqc.compiler.driver import check_outputs_differ, compile_model
+    from mpqc.compiler.driver import Diagnostics, Outputs, check_outputs_differ, compile_model
+    from mpqc.compiler.options import CompileOptions
     if args.passes and args.level is not None:
         raise OptionError("give either -O LEVEL or --passes, not both")
     level = 1 if args.level is None else args.level
-    if args.batch_size < 1:
-        raise OptionError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.max_drop is not None and not (0 <= args.max_drop < 1):
-        raise OptionError(f"--max-drop must be in [0, 1), got {args.max_drop}")
-    if args.max_drop is not None and args.target_score is not None:
-        raise OptionError("give either --max-drop or --target-score, not both")
-    if args.cycles is not None and args.cycles < 1:
-        raise OptionError(f"--cycles must be at least 1, got {args.cycles}")
-    if args.finetune_epochs is not None and not args.finetune_epochs >= 0:
-        raise OptionError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
-    if args.passes and args.finetune is not None:
-        raise OptionError("--finetune/--no-finetune choose a level's pipeline; with --passes list 'finetune' "
-                          "in the pass list instead")
     check_outputs_differ(("--output", args.output), ("--report", args.report), ("--html", args.html),
                          ("--emit-bundle", args.emit_bundle), ("model", args.model))
-    options = {k: v for k, v in (("max_drop", args.max_drop), ("target_score", args.target_score),
-                                 ("strategy", args.strategy), ("cycles", args.cycles),
-                                 ("finetune", args.finetune), ("finetune_epochs", args.finetune_epochs))
-               if v is not None}
+    options = CompileOptions(max_drop=args.max_drop, target_score=args.target_score, strategy=args.strategy,
+                             cycles=args.cycles, finetune=args.finetune, finetune_epochs=args.finetune_epochs)
     res = compile_model(args.model, level=level, target=args.target, calib=args.calib, eval=args.eval,
-                        train=args.train, metric=args.metric, passes=args.passes, output=args.output,
-                        report=args.report, html=args.html, bundle=args.emit_bundle, seed=args.seed,
-                        quiet=args.quiet, batch_size=args.batch_size, verify_each=args.verify_each,
-                        print_after=set(args.print_after), time_passes=args.time_passes,
-                        options=options)
+                        train=args.train, metric=args.metric, passes=args.passes, options=options,
+                        outputs=Outputs(args.output, args.report, args.html, args.emit_bundle),
+                        diagnostics=Diagnostics(args.verify_each, frozenset(args.print_after), args.time_passes),
+                        seed=args.seed, quiet=args.quiet, batch_size=args.batch_size)
     if not args.quiet:
         print(summary_text(res.report), file=sys.stderr)
     return 0
@@ -190,7 +175,7 @@ def cmd_info(argv: list[str]) -> int:
     args = info_parser().parse_args(argv)
     from mpqc.compiler.export import load_qdq_graph
     from mpqc.compiler.info import format_info, model_info
-    from mpqc.passes.insert_qdq import dequantized_view, is_qdq_graph
+    from mpqc.compiler.qdq import dequantized_view, is_qdq_graph
     g = load_qdq_graph(args.model)
     if is_qdq_graph(g):  # a quantized model: statistics of its layers at their recorded widths
         g = dequantized_view(g)
@@ -200,7 +185,7 @@ def cmd_info(argv: list[str]) -> int:
         from mpqc.compiler.pipelines import build_pipeline
         PassManager(build_pipeline(0)).run(g, PassContext())
     else:
-        from mpqc.passes.infer_shapes import infer_shapes
+        from mpqc.compiler.canonical import infer_shapes
         infer_shapes(g)
     info = model_info(g)
     if args.json:
@@ -253,11 +238,11 @@ def cmd_targets(argv: list[str]) -> int:
 
 def cmd_passes(argv: list[str]) -> int:
     import dataclasses
-    from mpqc.compiler.passes import PASS_REGISTRY, _ensure_passes_loaded
+    from mpqc.compiler.pipelines import pass_registry
     _Parser(prog="mpqc passes", description="List the registered passes and their options.").parse_args(argv)
-    _ensure_passes_loaded()
-    for name in sorted(PASS_REGISTRY):
-        cls = PASS_REGISTRY[name]
+    registry = pass_registry()
+    for name in sorted(registry):
+        cls = registry[name]
         doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
         first = doc[0].split(":", 1)[-1].strip() if doc else ""
         opts = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls)

@@ -1,7 +1,4 @@
-"""mpqc passes: one pass per module; importing this package registers them all."""
-import importlib
-import pkgutil
+"""mpqc passes: one pass per module, each a thin wrapper over compiler functions.
 
-for _m in sorted(m.name for m in pkgutil.iter_modules(__path__)):
-    if not _m.startswith("_"):
-        importlib.import_module(f"{__name__}.{_m}")
+The built-in passes are listed explicitly in ``passes/registry.py`` (``get_all_passes()``);
+importing this package imports none of them."""

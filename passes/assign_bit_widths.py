@@ -1,4 +1,4 @@
-"""assign-bit-widths: mixed precision by layer influence (seed 000, ALGORITHMS.md §0, §2, §3).
+"""assign-bit-widths: mixed precision by layer influence (US 2021/0201141 A1; docs/LAYER_INFLUENCE.md).
 
 Starts from the network the IR describes (after ``choose-formats{start=ladder}``
 every layer is at the top rung of the target's ladder: npu8 w8a16, npu4 w8a8) and
@@ -25,9 +25,11 @@ weight-range for ablations), report_variants (also measure the other influence
 variants on the starting network, for the report), format_search, bias_correction
 (score every network with the bias correction the bias-correction pass applies
 afterwards: set it when that pass follows, as in -O2); for the
-weight-difference strategies (weight-diff-bsearch, weight-diff-topk: seed 001,
-``compiler.weight_diff``): cycles (default ``--cycles``, else 50), statistic, floor,
-count, keep_smallest, max_loss (they train on ``--train``).
+weight-difference strategies (weight-diff-bsearch, weight-diff-topk: US 12,393,828 B2,
+``compiler.weight_diff``, docs/WEIGHT_DIFFERENCE.md): cycles (default ``--cycles``, else
+50), statistic, floor, count, keep_smallest, max_loss, mode (binary | halving), quantized
+(train with fake quantization), train_lr, train_batch_size, train_momentum (they train on
+``--train``).
 Requires: choose-formats (formats and starting widths), data, a target.
 Preserves: activation ranges, quant plan, format table.
 Report: goal, float/start/final values, each layer's influence under each variant,
@@ -38,15 +40,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from mpqc.compiler.bitsearch import INFLUENCE_STRATEGIES, check_goal_reachable, get_strategy, search_context
-from mpqc.core.errors import OptionError
-from mpqc.compiler.influence import VARIANTS, LayerInfluence
+from mpqc.compiler.bitsearch import (INFLUENCE_STRATEGIES, LayerInfluence, check_goal_reachable, search_context,
+                                     search_goal)
+from mpqc.compiler.influence import lower_rung
 from mpqc.compiler.info import layer_macs
-from mpqc.core.ir import Graph
-from mpqc.compiler.passes import Pass, PassContext, PassResult, register_pass
+from mpqc.compiler.options import VARIANTS, SearchOptions
+from mpqc.compiler.passes import Pass, PassContext, PassResult
 from mpqc.compiler.quant import (BitConfig, FormatTableAnalysis, QuantPlanAnalysis, apply_config,
                                  check_bias_fits, config_from_ir, weight_bytes)
 from mpqc.compiler.ranges import ActivationRanges
+from mpqc.compiler.strategies import get_strategy
+from mpqc.core.errors import OptionError
+from mpqc.core.ir import Graph
 
 #: ``strategy=auto`` (the default) runs influence-update, the most thorough strategy, unless its cost --
 #: about (layers x rungs) steps of one influence sweep (1 + layers / 2 network runs) and one evaluation
@@ -55,7 +60,6 @@ AUTO_BUDGET_RUNS = 400
 
 
 def auto_strategy(sctx, start) -> tuple[str, str]:
-    from mpqc.compiler.influence import lower_rung
     n_layers = rungs = 0
     for n in sctx.range_layers:
         r, b = 0, start.bits[n]
@@ -69,11 +73,11 @@ def auto_strategy(sctx, start) -> tuple[str, str]:
                       f"{n_layers} layers and {rungs} layer-rungs; budget {AUTO_BUDGET_RUNS})")
 
 
-@register_pass
 @dataclass(frozen=True)
 class AssignBitWidthsPass(Pass):
     name = "assign-bit-widths"
     preserves = frozenset({ActivationRanges, QuantPlanAnalysis, FormatTableAnalysis})
+    requires = ("target", "formats", "data")
 
     strategy: str | None = None
     variant: Literal["chained", "isolated", "reversed"] = "chained"
@@ -90,7 +94,7 @@ class AssignBitWidthsPass(Pass):
     report_variants: bool = True
     format_search: int = 2
     bias_correction: bool = False
-    # weight-difference strategies (seed 001, compiler.weight_diff): training cycles on --train, the
+    # weight-difference strategies (US 12,393,828 B2, compiler.weight_diff): training cycles on --train, the
     # statistic, the binary search's floor, weight-diff-topk's count, claim 6, and the largest accuracy
     # loss against the all-high network (default: the goal above)
     cycles: int | None = None
@@ -99,33 +103,28 @@ class AssignBitWidthsPass(Pass):
     count: int | None = None
     keep_smallest: bool = False
     max_loss: float | None = None
+    train_lr: float = 0.01
+    train_batch_size: int = 32
+    train_momentum: float = 0.9
+    quantized: bool = False
+    mode: Literal["binary", "halving"] = "binary"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        if ctx.target is None:
-            raise OptionError("assign-bit-widths needs a --target (see 'mpqc targets')")
         if self.data not in (None, "eval", "calib"):
             raise OptionError(f"assign-bit-widths: data={self.data!r} must be eval or calib")
-        opts = getattr(ctx, "options", {}) or {}
-        strategy = self.strategy or opts.get("strategy") or "auto"
-        max_drop = self.max_drop if self.max_drop is not None else opts.get("max_drop")
-        target_score = self.target_score if self.target_score is not None else opts.get("target_score")
-        if self.max_drop is not None and self.target_score is not None:
-            raise OptionError("assign-bit-widths: give either max_drop or target_score, not both")
-        if self.target_score is not None:
-            max_drop = None
-        elif self.max_drop is not None:
-            target_score = None
-        if max_drop is not None and not 0 <= max_drop < 1:
-            raise OptionError(f"assign-bit-widths: max_drop={max_drop} must be in [0, 1)")
         if self.min_bits is not None and self.min_bits < 1:
             raise OptionError(f"assign-bit-widths: min_bits={self.min_bits} must be at least 1")
+        strategy = self.strategy or ctx.options.strategy or "auto"
+        max_drop, target_score = search_goal(self.max_drop, self.target_score, ctx.options, self.name)
         if strategy != "auto":
             get_strategy(strategy)  # an unknown name fails before any work
-        sopts = {"variant": self.variant, "k_step": self.k_step, "k_init": self.k_init, "repeat": self.repeat,
-                 "rank": self.rank, "strategy": strategy,
-                 "cycles": self.cycles if self.cycles is not None else opts.get("cycles"),
-                 "statistic": self.statistic, "floor": self.floor, "count": self.count,
-                 "keep_smallest": self.keep_smallest, "max_loss": self.max_loss, "train": ctx.train}
+        sopts = SearchOptions(variant=self.variant, k_step=self.k_step, k_init=self.k_init, repeat=self.repeat,
+                              rank=self.rank, strategy=strategy,
+                              cycles=self.cycles if self.cycles is not None else ctx.options.cycles,
+                              statistic=self.statistic, floor=self.floor, count=self.count,
+                              keep_smallest=self.keep_smallest, max_loss=self.max_loss, train=ctx.train,
+                              train_lr=self.train_lr, train_batch_size=self.train_batch_size,
+                              train_momentum=self.train_momentum, quantized=self.quantized, mode=self.mode)
         sctx = search_context(graph, ctx, split=self.data, metric=self.metric, max_drop=max_drop,
                               target_score=target_score, layer_range=self.layers, min_bits=self.min_bits,
                               format_search=self.format_search, options=sopts,
@@ -136,7 +135,7 @@ class AssignBitWidthsPass(Pass):
         choice = None
         if strategy == "auto":
             strategy, choice = auto_strategy(sctx, start)
-            sctx.options["strategy"] = strategy
+            sctx.options.strategy = strategy
         fn = get_strategy(strategy)
         # influences of the starting network: from the analysis cache (the layer-influence pass), so
         # the strategy's first ranking does not measure them again
@@ -181,11 +180,11 @@ def search_report(sctx, start: BitConfig, final: BitConfig, initial: dict, strat
                                    for v, r in initial.items()}})
     final_value = sctx.evaluate(final)
     return {
-        "strategy": strategy, "variant": sctx.options.get("variant"), "rank": sctx.options.get("rank"),
-        "bias_correction": bool(sctx.options.get("bias_correction")),
-        "metric": sctx.metric, "data": {"split": sctx.options.get("split"), "source": sctx.data.source,
+        "strategy": strategy, "variant": sctx.options.variant, "rank": sctx.options.rank,
+        "bias_correction": bool(sctx.options.bias_correction),
+        "metric": sctx.metric, "data": {"split": sctx.options.split, "source": sctx.data.source,
                                         "samples": len(sctx.data)},
-        "note": sctx.options.get("note"),
+        "note": sctx.options.note,
         "goal": sctx.goal, "float_value": sctx.float_value, "start_value": sctx.evaluate(start),
         "final_value": final_value, "min_bits": tgt.min_bits if sctx.min_bits is None else sctx.min_bits,
         "ladder": [list(x) for x in tgt.ladder],

@@ -27,140 +27,17 @@ ranges, quant plan, format table, layer input means. Marks the graph (metadata
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import numpy as np
 
-from mpqc.core.errors import DataError
-from mpqc.core.ir import Graph, Node
-from mpqc.compiler.passes import Analysis, Pass, PassContext, PassResult, register_pass
-from mpqc.core.qformat import QFormat, fake_quant, qrange
-from mpqc.compiler.quant import (FormatTableAnalysis, QuantPlanAnalysis, apply_config, config_from_ir)
+from mpqc.compiler.bias_correction import META_KEY, LayerInputMeans, bias_correction_for
+from mpqc.compiler.passes import Pass, PassContext, PassResult
+from mpqc.compiler.quant import FormatTableAnalysis, QuantPlanAnalysis, apply_config, config_from_ir
 from mpqc.compiler.ranges import ActivationRanges
-
-META_KEY = "mpqc.bias_correction"
-
-
-def correctable(node: Node) -> bool:
-    """Layers whose bias (present or added) can absorb the correction."""
-    if node.op_type == "Conv":
-        return True
-    if node.op_type == "Gemm":
-        return not node.attr("transA", 0) and float(node.attr("beta", 1.0)) != 0.0
-    return False
+from mpqc.core.ir import Graph
 
 
-def _tap_means(node: Node, x: np.ndarray) -> tuple[np.ndarray, int]:
-    """Sum over the batch and output positions of each (input channel, kernel tap) of a Conv's padded
-    input, and the count, so that sum / count is E[x] at each tap."""
-    from mpqc.runtime.ops import conv_pads
-    w = node.weight.const
-    nd = x.ndim - 2
-    kernel = list(node.attr("kernel_shape", w.shape[2:]))
-    strides = list(node.attr("strides", [1] * nd))
-    dil = list(node.attr("dilations", [1] * nd))
-    pads = conv_pads(node, list(x.shape[2:]), kernel, strides, dil)
-    width = [(0, 0), (0, 0)] + [(max(pads[i], 0), max(pads[i + nd], 0)) for i in range(nd)]
-    xp = np.pad(x.astype(np.float64), width)
-    out = [(x.shape[2 + i] + pads[i] + pads[i + nd] - ((kernel[i] - 1) * dil[i] + 1)) // strides[i] + 1
-           for i in range(nd)]
-    sums = np.zeros((x.shape[1],) + tuple(kernel))
-    for tap in itertools.product(*[range(k) for k in kernel]):
-        sl = tuple(slice(t * d, t * d + (o - 1) * s + 1, s) for t, d, o, s in zip(tap, dil, out, strides))
-        sums[(slice(None),) + tap] = xp[(slice(None), slice(None)) + sl].sum(axis=(0,) + tuple(range(2, 2 + nd)))
-    return sums, int(x.shape[0] * np.prod(out))
-
-
-class LayerInputMeans(Analysis):
-    """``{layer: E[x]}`` on the calibration data (float network): per (channel, tap) for a Conv,
-    per input feature for a Gemm. Only layers that ``correctable`` accepts."""
-    name = "layer-input-means"
-
-    def compute(self, graph: Graph, ctx) -> dict[Node, np.ndarray]:
-        from mpqc.core.progress import progress_iter
-        from mpqc.runtime.executor import Executor, batches, float_node_fn
-        data = ctx.calib
-        if data is None:
-            raise DataError("bias correction needs calibration data: give --calib FILE.npz[:calib]")
-        layers = [n for n in graph.layers() if correctable(n)]
-        ids = {id(n) for n in layers}
-        sums: dict[int, np.ndarray] = {}
-        counts: dict[int, int] = {}
-
-        def rec(node, args):
-            if id(node) in ids:
-                x = np.asarray(args[0])
-                if node.op_type == "Conv":
-                    s, c = _tap_means(node, x)
-                else:
-                    s, c = x.reshape(-1, x.shape[-1]).astype(np.float64).sum(axis=0), int(np.prod(x.shape[:-1]))
-                sums[id(node)] = sums.get(id(node), 0) + s
-                counts[id(node)] = counts.get(id(node), 0) + c
-            return float_node_fn(node, args)
-
-        ex = Executor(graph, rec)
-        for sl in progress_iter(list(batches(len(data), ctx.batch_size)),
-                                desc=None if ctx.quiet else "bias correction: input means"):
-            ex.run({graph.inputs[0]: data.x[sl]})
-        return {n: sums[id(n)] / counts[id(n)] for n in layers if id(n) in sums}
-
-
-@dataclass(eq=False)
-class BiasCorrection:
-    """Callable ``(node, weight_format) -> correction`` (float64 per output channel, None where the layer
-    is not corrected): the expected output error ``(W_q - W) E[x]`` to subtract from the bias."""
-    means: dict[Node, np.ndarray]
-
-    def __post_init__(self):
-        self._cache: dict[tuple, np.ndarray | None] = {}
-
-    def __call__(self, node: Node, w_fmt: QFormat) -> np.ndarray | None:
-        key = (id(node), w_fmt)
-        if key not in self._cache:
-            self._cache[key] = self._compute(node, w_fmt)
-        return self._cache[key]
-
-    def _compute(self, node: Node, w_fmt: QFormat) -> np.ndarray | None:
-        m = self.means.get(node)
-        if m is None:
-            return None
-        w = node.weight.const
-        dw = fake_quant(w, w_fmt).astype(np.float64) - w.astype(np.float64)
-        if node.op_type == "Conv":
-            g = int(node.attr("group", 1))
-            o, cg = w.shape[0], w.shape[1]
-            taps = w.shape[2:]
-            return np.einsum("gmck,gck->gm", dw.reshape(g, o // g, cg, -1),
-                             m.reshape(g, cg, int(np.prod(taps)))).reshape(o)
-        # Gemm (transA = 0): y = alpha * x @ B + beta * C, B = W^T when transB
-        c = dw @ m if node.attr("transB", 0) else m @ dw
-        return c * float(node.attr("alpha", 1.0)) / float(node.attr("beta", 1.0))
-
-    def corrected_bias(self, node: Node, w_fmt: QFormat, b_fmt: QFormat | None = None) -> np.ndarray | None:
-        """The float bias with the correction folded in; None when the layer is not corrected (not
-        correctable, or the corrected bias would not fit ``b_fmt``, the accumulator at the bias scale)."""
-        c = self(node, w_fmt)
-        if c is None:
-            return None
-        b = node.bias.const.astype(np.float64) if node.bias is not None else np.zeros(c.shape)
-        nb = (b.reshape(-1) - c).astype(np.float32)
-        if b_fmt is not None and not _fits(nb, b_fmt):
-            return None
-        return nb
-
-
-def bias_correction_for(graph: Graph, ctx) -> BiasCorrection:
-    return BiasCorrection(ctx.analyses.get(LayerInputMeans, graph))
-
-
-def _fits(bias: np.ndarray, fmt: QFormat) -> bool:
-    lo, hi = qrange(fmt.bits, True)
-    q = np.ldexp(np.asarray(bias, np.float64), np.asarray(fmt.frac))
-    return bool(np.all(q >= lo) and np.all(q <= hi))
-
-
-@register_pass
 @dataclass(frozen=True)
 class BiasCorrectionPass(Pass):
     name = "bias-correction"

@@ -5,7 +5,7 @@ quantization plan (which tensors are quantized, which activations are fused) and
 assigns every layer the same widths: the target's default (``-O1``), or the
 options ``weight_bits`` / ``act_bits``, or the top of the target's ladder with
 ``start=ladder`` (what ``-O2`` searches down from). Fractional lengths are chosen by
-minimum MSE around the range-derived value (ALGORITHMS.md §1), per output channel
+minimum MSE around the range-derived value (docs/FIXED_POINT.md), per output channel
 for weights when the target allows; tensors that are never negative on the
 calibration data are unsigned. Writes ``node.qconfig`` and ``value.qformat`` and a
 report section with each layer's formats and SQNR.
@@ -13,7 +13,7 @@ report section with each layer's formats and SQNR.
 Options: weight_bits, act_bits (default: the target's), start ("default" or
 "ladder"), search (MSE search half-width, default 2).
 Requires: calibration data, a target. Preserves: activation ranges, quant plan, format table.
-Seed: 001 (FIG. 5-6, fixed-point Qm.n) as restated in ALGORITHMS.md §1.
+Method: fixed-point Qm.n formats (US 12,393,828 B2, FIG. 5-6; docs/FIXED_POINT.md).
 """
 from __future__ import annotations
 
@@ -22,14 +22,13 @@ from typing import Literal
 
 from mpqc.core.errors import OptionError
 from mpqc.core.ir import Graph
-from mpqc.compiler.passes import Pass, PassContext, PassResult, register_pass
+from mpqc.compiler.passes import Pass, PassContext, PassResult
 from mpqc.core.qformat import fake_quant, sqnr_db
 from mpqc.compiler.quant import (BitConfig, FormatTableAnalysis, QuantPlanAnalysis, apply_config,
                                  check_bias_fits)
 from mpqc.compiler.ranges import ActivationRanges
 
 
-@register_pass
 @dataclass(frozen=True)
 class ChooseFormatsPass(Pass):
     name = "choose-formats"

@@ -28,8 +28,8 @@ structure does not change; activation ranges and format tables are recomputed).
 Report: epochs, steps, loss and training accuracy per epoch, evaluation before and
 after, which formats were kept, whether the result was reverted (no wall time:
 reports are byte-identical run to run).
-Seed: 001 (retraining the quantized network, FIG. 3-4, [0065]) and the -O3 recovery
-step of the issue list; the engine is the one the weight-difference analysis uses.
+Method: retraining the quantized network (US 12,393,828 B2, FIG. 3-4, [0065]; docs/WEIGHT_DIFFERENCE.md),
+also the recovery step of -O3; the engine is the one the weight-difference analysis uses.
 """
 from __future__ import annotations
 
@@ -38,11 +38,13 @@ from typing import Literal
 
 from mpqc.core.errors import DataError, OptionError
 from mpqc.core.ir import Graph
-from mpqc.compiler.passes import Pass, PassContext, PassResult, register_pass
+from mpqc.compiler.passes import Pass, PassContext, PassResult
 from mpqc.compiler.quant import FormatTable, QuantPlanAnalysis, check_bias_fits
+from mpqc.compiler.ranges import ActivationRanges
+from mpqc.runtime.autograd import GradEngine, QuantSpec
+from mpqc.runtime.train import TrainOptions, accuracy, check_labels, fit
 
 
-@register_pass
 @dataclass(frozen=True)
 class FinetunePass(Pass):
     name = "finetune"
@@ -60,11 +62,8 @@ class FinetunePass(Pass):
     format_search: int = 2
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        from mpqc.runtime.autograd import GradEngine, QuantSpec
-        from mpqc.runtime.train import TrainOptions, accuracy, check_labels, fit
-        opts = getattr(ctx, "options", {}) or {}
-        epochs = self.epochs if self.epochs is not None else opts.get("finetune_epochs", 3.0)
-        epochs = float(epochs)
+        epochs = self.epochs if self.epochs is not None else ctx.options.finetune_epochs
+        epochs = 3.0 if epochs is None else float(epochs)
         if epochs < 0:
             raise OptionError(f"finetune: epochs={epochs} must be >= 0")
         sec = ctx.section(self.name)
@@ -137,7 +136,6 @@ class FinetunePass(Pass):
 
     def _reformat(self, graph: Graph, ctx: PassContext, layers) -> None:
         """Re-choose each layer's weight format (and the bias format that follows it) for the new weights."""
-        from mpqc.compiler.ranges import ActivationRanges
         plan = ctx.analyses.get(QuantPlanAnalysis, graph)
         # a fresh table: its weight formats are computed from the new constants; the activation statistics
         # (from before training) only bound the bias headroom, and activation formats are not touched

@@ -7,7 +7,7 @@ over its output features) with constant weights whose output only the BN reads.
 A BN that cannot be folded is left for the runtime to execute.
 
 Options: none. Requires: constant BN parameters. Preserves: nothing.
-Seed: canonicalisation; SRN step 1 (ALGORITHMS.md §6) relies on it.
+Method: canonicalisation; residual-block serialization and pruning rely on it.
 """
 from __future__ import annotations
 
@@ -16,10 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpqc.core.ir import Graph
-from mpqc.compiler.passes import Pass, PassContext, PassResult, register_pass
+from mpqc.compiler.passes import Pass, PassContext, PassResult
 
 
-@register_pass
 @dataclass(frozen=True)
 class FoldBatchNormPass(Pass):
     name = "fold-batchnorm"

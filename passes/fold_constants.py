@@ -11,7 +11,7 @@
   which keeps the batch dimension free; this folds ``x.view(x.size(0), -1)``.
 
 Options: none. Requires: nothing. Preserves: nothing (values change).
-Seed: canonicalisation step 1 of the mission (not a seed method).
+Method: canonicalisation.
 """
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpqc.core.ir import Graph, Node, Value
-from mpqc.compiler.passes import Pass, PassContext, PassResult, register_pass
+from mpqc.runtime.executor import float_node_fn
+from mpqc.compiler.canonical import infer_shapes, remove_dead_nodes
+from mpqc.compiler.passes import Pass, PassContext, PassResult
 
 NEVER_FOLD = {"QuantizeLinear", "DequantizeLinear", "RandomNormal", "RandomUniform",
               "RandomNormalLike", "RandomUniformLike", "Multinomial", "Dropout"}
@@ -120,17 +122,14 @@ def _reshape_with_copy_dims(node: Node, target: list) -> list | None:
     return out
 
 
-@register_pass
 @dataclass(frozen=True)
 class FoldConstantsPass(Pass):
     name = "fold-constants"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        from mpqc.runtime.executor import float_node_fn
         modified = False
         sym: dict[int, list] = {}
         if any(n.op_type == "Shape" and n.inputs[0].shape is None for n in graph.nodes):
-            from .infer_shapes import infer_shapes
             infer_shapes(graph)  # the symbolic shape folding reads the shapes of Shape's inputs
         for node in list(graph.nodes):
             ins = [v for v in node.inputs if v is not None]
@@ -158,6 +157,5 @@ class FoldConstantsPass(Pass):
                                                                 np.asarray(fixed, dtype=np.int64)))
                         modified = True
         if modified:
-            from .eliminate_dead_code import remove_dead_nodes
             remove_dead_nodes(graph)
         return PassResult(modified)

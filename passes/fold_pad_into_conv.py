@@ -6,7 +6,7 @@ non-negative pads on spatial axes only, and every reader is a Conv with explicit
 pads, the pads are added to each Conv and the Pad disappears.
 
 Options: none. Requires: constant pads (run fold-constants first). Preserves: nothing.
-Seed: canonicalisation (not a seed method).
+Method: canonicalisation.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpqc.core.ir import Graph, Node
-from mpqc.compiler.passes import Pass, PassContext, PassResult, register_pass
+from mpqc.compiler.passes import Pass, PassContext, PassResult
 
 
 def _const_pads(node: Node) -> list[int] | None:
@@ -38,7 +38,6 @@ def _const_pads(node: Node) -> list[int] | None:
     return pads
 
 
-@register_pass
 @dataclass(frozen=True)
 class FoldPadIntoConvPass(Pass):
     name = "fold-pad-into-conv"

@@ -1,4 +1,5 @@
-"""layer-influence: measure each layer's degree of influence (seed 000, ALGORITHMS.md §2) and report it.
+"""layer-influence: measure each layer's degree of influence and report it (US 2021/0201141 A1,
+"Neural network optimization method, and neural network optimization device"; docs/LAYER_INFLUENCE.md).
 
 Runs the ``LayerInfluence`` analysis on the network the IR describes (NN_T: the
 widths ``choose-formats`` gave; NN_S: every layer of the range one rung lower on
@@ -19,18 +20,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mpqc.compiler.bitsearch import INFLUENCE_STRATEGIES, check_goal_reachable, search_context
-from mpqc.core.errors import OptionError
-from mpqc.compiler.influence import VARIANTS, LayerInfluence
-from mpqc.core.ir import Graph
-from mpqc.compiler.passes import Pass, PassContext, PassResult, register_pass
+from mpqc.compiler.bitsearch import INFLUENCE_STRATEGIES, LayerInfluence, check_goal_reachable, search_context
+from mpqc.compiler.options import VARIANTS
+from mpqc.compiler.passes import Pass, PassContext, PassResult
 from mpqc.compiler.quant import config_from_ir
+from mpqc.core.errors import OptionError
+from mpqc.core.ir import Graph
 
 
-@register_pass
 @dataclass(frozen=True)
 class LayerInfluencePass(Pass):
     name = "layer-influence"
+    requires = ("target", "formats", "data")
 
     variants: tuple[str, ...] = VARIANTS
     layers: tuple[int, int] | None = None
@@ -40,8 +41,6 @@ class LayerInfluencePass(Pass):
     bias_correction: bool = False
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        if ctx.target is None:
-            raise OptionError("layer-influence needs a --target (see 'mpqc targets')")
         bad = [v for v in self.variants if v not in VARIANTS]
         if bad or not self.variants:
             raise OptionError(f"layer-influence: variants={':'.join(self.variants)} must name some of "
@@ -49,15 +48,15 @@ class LayerInfluencePass(Pass):
         if self.data not in (None, "eval", "calib"):
             raise OptionError(f"layer-influence: data={self.data!r} must be eval or calib")
         sec = ctx.section(self.name)
-        strategy = (getattr(ctx, "options", None) or {}).get("strategy")
+        strategy = ctx.options.strategy
         if strategy is not None and strategy not in INFLUENCE_STRATEGIES + ("auto",):
             sec["skipped"] = f"--strategy {strategy} does not rank layers by influence"
             return PassResult(False)
-        opts = getattr(ctx, "options", None) or {}
-        if opts.get("max_drop") is not None or opts.get("target_score") is not None:
+        opts = ctx.options
+        if opts.max_drop is not None or opts.target_score is not None:
             # an accuracy target the starting network already misses: fail before the sweeps
-            sctx = search_context(graph, ctx, split=self.data, metric=self.metric, max_drop=opts.get("max_drop"),
-                                  target_score=opts.get("target_score"), layer_range=self.layers,
+            sctx = search_context(graph, ctx, split=self.data, metric=self.metric, max_drop=opts.max_drop,
+                                  target_score=opts.target_score, layer_range=self.layers,
                                   min_bits=self.min_bits, bias_correction=self.bias_correction)
             check_goal_reachable(sctx, config_from_ir(sctx.plan))
         for v in self.variants:

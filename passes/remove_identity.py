@@ -3,17 +3,16 @@
 A Dropout whose mask output is read stays (it is not a no-op then). A node whose
 output is a graph output and whose input is a graph input stays, so the graph keeps
 its interface. Options: none. Requires: nothing. Preserves: nothing.
-Seed: canonicalisation (not a seed method).
+Method: canonicalisation.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from mpqc.core.ir import Graph
-from mpqc.compiler.passes import Pass, PassContext, PassResult, register_pass
+from mpqc.compiler.passes import Pass, PassContext, PassResult
 
 
-@register_pass
 @dataclass(frozen=True)
 class RemoveIdentityPass(Pass):
     name = "remove-identity"

@@ -6,7 +6,7 @@ matched: ``[-1, D]`` and ``[B, D]`` with ``D`` the product of the static trailin
 dims of ``x``.
 
 Options: none. Requires: constant shape. Preserves: nothing.
-Seed: canonicalisation (not a seed method).
+Method: canonicalisation.
 """
 from __future__ import annotations
 
@@ -15,10 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpqc.core.ir import Graph
-from mpqc.compiler.passes import Pass, PassContext, PassResult, register_pass
+from mpqc.compiler.passes import Pass, PassContext, PassResult
 
 
-@register_pass
 @dataclass(frozen=True)
 class ReshapeToFlattenPass(Pass):
     name = "reshape-to-flatten"

@@ -1,22 +1,26 @@
-"""Fake-quantized execution: the float runtime with every quantization point rounded.
+"""Fake-quantized execution: the float runtime with quantization points rounded.
 
-``QuantSim(plan, table)`` turns a ``BitConfig`` into a node function for the
-``Executor``: layer weights and biases are replaced by their dequantized integers
-(cached per width, rounded half up as insert-qdq stores them), input points are
-rounded when read, and every layer/arith output is rounded to its format right
-after the node runs (the target's rounding of requantization shifts, half to even
-on the npu targets, and saturation). Layout ops pass values through, which is exact on the integer grid.
-This is NN_S of the influence method, and what searches evaluate; the bit-exact
-integer emulator (``runtime.emulator``) computes the same network in integers.
+Numeric modes are injected into the ``Executor`` as node functions; this module
+provides the fake-quantizing ones:
+
+* ``fake_quant_node_fn(in_formats, out_formats, params, rounding)``: rounds the given
+  input and output values to their formats and substitutes quantized constants. The
+  compiler's ``QuantSim`` (``compiler/quantsim.py``) builds one per bit assignment:
+  NN_S of the influence method, and what the searches evaluate.
+* ``ir_node_fn(graph)``: fake-quantizes by the IR's own annotations (``node.qconfig``,
+  ``value.qformat``), for graphs after choose-formats.
+
+``fake_quant_act`` rounds activations with the target's rounding of requantization
+shifts (half to even on the npu targets), so the simulated network equals, bit for bit,
+what the integer emulator (``runtime/emulator.py``) computes.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..core.ir import Graph, Node, Value
+from ..core.ir import Graph, Node
 from ..core.qformat import QFormat, fake_quant
-from ..compiler.quant import BitConfig, FormatTable, QuantPlan
-from .executor import Executor, float_node_fn, run_batched
+from .executor import float_node_fn
 
 
 def fake_quant_act(x: np.ndarray, fmt: QFormat, rounding: str = "half-up") -> np.ndarray:
@@ -37,84 +41,38 @@ def fake_quant_act(x: np.ndarray, fmt: QFormat, rounding: str = "half-up") -> np
     return (q / s).astype(np.float32)
 
 
-class QuantSim:
-    """``bias_correction`` (optional): callable ``(layer, weight_format, bias_format) -> float bias or None``
-    giving the
-    bias to quantize instead of the layer's own (``passes.bias_correction.BiasCorrection.corrected_bias``);
-    a layer without a bias input gets one when it returns an array."""
+def fake_quant_node_fn(in_formats: dict, out_formats: dict, params=None, rounding: str = "half-up",
+                       base_fn=float_node_fn):
+    """A node function for the ``Executor`` that fake-quantizes around ``base_fn`` (the float kernels):
 
-    def __init__(self, plan: QuantPlan, table: FormatTable, bias_correction=None):
-        self.plan = plan
-        self.table = table
-        self.bias_correction = bias_correction
-        #: rounding of activations (requantization shifts): the target's ("half-even" on the npu targets)
-        self.rounding = getattr(table.target, "rounding", "half-up") if table is not None else "half-up"
-        self._wcache: dict[tuple, np.ndarray] = {}
-        self._bcache: dict[tuple, np.ndarray] = {}
+    * every input value in ``in_formats`` (``{Value: QFormat}``) is rounded to its format when read;
+    * ``params(node)`` (optional) gives ``{input index: array}`` replacing the node's constant inputs
+      (quantized weights and biases; an index past the node's inputs appends it, e.g. a new bias);
+    * every output value in ``out_formats`` is rounded to its format after the node runs.
 
-    def _qweight(self, node: Node, fmt: QFormat) -> np.ndarray:
-        key = (id(node), fmt.bits)
-        w = self._wcache.get(key)
-        if w is None:
-            w = fake_quant(node.weight.const, fmt)
-            self._wcache[key] = w
-        return w
+    Activations round with ``rounding`` (the target's rounding of requantization shifts, see
+    ``fake_quant_act``). The caller decides the formats (``compiler/quantsim.py`` derives them
+    from a bit assignment); this module only applies them."""
+    get_params = params or (lambda node: None)
 
-    def _qbias(self, node: Node, in_fmt: QFormat, w_fmt: QFormat) -> np.ndarray | None:
-        key = (id(node), in_fmt.bits, w_fmt.bits)
-        if key not in self._bcache:
-            b = node.bias.const if node.bias is not None else None
-            b_fmt = self.table.bias_format(node, in_fmt, w_fmt)
-            if self.bias_correction is not None:
-                cb = self.bias_correction(node, w_fmt, b_fmt)
-                b = b if cb is None else cb
-            self._bcache[key] = None if b is None else fake_quant(b, b_fmt)
-        return self._bcache[key]
+    def fn(node: Node, args: list):
+        args = list(args)
+        for i, v in enumerate(node.inputs):
+            f = in_formats.get(v) if v is not None else None
+            if f is not None:
+                args[i] = fake_quant_act(args[i], f, rounding)
+        p = get_params(node)
+        if p:
+            for i, a in sorted(p.items()):
+                if i < len(args):
+                    args[i] = a
+                else:
+                    args = args + [None] * (i - len(args)) + [a]
+        outs = base_fn(node, args)
+        return tuple(fake_quant_act(a, out_formats[v], rounding) if v in out_formats else a
+                     for v, a in zip(node.outputs, outs))
 
-    def node_fn(self, config: BitConfig | None, *, float_layers: set | None = None):
-        """Node function for ``config`` (None: plain float). Layers in ``float_layers`` stay float."""
-        if config is None:
-            return float_node_fn
-        fmts = self.table.formats(config)
-        wf = self.table.weight_formats(config)
-        plan = self.plan
-        points = plan.points
-        layer_ids = {id(n) for n in plan.layers}
-        float_layers = float_layers or set()
-        rounding = self.rounding
-
-        def fn(node: Node, args: list):
-            args = list(args)
-            for i, v in enumerate(node.inputs):
-                if v is not None and v in points and points[v].kind == "input":
-                    args[i] = fake_quant_act(args[i], fmts[v], rounding)
-            if id(node) in layer_ids and node not in float_layers:
-                args[1] = self._qweight(node, wf[node])
-                if node.bias is not None and len(args) > 2:
-                    args[2] = self._qbias(node, fmts[node.inputs[0]], wf[node])
-                elif self.bias_correction is not None and node.bias is None:
-                    b = self._qbias(node, fmts[node.inputs[0]], wf[node])
-                    if b is not None:
-                        args = (args + [None])[:2] + [b]
-            outs = float_node_fn(node, args)
-            res = []
-            for v, a in zip(node.outputs, outs):
-                p = points.get(v)
-                if p is not None and p.kind in ("layer", "arith") and not (
-                        p.kind == "layer" and p.layer in float_layers):
-                    a = fake_quant_act(a, fmts[v], rounding)
-                res.append(a)
-            return tuple(res)
-
-        return fn
-
-    def run(self, config: BitConfig | None, x: np.ndarray, *, batch_size: int = 64, outputs=None,
-            progress: str | None = None) -> list[np.ndarray]:
-        return run_batched(self.plan.graph, x, batch_size=batch_size, outputs=outputs,
-                           node_fn=self.node_fn(config), progress=progress)
-
-    def executor(self, config: BitConfig | None) -> Executor:
-        return Executor(self.plan.graph, self.node_fn(config))
+    return fn
 
 
 def ir_node_fn(graph: Graph):

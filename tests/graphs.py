@@ -88,7 +88,8 @@ def ops(graph: Graph) -> list[str]:
 
 def run_pass(graph: Graph, name: str, **options):
     """Run one registered pass (verifying the graph after it) and return its PassResult."""
-    from mpqc.compiler.passes import PassContext, make_pass
+    from mpqc.compiler.passes import PassContext
+    from mpqc.compiler.pipelines import make_pass
     p = make_pass(name, {k: str(v) for k, v in options.items()})
     res = p.run(graph, PassContext())
     graph.verify()

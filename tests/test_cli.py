@@ -269,7 +269,8 @@ def test_pass_failure_leaves_no_output(resnet, tmp_path):
     script = textwrap.dedent("""
         import sys
         from dataclasses import dataclass
-        from mpqc.compiler.passes import Pass, register_pass
+        from mpqc.compiler.passes import Pass
+        from mpqc.compiler.pipelines import register_pass
         from mpqc.cli import main
 
         @register_pass

@@ -10,7 +10,7 @@ import pytest
 
 from mpqc.compiler.driver import compile_model, report_json_bytes, _clean_nan
 from mpqc.compiler.bundle import bundle_bytes
-from mpqc.runtime.emulator import lower, run_emulator
+from mpqc.compiler.lowering import lower, run_emulator
 from tests.conftest import bench_path
 
 DIGITS = ("digits_resnet", "digits_vgg", "digits_alexnet")

@@ -10,7 +10,7 @@ import pytest
 
 from mpqc.compiler.driver import _clean_nan, compile_model
 from mpqc.compiler.html_report import render_html
-from mpqc.runtime.emulator import run_emulator
+from mpqc.compiler.lowering import run_emulator
 from tests.conftest import bench_path
 
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from mpqc.cli import main
-from mpqc.compiler.bundle import (MANIFEST_KEY, _pack_int4, _unpack_int4, bundle_bytes, load_bundle,
-                                  read_manifest)
+from mpqc.compiler.bundle import bundle_bytes
+from mpqc.core.program import MANIFEST_KEY, _pack_int4, _unpack_int4, bundle_input_value, load_bundle, read_manifest
 from mpqc.core.errors import ModelError
 from mpqc.compiler.export import atomic_write_bytes
-from mpqc.runtime.emulator import bundle_input_value, run_emulator
+from mpqc.compiler.lowering import run_emulator
 from tests.passes.test_insert_qdq import compile_small
 from tests.graphs import randn
 

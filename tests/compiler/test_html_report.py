@@ -82,7 +82,7 @@ def test_report_without_a_search_shows_the_compiled_layers():
 
 
 def test_compile_writes_the_html(tmp_path):
-    from mpqc.compiler.driver import compile_model
+    from mpqc import compile as compile_model
     from tests.passes.test_assign_bit_widths import classifier
     x = np.random.default_rng(0).standard_normal((24, 2, 6, 6)).astype(np.float32)
     out = tmp_path / "r.html"

@@ -7,15 +7,17 @@ import pytest
 
 from mpqc.compiler.data import Dataset
 from mpqc.core.errors import OptionError
-from mpqc.compiler.influence import (VARIANTS, LayerInfluence, compute_influence, crossing_values,
+from mpqc.compiler.bitsearch import LayerInfluence
+from mpqc.compiler.influence import (VARIANTS, compute_influence, crossing_values,
                                      cut_positions, layer_range, lower_rung, reduced_config, stream_order,
                                      sweep)
 from mpqc.compiler.metrics import agreement, neg_mse
-from mpqc.compiler.passes import PassContext, PassManager, parse_pipeline
+from mpqc.compiler.passes import PassContext, PassManager
+from mpqc.compiler.pipelines import parse_pipeline
 from mpqc.core.qformat import QFormat
 from mpqc.compiler.quant import BitConfig, FormatTable, QuantPlan
 from mpqc.compiler.targets import get_target
-from mpqc.runtime.fakequant import QuantSim
+from mpqc.compiler.quantsim import QuantSim
 
 from tests.graphs import GraphBuilder, randn
 

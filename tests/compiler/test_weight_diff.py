@@ -6,15 +6,20 @@ import math
 import numpy as np
 import pytest
 
-from mpqc.compiler.bitsearch import SearchContext, get_strategy
+import dataclasses
+
+from mpqc.compiler.bitsearch import SearchContext
+from mpqc.compiler.options import SearchOptions
+from mpqc.compiler.strategies import get_strategy
 from mpqc.compiler.data import Dataset
 from mpqc.core.errors import DataError, OptionError, TargetError
-from mpqc.compiler.passes import PassContext, make_pass
+from mpqc.compiler.passes import PassContext
+from mpqc.compiler.pipelines import make_pass
 from mpqc.compiler.quant import BitConfig, FormatTableAnalysis, QuantPlan, QuantPlanAnalysis
 from mpqc.compiler.targets import get_target
 from mpqc.compiler.weight_diff import (WeightDiffResult, WeightDifference, rank_layers, weight_difference)
 from mpqc.runtime.autograd import GradEngine
-from mpqc.runtime.fakequant import QuantSim
+from mpqc.compiler.quantsim import QuantSim
 from tests.graphs import GraphBuilder
 
 
@@ -137,7 +142,7 @@ def stub(penalty: dict, values: dict, **options):
     wd = WeightDiffResult("mean-square", 1, {n: values[n.name] for n in layers},
                           rank_layers({n: values[n.name] for n in layers}, layers), {}, 0.0)
     ctx = StubContext(g, plan, None, None, get_target("npu4"), Dataset(np.zeros((1, 4), np.float32), None, "m"),
-                      "top1", None, 1.0, options.pop("goal", 0.9), options={"weight_diff": wd, **options})
+                      "top1", None, 1.0, options.pop("goal", 0.9), options=SearchOptions(weight_diff=wd, **options))
     ctx.penalty = penalty
     return ctx, BitConfig.uniform(layers, 8, 8)
 
@@ -217,7 +222,7 @@ def test_strategy_errors():
     with pytest.raises(OptionError, match="count"):
         get_strategy("weight-diff-topk")(ctx, start)
     ctx, start = stub(PEN, VALUES)
-    del ctx.options["weight_diff"]
+    ctx.options.weight_diff = None
     with pytest.raises(DataError, match="--train"):
         get_strategy("weight-diff-topk")(ctx, start)
 
@@ -247,7 +252,7 @@ def test_bsearch_on_a_real_network_through_the_simulator():
     table = ctx.analyses.get(FormatTableAnalysis, g)
     sim = QuantSim(plan, table)
     sctx = SearchContext(g, plan, table, sim, ctx.target, Dataset(x, y, "m"), "top1", None, 1.0, 0.0,
-                         options={"train": Dataset(x, y, "m"), "cycles": 3, "max_loss": 0.05})
+                         options=SearchOptions(train=Dataset(x, y, "m"), cycles=3, max_loss=0.05))
     start = BitConfig.uniform(plan.layers, 8, 8)
     cfg = get_strategy("weight-diff-bsearch")(sctx, start)
     rank = sctx.trace[0].extra["ranking"]
@@ -260,7 +265,7 @@ def test_bsearch_on_a_real_network_through_the_simulator():
         assert more and not more[0].accepted
     # same inputs, same options: the same statistic and the same choice
     sctx2 = SearchContext(g, plan, table, sim, ctx.target, Dataset(x, y, "m"), "top1", None, 1.0, 0.0,
-                          options=dict(sctx.options))
+                          options=dataclasses.replace(sctx.options))
     cfg2 = get_strategy("weight-diff-bsearch")(sctx2, start)
     assert cfg2.key(plan.layers) == cfg.key(plan.layers)
     assert sctx2.trace[0].extra["values"] == sctx.trace[0].extra["values"]

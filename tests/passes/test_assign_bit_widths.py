@@ -5,13 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mpqc.compiler.bitsearch import SearchContext, get_strategy
+from mpqc.compiler.bitsearch import SearchContext
+from mpqc.compiler.options import CompileOptions, SearchOptions
+from mpqc.compiler.strategies import get_strategy
 from mpqc.compiler.data import Dataset
 from mpqc.core.errors import OptionError, TargetError
-from mpqc.compiler.passes import PassContext, PassManager, parse_pipeline
+from mpqc.compiler.passes import PassContext, PassManager
+from mpqc.compiler.pipelines import parse_pipeline
 from mpqc.compiler.quant import BitConfig, FormatTableAnalysis, QuantPlan, QuantPlanAnalysis, weight_bytes
 from mpqc.compiler.targets import get_target
-from mpqc.runtime.fakequant import QuantSim
+from mpqc.compiler.quantsim import QuantSim
 
 from tests.graphs import GraphBuilder, randn
 
@@ -40,7 +43,7 @@ class Crafted(SearchContext):
         tgt = get_target(target)
         super().__init__(graph=g, plan=plan, table=None, sim=None, target=tgt,
                          data=Dataset(np.zeros((1, 4), np.float32), None, "crafted"), metric="agreement",
-                         reference=None, float_value=1.0, goal=goal, options=options)
+                         reference=None, float_value=1.0, goal=goal, options=SearchOptions(**options))
         self.penalties = penalties  # {layer name: [penalty of rung 1, rung 2, ...]}
         self.infl = infl
         self.influence_calls = 0
@@ -202,7 +205,7 @@ def run_o2(spec, target="npu4", options=None, eval_data=True):
     ctx = PassContext(target=get_target(target), batch_size=32)
     ctx.calib = Dataset(x[:30], None, "calib")
     ctx.eval = Dataset(x[30:], None, "eval") if eval_data else None
-    ctx.options = dict(options or {})
+    ctx.options = CompileOptions.from_dict(options)
     pm = PassManager(parse_pipeline("choose-formats{start=ladder}," + spec))
     pm.run(g, ctx)
     g.verify()
@@ -319,7 +322,7 @@ def test_mse_and_psnr_need_an_absolute_target():
 
 def test_the_search_scores_the_exported_fixed_point_network():
     from mpqc.compiler.metrics import agreement
-    from mpqc.runtime.emulator import run_emulator
+    from mpqc.compiler.lowering import run_emulator
     g, ctx, pm = run_o2("layer-influence{bias_correction=true},"
                         "assign-bit-widths{bias_correction=true,max_drop=0.05},bias-correction,insert-qdq")
     sec = ctx.report["passes"]["assign-bit-widths"]

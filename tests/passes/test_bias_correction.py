@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 
 from mpqc.compiler.data import Dataset
-from mpqc.compiler.passes import PassContext, PassManager, parse_pipeline
+from mpqc.compiler.passes import PassContext, PassManager
+from mpqc.compiler.pipelines import parse_pipeline
 from mpqc.core.qformat import fake_quant
 from mpqc.compiler.quant import BitConfig, FormatTableAnalysis, QuantPlanAnalysis
 from mpqc.compiler.targets import get_target
 from mpqc.runtime.executor import Executor
-from mpqc.runtime.fakequant import QuantSim
-from mpqc.passes.bias_correction import BiasCorrection, LayerInputMeans
+from mpqc.compiler.quantsim import QuantSim
+from mpqc.compiler.bias_correction import BiasCorrection, LayerInputMeans
 
 from tests.graphs import GraphBuilder, randn
 
@@ -89,12 +90,12 @@ def test_search_simulation_equals_the_corrected_network():
     g, ctx, x = setup(weight_bits=8)
     plan = ctx.analyses.get(QuantPlanAnalysis, g)
     table = ctx.analyses.get(FormatTableAnalysis, g, search=2)
-    from mpqc.passes.bias_correction import bias_correction_for
+    from mpqc.compiler.bias_correction import bias_correction_for
     sim = QuantSim(plan, table, bias_correction_for(g, ctx).corrected_bias)
     cfg = BitConfig({n: (n.qconfig.weight_bits, n.qconfig.act_bits) for n in plan.layers}, 8)
     simulated = sim.run(cfg, x)[0]
     PassManager(parse_pipeline("bias-correction,insert-qdq")).run(g, ctx)
-    from mpqc.runtime.emulator import run_emulator
+    from mpqc.compiler.lowering import run_emulator
     exported = run_emulator(g, x)  # the fixed-point network, in integers
     np.testing.assert_array_equal(simulated, exported)
 

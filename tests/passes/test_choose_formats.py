@@ -6,7 +6,8 @@ import pytest
 
 from mpqc.compiler.data import Dataset
 from mpqc.core.errors import DataError, OptionError
-from mpqc.compiler.passes import PassContext, make_pass
+from mpqc.compiler.passes import PassContext
+from mpqc.compiler.pipelines import make_pass
 from mpqc.compiler.targets import get_target
 from mpqc.runtime.executor import Executor
 from tests.graphs import GraphBuilder, randn

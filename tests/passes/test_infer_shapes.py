@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mpqc.passes.infer_shapes import infer_shapes
+from mpqc.compiler.canonical import infer_shapes
 
 from tests.graphs import GraphBuilder, randn, run_ort, run_pass
 

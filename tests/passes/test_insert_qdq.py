@@ -10,11 +10,13 @@ import pytest
 from mpqc.compiler.data import Dataset
 from mpqc.core.errors import OptionError, PassError
 from mpqc.compiler.export import to_onnx
-from mpqc.compiler.passes import PassContext, PassManager, parse_pipeline
+from mpqc.compiler.passes import PassContext, PassManager
+from mpqc.compiler.pipelines import parse_pipeline
 from mpqc.core.qformat import QFormat
 from mpqc.compiler.targets import get_target
-from mpqc.passes.insert_qdq import InsertQDQPass, dequantized_view
-from mpqc.runtime.emulator import run_emulator
+from mpqc.compiler.qdq import dequantized_view
+from mpqc.passes.insert_qdq import InsertQDQPass
+from mpqc.compiler.lowering import run_emulator
 from mpqc.runtime.executor import run_batched
 from mpqc.runtime.fakequant import ir_node_fn
 from tests.graphs import GraphBuilder, ops, randn

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from mpqc.core.errors import OptionError
-from mpqc.compiler.influence import LayerInfluence
+from mpqc.compiler.bitsearch import LayerInfluence
 
 from tests.passes.test_assign_bit_widths import run_o2
 

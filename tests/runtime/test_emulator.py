@@ -10,7 +10,8 @@ import pytest
 from mpqc.core.errors import CompilerError, DataError
 from mpqc.compiler.export import to_onnx
 from mpqc.core.qformat import QFormat
-from mpqc.runtime.emulator import Emulator, lower, run_emulator
+from mpqc.compiler.lowering import lower, run_emulator
+from mpqc.runtime.emulator import Emulator
 from tests.graphs import GraphBuilder
 
 

@@ -1,0 +1,131 @@
+"""Typed options: what the CLI and the Python API build, and what passes and searches read.
+
+* ``CompileOptions``: the compile-wide choices a user makes with flags (``--max-drop``,
+  ``--strategy``, ``--finetune`` ...). The CLI and ``mpqc.compile`` build one, check it
+  once (``check``), and the driver puts it on the ``PassContext`` (``ctx.options``);
+  a pass option given in ``--passes "name{opt=...}"`` takes precedence over it.
+* ``SearchOptions``: the knobs of a bit-width search strategy (``compiler/strategies.py``).
+  The assign-bit-widths pass fills one from its own options and ``CompileOptions``;
+  ``search_context`` completes the fields it decides (``split``, ``note``).
+
+Every option check lives here, so the CLI, the API and the passes refuse the same
+values with the same message.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from ..core.errors import OptionError
+
+STATISTICS = ("mean-square", "mean", "variance", "std")
+WEIGHT_DIFF_MODES = ("binary", "halving")
+VARIANTS = ("chained", "isolated", "reversed")
+RANKS = ("influence", "random", "weight-range")
+K_STEPS = ("next", "double")
+
+
+def _check_max_drop(max_drop: float | None, where: str) -> None:
+    if max_drop is not None and not 0 <= max_drop < 1:
+        raise OptionError(f"{where} must be in [0, 1), got {max_drop}")
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """Compile-wide options (the CLI flag of each is in brackets).
+
+    max_drop [--max-drop]: largest allowed drop of the evaluation value relative to the float
+    model; target_score [--target-score]: lowest allowed absolute value (give one of them);
+    strategy [--strategy]: the bit-width search strategy; cycles [--cycles]: training cycles of
+    the weight-difference statistic; finetune [--finetune/--no-finetune]: add or drop the
+    finetune pass (None: the level's own choice); finetune_epochs [--finetune-epochs]."""
+
+    max_drop: float | None = None
+    target_score: float | None = None
+    strategy: str | None = None
+    cycles: int | None = None
+    finetune: bool | None = None
+    finetune_epochs: float | None = None
+
+    def check(self) -> "CompileOptions":
+        """Refuse impossible values (one ``OptionError`` naming the flag); returns self."""
+        _check_max_drop(self.max_drop, "--max-drop")
+        if self.max_drop is not None and self.target_score is not None:
+            raise OptionError("give either --max-drop or --target-score, not both")
+        if self.cycles is not None and self.cycles < 1:
+            raise OptionError(f"--cycles must be at least 1, got {self.cycles}")
+        if self.finetune_epochs is not None and not self.finetune_epochs >= 0:
+            raise OptionError(f"--finetune-epochs must be >= 0, got {self.finetune_epochs}")
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "CompileOptions":
+        """From ``{"max_drop": 0.01, ...}`` (the API's ``options=``); an unknown key is an error."""
+        d = dict(d or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(d) - known)
+        if bad:
+            raise OptionError(f"unknown compile option {bad[0]!r}; the options are: {', '.join(sorted(known))}")
+        return cls(**d).check()
+
+    @classmethod
+    def coerce(cls, o: "CompileOptions | dict | None") -> "CompileOptions":
+        return o.check() if isinstance(o, CompileOptions) else cls.from_dict(o)
+
+
+@dataclass
+class SearchOptions:
+    """Options of the bit-width search strategies.
+
+    Influence strategies: variant (how influences are measured), rank (influence, or random /
+    weight-range orderings for ablations), k_step and k_init (threshold), repeat (go on with the
+    next rung once every layer is reduced). Weight-difference strategies: train (labelled data),
+    weight_diff (a precomputed ``WeightDiffResult``), cycles, statistic, train_lr,
+    train_batch_size, train_momentum, quantized (train with fake quantization), max_loss,
+    floor, mode (binary | halving), count, keep_smallest. Set by ``search_context``: split (the
+    data the search scores: eval | calib), bias_correction, note."""
+
+    strategy: str = "auto"
+    variant: str = "chained"
+    rank: str = "influence"
+    k_step: str = "next"
+    k_init: float | None = None
+    repeat: bool = False
+    split: str | None = None
+    bias_correction: bool = False
+    note: str | None = None
+    # weight-difference strategies
+    train: Any = None  # compiler.data.Dataset with labels
+    weight_diff: Any = None  # compiler.weight_diff.WeightDiffResult, precomputed
+    cycles: int | None = None
+    statistic: str = "mean-square"
+    train_lr: float = 0.01
+    train_batch_size: int = 32
+    train_momentum: float = 0.9
+    quantized: bool = False
+    max_loss: float | None = None
+    floor: int = 0
+    mode: str = "binary"
+    count: int | None = None
+    keep_smallest: bool = False
+
+    def check(self) -> "SearchOptions":
+        for name, value, choices in (("variant", self.variant, VARIANTS), ("rank", self.rank, RANKS),
+                                     ("k_step", self.k_step, K_STEPS), ("statistic", self.statistic, STATISTICS),
+                                     ("mode", self.mode, WEIGHT_DIFF_MODES)):
+            if value not in choices:
+                raise OptionError(f"{name}={value!r} is unknown; choose one of {', '.join(choices)}")
+        if self.cycles is not None and self.cycles < 1:
+            raise OptionError(f"cycles={self.cycles} must be at least 1")
+        if self.floor < 0:
+            raise OptionError(f"floor={self.floor} must be >= 0")
+        if self.count is not None and self.count < 0:
+            raise OptionError(f"count={self.count} must be >= 0")
+        if self.train_lr <= 0 or self.train_batch_size < 1:
+            raise OptionError("train_lr must be > 0 and train_batch_size at least 1")
+        return self
+
+    def to_json(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in ("train", "weight_diff")}

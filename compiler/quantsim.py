@@ -1,0 +1,91 @@
+"""QuantSim: the network of a bit assignment, simulated by fake quantization.
+
+``QuantSim(plan, table)`` turns a ``BitConfig`` into a node function for the runtime's
+``Executor`` (``runtime.fakequant.fake_quant_node_fn``): layer weights and biases are
+replaced by their dequantized integers (cached per width, rounded half up as insert-qdq
+stores them), input points are rounded when read, and every layer/arith output is
+rounded to its format right after the node runs (the target's rounding of
+requantization shifts, half to even on the npu targets, and saturation). Layout ops
+pass values through, which is exact on the integer grid. This is NN_S of the influence
+method, and what searches evaluate; the bit-exact integer emulator computes the same
+network in integers.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..core.ir import Node
+from ..core.qformat import QFormat, fake_quant
+from ..runtime.executor import Executor, float_node_fn, run_batched
+from ..runtime.fakequant import fake_quant_node_fn
+from .quant import BitConfig, FormatTable, QuantPlan
+
+
+class QuantSim:
+    """``bias_correction`` (optional): callable ``(layer, weight_format, bias_format) -> float bias or None``
+    giving the
+    bias to quantize instead of the layer's own (``compiler.bias_correction.BiasCorrection.corrected_bias``);
+    a layer without a bias input gets one when it returns an array."""
+
+    def __init__(self, plan: QuantPlan, table: FormatTable, bias_correction=None):
+        self.plan = plan
+        self.table = table
+        self.bias_correction = bias_correction
+        #: rounding of activations (requantization shifts): the target's ("half-even" on the npu targets)
+        self.rounding = getattr(table.target, "rounding", "half-up") if table is not None else "half-up"
+        self._wcache: dict[tuple, np.ndarray] = {}
+        self._bcache: dict[tuple, np.ndarray] = {}
+
+    def _qweight(self, node: Node, fmt: QFormat) -> np.ndarray:
+        key = (id(node), fmt.bits)
+        w = self._wcache.get(key)
+        if w is None:
+            w = fake_quant(node.weight.const, fmt)
+            self._wcache[key] = w
+        return w
+
+    def _qbias(self, node: Node, in_fmt: QFormat, w_fmt: QFormat) -> np.ndarray | None:
+        key = (id(node), in_fmt.bits, w_fmt.bits)
+        if key not in self._bcache:
+            b = node.bias.const if node.bias is not None else None
+            b_fmt = self.table.bias_format(node, in_fmt, w_fmt)
+            if self.bias_correction is not None:
+                cb = self.bias_correction(node, w_fmt, b_fmt)
+                b = b if cb is None else cb
+            self._bcache[key] = None if b is None else fake_quant(b, b_fmt)
+        return self._bcache[key]
+
+    def node_fn(self, config: BitConfig | None, *, float_layers: set | None = None):
+        """Node function for ``config`` (None: plain float). Layers in ``float_layers`` stay float."""
+        if config is None:
+            return float_node_fn
+        fmts = self.table.formats(config)
+        wf = self.table.weight_formats(config)
+        points = self.plan.points
+        layer_ids = {id(n) for n in self.plan.layers}
+        float_layers = float_layers or set()
+        in_formats = {v: fmts[v] for v, p in points.items() if p.kind == "input"}
+        out_formats = {v: fmts[v] for v, p in points.items() if p.kind in ("layer", "arith") and not (
+            p.kind == "layer" and p.layer in float_layers)}
+
+        def params(node: Node):
+            if id(node) not in layer_ids or node in float_layers:
+                return None
+            p = {1: self._qweight(node, wf[node])}
+            if node.bias is not None and len(node.inputs) > 2:
+                p[2] = self._qbias(node, fmts[node.inputs[0]], wf[node])
+            elif self.bias_correction is not None and node.bias is None:
+                b = self._qbias(node, fmts[node.inputs[0]], wf[node])
+                if b is not None:
+                    p[2] = b
+            return p
+
+        return fake_quant_node_fn(in_formats, out_formats, params, self.rounding)
+
+    def run(self, config: BitConfig | None, x: np.ndarray, *, batch_size: int = 64, outputs=None,
+            progress: str | None = None) -> list[np.ndarray]:
+        return run_batched(self.plan.graph, x, batch_size=batch_size, outputs=outputs,
+                           node_fn=self.node_fn(config), progress=progress)
+
+    def executor(self, config: BitConfig | None) -> Executor:
+        return Executor(self.plan.graph, self.node_fn(config))
