@@ -6,6 +6,7 @@ finite values) and cast to the input's dtype. Every problem is a one-line
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import zipfile
 from dataclasses import dataclass
@@ -98,7 +99,6 @@ def check_input(x: np.ndarray, input_value: Value | None, what: str) -> np.ndarr
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    import hashlib
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -12,22 +12,23 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..core.errors import OptionError
+from ..core.ir import Graph
 from ..runtime.executor import run_batched
 from .bundle import bundle_bytes
 from .data import Dataset, check_input, load_dataset
-from ..core.errors import OptionError
 from .export import atomic_write_bytes, to_onnx
 from .frontend import load_graph
+from .html_report import render_html
 from .info import model_info
 from .lowering import run_emulator
 from .metrics import NEEDS_REFERENCE, check_metric, evaluate
-from ..core.ir import Graph
-from .html_report import render_html
 from .options import CompileOptions
 from .passes import Pass, PassContext, PassManager
 from .pipelines import build_pipeline, parse_pipeline
@@ -227,7 +228,6 @@ def write_outputs(result: CompileResult, outputs: Outputs) -> None:
 
 def _version() -> str:
     try:
-        from importlib.metadata import version
         return version("mpqc")
     except Exception:  # pragma: no cover
         return "0"

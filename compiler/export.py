@@ -9,17 +9,20 @@ import os
 import tempfile
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
+from onnx import TensorProto, numpy_helper
 
 from ..core.errors import CompilerError
 from ..core.ir import Graph, Value
+from .frontend import check_model, from_onnx, read_model
 
 PRODUCER = "mpqc"
 
 
 def to_onnx(graph: Graph, *, check: bool = True, opset: int | None = None) -> onnx.ModelProto:
-    import onnx_graphsurgeon as gs
 
     tmap: dict[int, object] = {}
     narrowed: dict[str, np.ndarray] = {}  # 4-bit constants, written as int4/uint4 after export
@@ -64,7 +67,6 @@ def to_onnx(graph: Graph, *, check: bool = True, opset: int | None = None) -> on
     g = gs.Graph(nodes=nodes, inputs=inputs, outputs=outputs, name=graph.name, opset=ver)
     model = gs.export_onnx(g, do_type_check=False)
     if narrowed:  # onnx-graphsurgeon 0.6 does not pack int4: replace those initializers
-        from onnx import numpy_helper
         for i, t in enumerate(model.graph.initializer):
             if t.name in narrowed:
                 model.graph.initializer[i].CopyFrom(numpy_helper.from_array(narrowed[t.name], t.name))
@@ -91,7 +93,6 @@ def _narrow_dtype(v: Value):
     arr = v.const
     if f is None or f.bits != 4 or arr.dtype not in (np.dtype(np.int8), np.dtype(np.uint8)):
         return None
-    import ml_dtypes
     lo, hi = (-8, 7) if f.signed else (0, 15)
     if arr.size and (int(arr.min()) < lo or int(arr.max()) > hi):
         raise CompilerError(f"constant {v.name!r} is tagged 4-bit but holds values outside [{lo}, {hi}]",
@@ -102,7 +103,6 @@ def _narrow_dtype(v: Value):
 def widen_int4(model: onnx.ModelProto) -> onnx.ModelProto:
     """Rewrite int4/uint4 initializers as int8/uint8 (same values; DequantizeLinear gives the same
     result), so mpqc's runtimes, which have no 4-bit type, can import a model with 4-bit weights."""
-    from onnx import TensorProto, numpy_helper
     wide = {TensorProto.INT4: np.int8, TensorProto.UINT4: np.uint8}
     if not any(t.data_type in wide for t in model.graph.initializer):
         return model
@@ -119,7 +119,6 @@ def widen_int4(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def load_qdq_graph(path: str | os.PathLike) -> Graph:
     """``frontend.load_graph`` for models mpqc exported: 4-bit weights are widened first."""
-    from .frontend import check_model, from_onnx, read_model
     model = read_model(path)
     origin = Path(path).name
     check_model(model, origin)

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper, version_converter
 
 from ..core.errors import ModelError, UnsupportedOpError
 from ..core.ir import Graph, Node, Value
+from ..runtime.ops import KERNELS, SUPPORTED_DTYPES, validate_node
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +73,6 @@ def upgrade_opset(model: onnx.ModelProto, origin: str = "model") -> onnx.ModelPr
     if ver >= MIN_NATIVE_OPSET:
         return model
     try:
-        from onnx import version_converter
         return version_converter.convert_version(model, TARGET_OPSET)
     except Exception as e:
         _check_old_semantics(model, ver, origin, e)
@@ -119,7 +120,6 @@ def _check_old_semantics(model: onnx.ModelProto, ver: int, origin: str, err: Exc
 
 
 def _attr_value(v):
-    import onnx_graphsurgeon as gs
     if isinstance(v, gs.Constant):
         return np.array(v.values)
     if isinstance(v, onnx.TensorProto):
@@ -147,7 +147,6 @@ def _shape_of(var) -> tuple | None:
 
 
 def _check_dtype(name: str, dt, origin: str) -> np.dtype:
-    from ..runtime.ops import SUPPORTED_DTYPES
     if dt is None or dt not in SUPPORTED_DTYPES:
         raise UnsupportedOpError(
             f"{origin}: tensor {name!r} has element type {dt}, which mpqc does not support "
@@ -159,7 +158,6 @@ def _variable_dtype(t, origin: str) -> np.dtype:
     """numpy dtype of a graph-surgeon Variable; unknown -> float32; unsupported -> error."""
     if t.dtype is None:
         return np.dtype(np.float32)
-    from ..runtime.ops import SUPPORTED_DTYPES
     if isinstance(t.dtype, (int, np.integer)):  # an ONNX type gs could not map (bfloat16, float8...)
         try:
             dt = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(int(t.dtype)))
@@ -185,7 +183,6 @@ def _split_shape_start_end(g) -> None:
     onnx-graphsurgeon's shape folding (0.6) ignores the start/end attributes of Shape
     (opset 15+) and folds the whole shape; the Slice form folds correctly.
     """
-    import onnx_graphsurgeon as gs
     for i, n in enumerate(list(g.nodes)):
         if n.op != "Shape" or not ({"start", "end"} & set(n.attrs)):
             continue
@@ -206,7 +203,6 @@ def _split_shape_start_end(g) -> None:
 def from_onnx(model: onnx.ModelProto, *, origin: str = "model", fold: bool = True,
               check_ops: bool = True) -> Graph:
     """Convert an in-memory ModelProto to a Graph (see module docstring)."""
-    import onnx_graphsurgeon as gs
 
     model = upgrade_opset(model, origin)
     try:
@@ -269,7 +265,6 @@ def from_onnx(model: onnx.ModelProto, *, origin: str = "model", fold: bool = Tru
 
 
 def check_supported(graph: Graph) -> None:
-    from ..runtime.ops import KERNELS, validate_node
     for n in graph.nodes:
         if n.domain not in ("", "ai.onnx") or n.op_type not in KERNELS:
             supported = ", ".join(sorted(KERNELS))

@@ -84,9 +84,9 @@ def _short(name: str, width: int = 34) -> str:
 
 # ---------------------------------------------------------------------------- plots
 def _plt():
-    import matplotlib
+    import matplotlib  # start-up: matplotlib loads in ~0.3 s and only --html needs it
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # start-up (see above)
     matplotlib.rcParams.update({"svg.hashsalt": "mpqc", "font.size": 9, "axes.titlesize": 10,
                                 "font.family": "DejaVu Sans", "path.simplify": False})
     return plt
@@ -95,7 +95,7 @@ def _plt():
 def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, metadata={"Software": None}, bbox_inches="tight")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # start-up (see above)
     plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 

@@ -42,10 +42,11 @@ import numpy as np
 
 from ..core.errors import OptionError
 from ..core.ir import Graph, Node, Value
+from ..core.progress import progress_iter
+from ..runtime.executor import Executor, batches
+from .options import VARIANTS
 from .quant import BitConfig, QuantPlan
 from .targets import Target
-
-from .options import VARIANTS
 
 
 # ---------------------------------------------------------------------------- ladder helpers
@@ -136,8 +137,6 @@ def sweep(sim, x: np.ndarray, prefix: BitConfig | None, cuts: Sequence[tuple[int
     output) over all of ``x``. The prefix runs once per batch; each suffix is a
     partial run fed with the prefix's tensors crossing the cut.
     """
-    from ..runtime.executor import Executor, batches
-    from ..core.progress import progress_iter
     plan = sim.plan
     graph = plan.graph
     order = stream_order(plan)

@@ -1,6 +1,7 @@
 """Model statistics: per-layer parameters, MACs per sample and weight bytes."""
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,7 +77,6 @@ def layer_table(graph: Graph) -> list[LayerInfo]:
 
 
 def model_info(graph: Graph) -> dict:
-    from collections import Counter
     rows = layer_table(graph)
     ops = Counter(n.op_type for n in graph.nodes)
     return {

@@ -31,8 +31,9 @@ import numpy as np
 
 from ..core.errors import CompilerError
 from ..core.ir import Graph, Node, Value
-from .passes import Analysis
 from ..core.qformat import LayerQConfig, QFormat, choose_frac_mse, choose_frac_mse_per_channel, qrange
+from .passes import Analysis
+from .ranges import ActivationRanges
 from .targets import Target
 
 FUSABLE_ACTIVATIONS = ("Relu", "Clip")
@@ -415,7 +416,6 @@ class FormatTableAnalysis(Analysis):
         self.search = search
 
     def compute(self, graph: Graph, ctx) -> FormatTable:
-        from .ranges import ActivationRanges
         if ctx.target is None:
             raise CompilerError("choosing fixed-point formats needs a --target")
         plan = ctx.analyses.get(QuantPlanAnalysis, graph)

@@ -14,6 +14,8 @@ import numpy as np
 
 from ..core.errors import DataError
 from ..core.ir import Graph, Value
+from ..core.progress import progress_iter
+from ..runtime.executor import Executor, batches, float_node_fn
 from .passes import Analysis, PassContext
 
 
@@ -93,8 +95,6 @@ class ActivationRanges(Analysis):
 
 def profile(graph: Graph, x: np.ndarray, *, batch_size: int = 64, sample_cap: int = 1 << 17,
             node_fn=None, quiet: bool = True) -> dict[Value, TensorStats]:
-    from ..runtime.executor import Executor, batches, float_node_fn
-    from ..core.progress import progress_iter
     values = [v for v in graph.inputs] + [o for n in graph.nodes for o in n.outputs]
     stats = {v: TensorStats() for v in values}
     n_batches = max(1, -(-len(x) // batch_size))

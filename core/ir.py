@@ -19,6 +19,7 @@ in analyses (``compiler.passes.Analysis``).
 """
 from __future__ import annotations
 
+import heapq
 import itertools
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
@@ -308,7 +309,6 @@ class Graph:
             indeg[id(n)] = len(preds)
             for p in preds:
                 succ[p].append(n)
-        import heapq
         ready = [(order[id(n)], n) for n in self.nodes if indeg[id(n)] == 0]
         heapq.heapify(ready)
         out: list[Node] = []

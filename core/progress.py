@@ -5,6 +5,8 @@ import os
 import sys
 from typing import Iterable, TypeVar
 
+from tqdm import tqdm
+
 T = TypeVar("T")
 
 _QUIET = False
@@ -23,5 +25,4 @@ def progress_iter(it: Iterable[T], desc: str | None = None, total: int | None = 
     """Wrap ``it`` in a tqdm bar when ``desc`` is given and progress is enabled."""
     if desc is None or not enabled():
         return it
-    from tqdm import tqdm
     return tqdm(it, desc=desc, total=total, leave=False, file=sys.stderr, dynamic_ncols=True)

@@ -7,6 +7,9 @@
 
 User errors print one line ``mpqc: error: ...`` and exit with code 2, with no
 traceback and no output file left behind.
+
+Each command imports what it needs when it runs ("# start-up" below): the compiler loads
+onnx, onnxruntime and numba (about a second), which ``mpqc --help`` does not need.
 """
 from __future__ import annotations
 
@@ -117,7 +120,7 @@ def eval_parser() -> argparse.ArgumentParser:
 
 
 def _setup(quiet: bool, verbose: int = 0) -> None:
-    from mpqc.core.progress import set_quiet
+    from mpqc.core.progress import set_quiet  # start-up
     set_quiet(quiet)
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="mpqc: %(name)s: %(message)s", stream=sys.stderr)
@@ -126,8 +129,8 @@ def _setup(quiet: bool, verbose: int = 0) -> None:
 def cmd_compile(argv: list[str]) -> int:
     args = compile_parser().parse_args(argv)
     _setup(args.quiet, args.verbose)
-    from mpqc.compiler.driver import Diagnostics, Outputs, check_outputs_differ, compile_model
-    from mpqc.compiler.options import CompileOptions
+    from mpqc.compiler.driver import Diagnostics, Outputs, check_outputs_differ, compile_model  # start-up
+    from mpqc.compiler.options import CompileOptions  # start-up
     if args.passes and args.level is not None:
         raise OptionError("give either -O LEVEL or --passes, not both")
     level = 1 if args.level is None else args.level
@@ -146,7 +149,7 @@ def cmd_compile(argv: list[str]) -> int:
 
 
 def summary_text(report: dict) -> str:
-    from mpqc.compiler.info import format_table
+    from mpqc.compiler.info import format_table  # start-up
     fm, cm = report["float_model"], report["compiled_model"]
     lines = [f"{report['model']}: {fm['nodes']} -> {cm['nodes']} nodes, weights {fm['weight_bytes']:,.0f} -> "
              f"{cm['weight_bytes']:,.0f} bytes"]
@@ -173,19 +176,19 @@ def summary_text(report: dict) -> str:
 
 def cmd_info(argv: list[str]) -> int:
     args = info_parser().parse_args(argv)
-    from mpqc.compiler.export import load_qdq_graph
-    from mpqc.compiler.info import format_info, model_info
-    from mpqc.compiler.qdq import dequantized_view, is_qdq_graph
+    from mpqc.compiler.export import load_qdq_graph  # start-up
+    from mpqc.compiler.info import format_info, model_info  # start-up
+    from mpqc.compiler.qdq import dequantized_view, is_qdq_graph  # start-up
     g = load_qdq_graph(args.model)
     if is_qdq_graph(g):  # a quantized model: statistics of its layers at their recorded widths
         g = dequantized_view(g)
         _restore_bits(g)
     if args.level == 0:
-        from mpqc.compiler.passes import PassContext, PassManager
-        from mpqc.compiler.pipelines import build_pipeline
+        from mpqc.compiler.passes import PassContext, PassManager  # start-up
+        from mpqc.compiler.pipelines import build_pipeline  # start-up
         PassManager(build_pipeline(0)).run(g, PassContext())
     else:
-        from mpqc.compiler.canonical import infer_shapes
+        from mpqc.compiler.canonical import infer_shapes  # start-up
         infer_shapes(g)
     info = model_info(g)
     if args.json:
@@ -197,7 +200,7 @@ def cmd_info(argv: list[str]) -> int:
 
 def _restore_bits(g) -> None:
     """Layer widths recorded by insert-qdq in the model's metadata -> ``node.qconfig``."""
-    from mpqc.core.qformat import LayerQConfig
+    from mpqc.core.qformat import LayerQConfig  # start-up
     bits = json.loads(g.metadata.get("mpqc.layer_bits", "{}"))
     for n in g.layers():
         if n.name in bits and n.qconfig is None:
@@ -209,7 +212,7 @@ def cmd_eval(argv: list[str]) -> int:
     _setup(args.quiet)
     if args.batch_size < 1:
         raise OptionError(f"--batch-size must be at least 1, got {args.batch_size}")
-    from mpqc.compiler.evaluate import evaluate_file
+    from mpqc.compiler.evaluate import evaluate_file  # start-up
     res = evaluate_file(args.model, args.data, metric=args.metric, reference=args.reference,
                         runtime=args.runtime, batch_size=args.batch_size)
     if args.json:
@@ -221,8 +224,8 @@ def cmd_eval(argv: list[str]) -> int:
 
 
 def cmd_targets(argv: list[str]) -> int:
-    from mpqc.compiler.info import format_table
-    from mpqc.compiler.targets import TARGETS
+    from mpqc.compiler.info import format_table  # start-up
+    from mpqc.compiler.targets import TARGETS  # start-up
     p = _Parser(prog="mpqc targets", description="List the target profiles.")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
@@ -237,8 +240,8 @@ def cmd_targets(argv: list[str]) -> int:
 
 
 def cmd_passes(argv: list[str]) -> int:
-    import dataclasses
-    from mpqc.compiler.pipelines import pass_registry
+    import dataclasses  # start-up
+    from mpqc.compiler.pipelines import pass_registry  # start-up
     _Parser(prog="mpqc passes", description="List the registered passes and their options.").parse_args(argv)
     registry = pass_registry()
     for name in sorted(registry):
@@ -272,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         print("mpqc: error: out of memory; lower --batch-size", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into a reader that quit early (mpqc info ... | head)
-        import os
+        import os  # start-up
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 

@@ -41,6 +41,7 @@ import numpy as np
 from ..core.errors import CompilerError, DataError, UnsupportedOpError
 from ..core.ir import Graph, Node, Value
 from ..core.qformat import QFormat
+from .executor import Executor
 from .grad_kernels import col2im, fake_quant_ste
 from .ops import KERNELS, _out_size, _pad_spatial, _windows, conv_pads, conv_params
 
@@ -629,7 +630,6 @@ class GradEngine:
         self.params: dict[Value, np.ndarray] = {
             v: np.array(v.const, dtype=dtype or v.const.dtype, copy=True) for v in params}
         self.logits_value, self.softmax_node = loss_output(graph)
-        from .executor import Executor
         self.nodes: list[Node] = Executor(graph).plan([self.logits_value], graph.inputs)
         for n in self.nodes:
             if n.op_type not in BACKWARD and n.op_type not in FORWARD:

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..core.errors import CompilerError, DataError, UnsupportedOpError
 from ..core.ir import Graph, Node, Value
+from ..core.progress import progress_iter
 from .ops import KERNELS
 
 NodeFn = Callable[[Node, list], Sequence[np.ndarray]]
@@ -139,7 +140,6 @@ def run_batched(graph: Graph, x: np.ndarray | Mapping, *, batch_size: int = 64, 
     n = len(next(iter(feeds.values())))
     outs = [ex._resolve(o) for o in (outputs or graph.outputs)]
     chunks: list[list[np.ndarray]] = [[] for _ in outs]
-    from ..core.progress import progress_iter
     for sl in progress_iter(list(batches(n, batch_size)), desc=progress):
         res = ex.run({k: v[sl] for k, v in feeds.items()}, outs)
         for i, o in enumerate(outs):

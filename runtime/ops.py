@@ -21,8 +21,12 @@ from typing import Callable
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+from onnx import TensorProto
+from onnx.helper import tensor_dtype_to_np_dtype
 
 from ..core.errors import UnsupportedOpError
+from ..core.qformat import dequantize_linear, quantize_linear
+from .kernels import depthwise_conv2d
 
 KERNELS: dict[str, Callable] = {}
 
@@ -64,8 +68,6 @@ def validate_node(node) -> None:
 
 
 def _onnx_elem_dtype(node, elem_type: int, what: str) -> np.dtype:
-    from onnx import TensorProto
-    from onnx.helper import tensor_dtype_to_np_dtype
     try:
         dt = np.dtype(tensor_dtype_to_np_dtype(int(elem_type)))
     except Exception:
@@ -181,7 +183,6 @@ def conv_nd(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, *, strides, pads
 
 def _depthwise2d(xp, w, group, mg, strides, dilations, out_sp):
     # one numba pass over the output (channel c of the input feeds outputs c*mg .. c*mg+mg-1)
-    from .kernels import depthwise_conv2d
     return depthwise_conv2d(xp, w, mg, strides, dilations, out_sp)
 
 
@@ -849,7 +850,6 @@ _QINT = frozenset(np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.uint16, 
 
 @kernel("QuantizeLinear")
 def k_quantize(node, x, scale, zp=None):
-    from ..core.qformat import quantize_linear
     v_qdq(node)
     if zp is not None:
         out_dt = zp.dtype
@@ -864,7 +864,6 @@ def k_quantize(node, x, scale, zp=None):
 
 @kernel("DequantizeLinear")
 def k_dequantize(node, x, scale, zp=None):
-    from ..core.qformat import dequantize_linear
     v_qdq(node)
     if x.dtype not in _QINT:
         _unsupported(node, f"dequantization of {x.dtype}")

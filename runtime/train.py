@@ -18,6 +18,7 @@ import numpy as np
 
 from ..core.errors import DataError, OptionError
 from ..core.ir import Graph, Value
+from ..core.progress import progress_iter
 from .autograd import GradEngine
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -151,7 +152,6 @@ def fit(engine: GradEngine, x: np.ndarray, y: np.ndarray, opts: TrainOptions, *,
     t0 = time.perf_counter()
     order = None
     ep_loss = ep_correct = ep_seen = 0.0
-    from ..core.progress import progress_iter
     for step in progress_iter(range(total), desc=progress):
         pos = step % per_epoch
         if pos == 0:
