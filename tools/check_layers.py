@@ -20,7 +20,7 @@ be a submodule), relative imports resolved against the file's package, and
 ``importlib.import_module(...)`` calls whose argument is a literal (or an f-string over
 ``__package__``/``__name__`` and a loop over literal names). Imports naming mpqc modules
 are resolved to the module they name: ``from mpqc.compiler import ir`` ->
-``mpqc.compiler.ir``; ``from mpqc.compiler.ir import Graph`` -> ``mpqc.compiler.ir``;
+``mpqc.core.ir``; ``from mpqc.core.ir import Graph`` -> ``mpqc.core.ir``;
 importing a package means its ``__init__``.
 
 Rules (each violation is printed as ``file:line: [rule] message``; exit status 1):
@@ -96,7 +96,7 @@ RULES = ("cycle", "layers", "local-import", "passes-registry", "syntax")
 
 @dataclass(frozen=True)
 class Module:
-    name: str          # dotted name, e.g. "mpqc.compiler.ir"
+    name: str          # dotted name, e.g. "mpqc.core.ir"
     path: Path         # absolute path of the file
     rel: str           # path relative to the root, with "/" separators
     is_package: bool   # an __init__.py
