@@ -19,7 +19,7 @@ inside functions, methods and class bodies, ``import a.b``, ``from a import b`` 
 be a submodule), relative imports resolved against the file's package, and
 ``importlib.import_module(...)`` calls whose argument is a literal (or an f-string over
 ``__package__``/``__name__`` and a loop over literal names). Imports naming mpqc modules
-are resolved to the module they name: ``from mpqc.compiler import ir`` ->
+are resolved to the module they name: ``from mpqc.core import ir`` ->
 ``mpqc.core.ir``; ``from mpqc.core.ir import Graph`` -> ``mpqc.core.ir``;
 importing a package means its ``__init__``.
 
