@@ -272,7 +272,10 @@ def search_context(graph: Graph, ctx, *, split: str | None = None, metric: str |
     split, data, metric, note = search_data(ctx, split, metric if metric is not None else ctx.metric)
     plan = ctx.analyses.get(QuantPlanAnalysis, graph)
     table = ctx.analyses.get(FormatTableAnalysis, graph, search=format_search)
-    ref = ctx.analyses.get(FloatReference, graph, split=split)  # the float value needs it anyway
+    base = graph
+    if ctx.float_graph is not None and any(n.prune is not None for n in graph.layers()):
+        base = ctx.float_graph  # a pruned network: the goal is relative to the model the user gave
+    ref = ctx.analyses.get(FloatReference, base, split=split)  # the float value needs it anyway
     float_value = evaluate(metric, ref, data.y, ref)
     bc = None
     if bias_correction:

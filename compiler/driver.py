@@ -138,6 +138,13 @@ def compile_model(model: str | os.PathLike | Graph, *, level: int = 1, target: s
     if passes is not None and opts.finetune is not None:
         raise OptionError("--finetune/--no-finetune choose a level's pipeline; with --passes list 'finetune' "
                           "in the pass list instead")
+    if passes is None:
+        if level >= 3 and opts.flops is None:
+            raise OptionError("-O3 prunes channels to a MACs budget: give --flops F (the fraction of the float "
+                              "model's MACs to keep, e.g. 0.5)")
+        if level < 3 and (opts.flops is not None or opts.prune is not None or opts.ratios is not None):
+            raise OptionError("--flops, --prune and --ratios choose how -O3 prunes; use -O3 (or list "
+                              "'prune-channels' in --passes)")
     graph = model if isinstance(model, Graph) else load_graph(model)
     tgt = get_target(target) if isinstance(target, str) else target
     ctx = PassContext(target=tgt, seed=seed, quiet=quiet, batch_size=batch_size, options=opts, metric=metric)
@@ -169,6 +176,9 @@ def compile_model(model: str | os.PathLike | Graph, *, level: int = 1, target: s
     ctx.report["compiled_model"] = model_info(dequantized_view(graph))
     if ctx.eval is not None:
         measure_accuracy(graph, ctx.float_graph or float_graph, ctx)
+    stages = stage_table(ctx.report)
+    if stages:
+        ctx.report["stages"] = stages
     if diagnostics.time_passes:  # timings vary run to run: only on request, so reports stay byte-identical
         ctx.report["timings"] = [{"pass": t.name, "seconds": round(t.seconds, 4), "modified": t.modified}
                                  for t in pm.timings]
@@ -195,6 +205,35 @@ def measure_accuracy(graph: Graph, float_graph: Graph, ctx: PassContext) -> dict
                            progress=None if ctx.quiet else "eval emulator")
         acc["quantized (emulator)"] = evaluate(metric, out, ds.y, ref if metric in NEEDS_REFERENCE else None)
     return acc
+
+
+STRUCTURAL_PASSES = ("serialize-residual", "prune-channels")
+
+
+def stage_table(report: dict) -> list[dict]:
+    """MACs, weight bytes and accuracy of the float model, after each structural pass that changed
+    the network (their report sections' ``after``), and of the compiled model; empty when no
+    structural pass ran."""
+    secs = report.get("passes") or {}
+    middle = [dict(secs[n]["after"]) for n in STRUCTURAL_PASSES if "after" in secs.get(n, {})]
+    if not middle:
+        return []
+    acc = report.get("accuracy") or {}
+
+    def row(stage: str, info: dict, value) -> dict:
+        r = {"stage": stage, "nodes": info["nodes"], "params": info["params"], "macs": info["macs"],
+             "weight_bytes": info["weight_bytes"]}
+        if value is not None:
+            r["metric"], r["accuracy"] = acc.get("metric"), value
+        return r
+
+    rows = [row("float", report["float_model"], acc.get("float"))] + middle
+    # an unquantized result is the last structural stage's network, already measured
+    rows.append(row("compiled", report["compiled_model"], acc.get("quantized (emulator)", middle[-1].get("accuracy"))))
+    base = rows[0]["macs"] or 1
+    for r in rows:
+        r["macs_fraction"] = r["macs"] / base
+    return rows
 
 
 def write_outputs(result: CompileResult, outputs: Outputs) -> None:

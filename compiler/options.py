@@ -24,11 +24,24 @@ WEIGHT_DIFF_MODES = ("binary", "halving")
 VARIANTS = ("chained", "isolated", "reversed")
 RANKS = ("influence", "random", "weight-range")
 K_STEPS = ("next", "double")
+#: channel selection of prune-channels (``--prune``) and its per-layer ratios (``--ratios``)
+PRUNE_METHODS = ("reap", "l1", "l1-norefit", "thinet")
+PRUNE_RATIOS = ("pro", "uniform")
 
 
 def _check_max_drop(max_drop: float | None, where: str) -> None:
     if max_drop is not None and not 0 <= max_drop < 1:
         raise OptionError(f"{where} must be in [0, 1), got {max_drop}")
+
+
+def check_prune(flops: float | None, method: str | None, ratios: str | None, names: tuple[str, str, str]) -> None:
+    """The pruning options' checks (``names``: how the caller calls them, flag or pass option)."""
+    if flops is not None and not 0 < flops <= 1:
+        raise OptionError(f"{names[0]} is the fraction of the MACs to keep: it must be in (0, 1], got {flops}")
+    if method is not None and method not in PRUNE_METHODS:
+        raise OptionError(f"{names[1]} {method!r} is unknown; choose one of {', '.join(PRUNE_METHODS)}")
+    if ratios is not None and ratios not in PRUNE_RATIOS:
+        raise OptionError(f"{names[2]} {ratios!r} is unknown; choose one of {', '.join(PRUNE_RATIOS)}")
 
 
 @dataclass(frozen=True)
@@ -39,7 +52,10 @@ class CompileOptions:
     model; target_score [--target-score]: lowest allowed absolute value (give one of them);
     strategy [--strategy]: the bit-width search strategy; cycles [--cycles]: training cycles of
     the weight-difference statistic; finetune [--finetune/--no-finetune]: add or drop the
-    finetune pass (None: the level's own choice); finetune_epochs [--finetune-epochs]."""
+    finetune pass (None: the level's own choice); finetune_epochs [--finetune-epochs];
+    flops [--flops]: fraction of the float model's MACs to keep (pruning, -O3); prune
+    [--prune]: channel selection (reap, l1, l1-norefit, thinet); ratios [--ratios]: per-layer
+    pruning ratios (pro, uniform)."""
 
     max_drop: float | None = None
     target_score: float | None = None
@@ -47,6 +63,9 @@ class CompileOptions:
     cycles: int | None = None
     finetune: bool | None = None
     finetune_epochs: float | None = None
+    flops: float | None = None
+    prune: str | None = None
+    ratios: str | None = None
 
     def check(self) -> "CompileOptions":
         """Refuse impossible values (one ``OptionError`` naming the flag); returns self."""
@@ -57,6 +76,7 @@ class CompileOptions:
             raise OptionError(f"--cycles must be at least 1, got {self.cycles}")
         if self.finetune_epochs is not None and not self.finetune_epochs >= 0:
             raise OptionError(f"--finetune-epochs must be >= 0, got {self.finetune_epochs}")
+        check_prune(self.flops, self.prune, self.ratios, ("--flops", "--prune", "--ratios"))
         return self
 
     @classmethod

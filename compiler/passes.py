@@ -150,6 +150,8 @@ REQUIREMENTS: dict[str, tuple[Callable[[Graph, "PassContext"], bool], str]] = {
              "evaluation or calibration data: give --eval FILE.npz[:eval] or --calib FILE.npz[:calib]"),
     "formats": (_has_formats, "quantization formats on the IR: run choose-formats first"),
     "folded-batchnorm": (_canonical, "BatchNormalization folded into the layers: run fold-batchnorm first"),
+    "float": (lambda g, ctx: not _has_formats(g, ctx),
+              "a float network: run it before choose-formats (it changes the weights the formats are chosen for)"),
 }
 
 

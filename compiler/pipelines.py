@@ -6,12 +6,14 @@
 * ``-O2`` canonicalize, profile (choose-formats at the top of the target's ladder),
   layer influence, the influence-driven bit-width search (assign-bit-widths), bias
   correction (the expected weight-quantization error folded into the biases), QDQ.
-* ``-O3`` ``-O2`` with pruning and fine-tuning (when those passes are present).
+* ``-O3`` canonicalize, serialize the residual blocks that can be (serialize-residual),
+  prune channels to the MACs budget (prune-channels: ``--flops``, ``--prune``,
+  ``--ratios``), then the ``-O2`` mixed-precision search under the accuracy goal, QDQ.
 
-``finetune`` (``--finetune`` / ``--no-finetune``): ``True`` adds the finetune pass
-at ``-O1``/``-O2``; ``False`` drops it from ``-O3``; ``None`` (default) keeps each
-level's own choice. Fine-tuning is the last step before QDQ insertion (after pruning
-and bias correction), so it trains the network exactly as it is exported.
+``finetune`` (``--finetune`` / ``--no-finetune``): ``True`` adds the finetune pass; it
+is the last step before QDQ insertion (after bias correction), so it trains the network
+exactly as it is exported (at ``-O3``: pruned and quantized). ``None`` (default) and
+``False``: no fine-tuning.
 
 Pass names resolve against the explicit registry of built-in passes
 (``passes/registry.py``, ``get_all_passes()``) plus the passes a user registers with
@@ -52,15 +54,15 @@ def pipeline_spec(level: int, target: Target | None, *, finetune: bool | None = 
         return spec
     if target is None:
         raise OptionError(f"-O{level} needs a --target (see 'mpqc targets')")
+    if level >= 3:
+        spec.extend(["serialize-residual", "prune-channels", "eliminate-dead-code", "infer-shapes"])
     spec.append("choose-formats" if level == 1 else "choose-formats{start=ladder}")
     if level >= 2:
         # the search scores every network with the bias correction applied just before insert-qdq
         spec.extend(["layer-influence{bias_correction=true}", "assign-bit-widths{bias_correction=true}"])
-    if level >= 3:
-        spec.append("prune-channels")
     if level >= 2:
         spec.append("bias-correction")
-    if (level >= 3 and finetune is not False) or (level < 3 and finetune):
+    if finetune:
         # last before QDQ: fine-tuning trains the network exactly as it is exported; a bias correction
         # after it would move the biases it learned (digits_vgg, 3-bit per-tensor weights: test 0.9975 -> 0.9675)
         spec.append("finetune")

@@ -29,6 +29,8 @@ examples:
   mpqc model.onnx -O1 --target npu8 --calib data.npz:calib -o model_q.onnx --report report.json
   mpqc model.onnx -O2 --target npu4 --calib data.npz:calib --eval data.npz:eval --max-drop 0.01 \\
        -o model_q.onnx --report report.json --html report.html
+  mpqc model.onnx -O3 --target npu4 --calib data.npz:calib --eval data.npz:eval --flops 0.5 \
+       --max-drop 0.01 -o model_q.onnx --report report.json
   mpqc model.onnx --passes "fold-constants,fold-batchnorm" -o out.onnx
   mpqc info model.onnx
   mpqc eval model_q.onnx --data data.npz:test --metric top1
@@ -54,7 +56,8 @@ def compile_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("pipeline")
     g.add_argument("-O", dest="level", type=int, default=None, choices=[0, 1, 2, 3], metavar="LEVEL",
                    help="optimisation level: 0 canonicalize, 1 fixed point at default widths, "
-                        "2 mixed precision by layer influence, 3 + pruning and fine-tuning (default 1)")
+                        "2 mixed precision by layer influence, 3 channel pruning to --flops, then 2 "
+                        "(default 1)")
     g.add_argument("--target", default="npu8", help="target profile (see 'mpqc targets'; default npu8)")
     g.add_argument("--passes", help="run this pass list instead of a level, e.g. "
                                     "'fold-batchnorm,assign-bit-widths{strategy=min-influence}'")
@@ -72,13 +75,21 @@ def compile_parser() -> argparse.ArgumentParser:
     s.add_argument("--strategy", help="bit-width search strategy: auto (default: influence-update unless too "
                                     "costly, then min-influence), influence-update, min-influence, threshold "
                                     "(US 2021/0201141 A1), weight-diff-bsearch, weight-diff-topk (US 12,393,828 B2)")
+    r = p.add_argument_group("pruning (-O3)")
+    r.add_argument("--flops", type=float, metavar="F",
+                   help="fraction of the float model's multiply-accumulates to keep, e.g. 0.5 (required at -O3)")
+    r.add_argument("--prune", metavar="METHOD",
+                   help="channel selection: reap (default; reconstruction-error aware, REAP), l1 (filter L1 "
+                        "norm, then the least-squares refit), l1-norefit, thinet")
+    r.add_argument("--ratios", metavar="HOW",
+                   help="per-layer pruning ratios: pro (default; error-vs-MACs curves, PRO) or uniform")
     t = p.add_argument_group("training (needs --train with labels)")
     t.add_argument("--cycles", type=int, metavar="K",
                    help="training cycles (SGD steps) of the weight-difference statistic used by the "
                         "weight-diff-bsearch / weight-diff-topk strategies (default 50)")
     t.add_argument("--finetune", action=argparse.BooleanOptionalAction, default=None,
-                   help="fine-tune with fake quantization after the bit widths are chosen "
-                        "(default: on at -O3, off below)")
+                   help="fine-tune with fake quantization after the bit widths are chosen (and after "
+                        "pruning at -O3); default off")
     t.add_argument("--finetune-epochs", type=float, metavar="N", help="epochs of fine-tuning (default 3)")
     o = p.add_argument_group("outputs")
     o.add_argument("--report", metavar="OUT.json", help="JSON report: per-layer bits, formats, search trace")
@@ -137,7 +148,8 @@ def cmd_compile(argv: list[str]) -> int:
     check_outputs_differ(("--output", args.output), ("--report", args.report), ("--html", args.html),
                          ("--emit-bundle", args.emit_bundle), ("model", args.model))
     options = CompileOptions(max_drop=args.max_drop, target_score=args.target_score, strategy=args.strategy,
-                             cycles=args.cycles, finetune=args.finetune, finetune_epochs=args.finetune_epochs)
+                             cycles=args.cycles, finetune=args.finetune, finetune_epochs=args.finetune_epochs,
+                             flops=args.flops, prune=args.prune, ratios=args.ratios)
     res = compile_model(args.model, level=level, target=args.target, calib=args.calib, eval=args.eval,
                         train=args.train, metric=args.metric, passes=args.passes, options=options,
                         outputs=Outputs(args.output, args.report, args.html, args.emit_bundle),
@@ -166,6 +178,13 @@ def summary_text(report: dict) -> str:
                      + f", {search.get('evaluations', 0)} evaluations")
         if search.get("note"):
             lines.append(f"note: {search['note']}")
+    stages = report.get("stages")
+    if stages:
+        lines.append(format_table(["stage", "MACs", "of float", "weight bytes", "accuracy"],
+                                  [[r["stage"], f"{r['macs']:,}", f"{r['macs_fraction']:.3f}",
+                                    f"{r['weight_bytes']:,.0f}",
+                                    f"{r['accuracy']:.4f}" if isinstance(r.get("accuracy"), float) else "-"]
+                                   for r in stages]))
     layers = cm.get("layers", [])
     if layers and any(l.get("act_bits") for l in layers):
         lines.append(format_table(["layer", "op", "w bits", "a bits", "bytes"],

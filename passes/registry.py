@@ -17,13 +17,15 @@ from .fold_pad_into_conv import FoldPadIntoConvPass
 from .infer_shapes import InferShapesPass
 from .insert_qdq import InsertQDQPass
 from .layer_influence import LayerInfluencePass
+from .prune_channels import PruneChannelsPass
 from .remove_identity import RemoveIdentityPass
 from .reshape_to_flatten import ReshapeToFlattenPass
+from .serialize_residual import SerializeResidualPass
 
 _PASSES: tuple[type[Pass], ...] = (
     FoldConstantsPass, RemoveIdentityPass, InferShapesPass, FoldPadIntoConvPass, FoldBatchNormPass,
-    ReshapeToFlattenPass, EliminateDeadCodePass, ChooseFormatsPass, LayerInfluencePass, AssignBitWidthsPass,
-    BiasCorrectionPass, FinetunePass, InsertQDQPass,
+    ReshapeToFlattenPass, EliminateDeadCodePass, SerializeResidualPass, PruneChannelsPass, ChooseFormatsPass,
+    LayerInfluencePass, AssignBitWidthsPass, BiasCorrectionPass, FinetunePass, InsertQDQPass,
 )
 
 

@@ -6,6 +6,7 @@ from typing import Sequence
 import numpy as np
 
 from mpqc.core.ir import Graph, Node, Value
+from mpqc.runtime.executor import Executor
 
 
 class GraphBuilder:
@@ -35,6 +36,25 @@ class GraphBuilder:
     def output(self, *values: Value) -> Graph:
         self.graph.outputs.extend(values)
         return self.graph
+
+
+def conv(b: "GraphBuilder", x: Value, cin: int, cout: int, name: str, k: int = 3, seed: int = 0, bias: bool = True,
+         **attrs) -> Value:
+    """A kxk Conv ('same' padding unless ``pads`` is given) with random weights and bias."""
+    ins = [x, b.const(name + "_w", randn(cout, cin, k, k, seed=seed, scale=0.4))]
+    if bias:
+        ins.append(b.const(name + "_b", randn(cout, seed=seed + 100, scale=0.1)))
+    attrs.setdefault("pads", [k // 2] * 4)
+    return b.op("Conv", ins, name=name, **attrs)
+
+
+def set_shapes(g: Graph) -> None:
+    """Static shapes of every activation (the tests' graphs are built without shape inference)."""
+    feeds = {v: np.zeros([2] + list(v.shape[1:]), np.float32) for v in g.inputs}
+    vals = [o for n in g.nodes for o in n.outputs]
+    res = Executor(g).run(feeds, outputs=vals)
+    for v in vals:
+        v.shape = ("N",) + tuple(res[v].shape[1:])
 
 
 def rng(seed: int = 0) -> np.random.Generator:
@@ -67,7 +87,6 @@ def run_ort(model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
 
 
 def run_float(graph: Graph, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    from mpqc.runtime.executor import Executor
     res = Executor(graph).run(feeds)
     return [res[v] for v in graph.outputs]
 

@@ -234,6 +234,11 @@ def test_bad_data_files(case, needles, resnet, tmp_path):
     (["-O0", "--batch-size", "0"], ["--batch-size must be at least 1"]),
     (["-O0", "--report", "{out}"], ["--report and --output name the same file"]),
     (["-O0", "--target", "tpu9"], ["tpu9"]),
+    (["-O3", "--target", "npu4"], ["-O3 prunes channels to a MACs budget: give --flops"]),
+    (["-O2", "--flops", "0.5"], ["--flops, --prune and --ratios choose how -O3 prunes"]),
+    (["-O3", "--flops", "1.5"], ["--flops is the fraction of the MACs to keep", "(0, 1]"]),
+    (["-O3", "--flops", "0.5", "--prune", "lasso"], ["--prune 'lasso' is unknown", "reap"]),
+    (["-O3", "--flops", "0.5", "--ratios", "random"], ["--ratios 'random' is unknown", "pro"]),
 ])
 def test_bad_options(args, needles, resnet, tmp_path):
     out = tmp_path / "out.onnx"

@@ -189,7 +189,9 @@ def test_pipelines_add_or_drop_finetune():
     assert o2f[-4:] == ["assign-bit-widths", "bias-correction", "finetune", "insert-qdq"]
     assert names(pipeline_spec(1, t, finetune=True))[-2:] == ["finetune", "insert-qdq"]
     o3 = names(pipeline_spec(3, t))
-    assert "finetune" in o3 and names(pipeline_spec(3, t, finetune=False)) == [s for s in o3 if s != "finetune"]
+    # -O3 fine-tunes only when asked, then last before QDQ as well
+    assert "finetune" not in o3 and names(pipeline_spec(3, t, finetune=False)) == o3
+    assert names(pipeline_spec(3, t, finetune=True)) == o3[:-1] + ["finetune", "insert-qdq"]
     assert names(pipeline_spec(2, t, finetune=False)) == o2
     with pytest.raises(OptionError, match="-O0"):
         pipeline_spec(0, None, finetune=True)
