@@ -18,9 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from ..core.errors import OptionError
+from ..core.errors import DataError, OptionError
 from ..core.ir import Graph
 from ..runtime.executor import run_batched
+from .bdcnn import compile_bdcnn
 from .bundle import bundle_bytes
 from .data import Dataset, check_input, load_dataset
 from .export import atomic_write_bytes, to_onnx
@@ -29,7 +30,7 @@ from .html_report import render_html
 from .info import model_info
 from .lowering import run_emulator
 from .metrics import NEEDS_REFERENCE, check_metric, evaluate
-from .options import CompileOptions
+from .options import CompileOptions, parse_bases
 from .passes import Pass, PassContext, PassManager
 from .pipelines import build_pipeline, parse_pipeline
 from .qdq import dequantized_view, is_quantized
@@ -48,6 +49,9 @@ class CompileResult:
     report: dict[str, Any]
     context: PassContext
     timings: list = field(default_factory=list)
+    #: (npz, manifest JSON) of a bundle built by the compilation itself (the bdcnn target's); None:
+    #: ``--emit-bundle`` lowers ``graph`` to the fixed-point program
+    bundle: tuple[bytes, bytes] | None = None
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_bytes(path, to_onnx(self.graph).SerializeToString(deterministic=True))
@@ -138,7 +142,12 @@ def compile_model(model: str | os.PathLike | Graph, *, level: int = 1, target: s
     if passes is not None and opts.finetune is not None:
         raise OptionError("--finetune/--no-finetune choose a level's pipeline; with --passes list 'finetune' "
                           "in the pass list instead")
-    if passes is None:
+    bdcnn = passes is None and level >= 1 and tgt_is_bdcnn(target)
+    if bdcnn and level >= 3:
+        raise OptionError("--target bdcnn compiles at -O1 (Q fixed) or -O2 (Q searched per layer); pruning "
+                          "(-O3) is not combined with binary decomposition yet: prune with -O3 on another "
+                          "target's pipeline first, or use -O2")
+    if passes is None and not bdcnn:
         if level >= 3 and opts.flops is None:
             raise OptionError("-O3 prunes channels to a MACs budget: give --flops F (the fraction of the float "
                               "model's MACs to keep, e.g. 0.5)")
@@ -151,7 +160,9 @@ def compile_model(model: str | os.PathLike | Graph, *, level: int = 1, target: s
     ctx.calib = _as_dataset(calib, graph, "--calib", "calib")
     ctx.eval = _as_dataset(eval, graph, "--eval", "eval")
     ctx.train = _as_dataset(train, graph, "--train", "train")
-    if passes is None:
+    if bdcnn:
+        pipeline = build_pipeline(0)  # canonicalize; then compile_bdcnn decomposes and searches Q
+    elif passes is None:
         pipeline = build_pipeline(level, tgt, finetune=opts.finetune)
     elif isinstance(passes, str):
         pipeline = parse_pipeline(passes)
@@ -162,7 +173,7 @@ def compile_model(model: str | os.PathLike | Graph, *, level: int = 1, target: s
         "model": graph.name,
         "level": level if passes is None else None,
         "target": tgt.to_json() if tgt is not None else None,
-        "pipeline": [p.spec() for p in pipeline],
+        "pipeline": [p.spec() for p in pipeline] + (["binary-decomposition (compile_bdcnn)"] if bdcnn else []),
         "data": {k: (None if d is None else {"source": d.source, "samples": len(d), "labels": d.y is not None})
                  for k, d in (("calib", ctx.calib), ("eval", ctx.eval), ("train", ctx.train))},
         "float_model": model_info(graph),
@@ -172,6 +183,10 @@ def compile_model(model: str | os.PathLike | Graph, *, level: int = 1, target: s
     pm = PassManager(pipeline, verify_each=diagnostics.verify_each, print_after=set(diagnostics.print_after),
                      time_passes=diagnostics.time_passes, printer=diagnostics.printer)
     pm.run(graph, ctx)
+    if bdcnn:
+        result = _compile_bdcnn(graph, ctx, level, opts, pm.timings)
+        write_outputs(result, outputs)
+        return result
     # the float reference for later comparisons is the canonical float network
     ctx.report["compiled_model"] = model_info(dequantized_view(graph))
     if ctx.eval is not None:
@@ -205,6 +220,48 @@ def measure_accuracy(graph: Graph, float_graph: Graph, ctx: PassContext) -> dict
                            progress=None if ctx.quiet else "eval emulator")
         acc["quantized (emulator)"] = evaluate(metric, out, ds.y, ref if metric in NEEDS_REFERENCE else None)
     return acc
+
+
+def tgt_is_bdcnn(target) -> bool:
+    t = get_target(target) if isinstance(target, str) else target
+    return t is not None and t.binary_decomposed
+
+
+def _compile_bdcnn(graph: Graph, ctx: PassContext, level: int, opts: CompileOptions, timings) -> CompileResult:
+    """The bdcnn target after canonicalization: binary decomposition, calibration of the quantization
+    sub-layers, Q per layer (fixed at -O1 or with ``--planes``; Algorithm 1 at -O2), the QDQ model and
+    the popcount bundle (``compiler/bdcnn.py``)."""
+    if ctx.calib is None:
+        raise DataError("--target bdcnn calibrates each layer's activation range: give --calib FILE.npz[:calib]")
+    planes = opts.planes if opts.planes is not None else (ctx.target.default_act_bits if level == 1 else None)
+    if planes is None and ctx.eval is None:
+        raise DataError("-O2 --target bdcnn searches Q per layer on evaluation data: give --eval FILE.npz[:eval] "
+                        "(or fix Q for every layer with --planes Q)")
+    if opts.target_score is not None:
+        raise OptionError("--target bdcnn takes its accuracy goal as --max-drop (Algorithm 1's tolerance)")
+    ev = ctx.eval
+    bd = compile_bdcnn(graph, ctx.calib.x, None if ev is None else ev.x, None if ev is None else ev.y,
+                       max_drop=0.01 if opts.max_drop is None else opts.max_drop,
+                       bases=parse_bases(opts.bases) if opts.bases is not None else 3,
+                       restarts=opts.restarts or 3, iterations=20 if opts.iterations is None else opts.iterations,
+                       q_fixed=planes, metric=ctx.metric, seed=ctx.seed, batch_size=ctx.batch_size, quiet=ctx.quiet)
+    rep = ctx.report
+    rep["bdcnn"] = bd.report
+    info = model_info(bd.decomposed)
+    rows = {r["layer"]: r for r in bd.report["layers"]}
+    for layer in info["layers"]:
+        r = rows.get(layer["name"])
+        if r is not None:  # bit-packed bases + coefficients; the quantization sub-layer's Q
+            layer.update({"weight_bits": None, "bases": r["k"], "act_bits": r["Q"], "weight_bytes": r["bytes"]})
+        else:  # not decomposed: 8-bit fixed point
+            layer.update({"weight_bits": 8, "weight_bytes": layer["params"]})
+    info["weight_bytes"] = float(sum(layer["weight_bytes"] for layer in info["layers"]))
+    rep["compiled_model"] = info
+    acc = bd.report.get("accuracy")
+    if acc is not None:
+        rep["accuracy"] = {"metric": acc["metric"], "data": f"{ev.source} ({len(ev)} samples)", "float": acc["float"],
+                           "quantized (popcount)": acc["measured (popcount runtime)"]}
+    return CompileResult(bd.graph, ctx.float_graph, rep, ctx, timings, bundle=(bd.bundle, bd.manifest))
 
 
 STRUCTURAL_PASSES = ("serialize-residual", "prune-channels")
@@ -243,7 +300,7 @@ def write_outputs(result: CompileResult, outputs: Outputs) -> None:
     if outputs.model is not None:
         blobs.append((outputs.model, result.onnx_bytes()))
     if bundle is not None:
-        npz, manifest = bundle_bytes(result.graph, result.report)
+        npz, manifest = result.bundle or bundle_bytes(result.graph, result.report)
         blobs.append((bundle, npz))
         blobs.append((Path(str(bundle)).with_suffix(".json"), manifest))
     rep = _clean_nan(result.report)

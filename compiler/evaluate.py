@@ -6,9 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.bdcnn_program import is_bdcnn_bundle
 from ..core.errors import DataError, ModelError, OptionError
 from ..core.ir import Graph
 from ..core.program import bundle_input_value
+from ..runtime.bdcnn import run_bdcnn
 from ..runtime.executor import run_batched
 from .data import load_dataset
 from .export import load_qdq_graph as load_graph  # the frontend's loader, plus int4 weights widened
@@ -16,7 +18,7 @@ from .export import to_onnx
 from .lowering import run_emulator
 from .metrics import NEEDS_REFERENCE, check_metric, evaluate
 
-RUNTIMES = ("float", "emulator", "ort")
+RUNTIMES = ("float", "emulator", "popcount", "ort")
 
 
 def run_model(model: Graph | str | os.PathLike, x: np.ndarray, *, runtime: str = "float",
@@ -26,6 +28,8 @@ def run_model(model: Graph | str | os.PathLike, x: np.ndarray, *, runtime: str =
         return run_ort(model, x, batch_size=batch_size)
     if runtime == "emulator":
         return run_emulator(model, x, batch_size=batch_size, progress=progress)
+    if runtime == "popcount":
+        return run_bdcnn(model, x, batch_size=batch_size, progress=progress)[0]
     if runtime != "float":
         raise OptionError(f"--runtime {runtime!r} is unknown; choose one of {', '.join(RUNTIMES)}")
     g = model if isinstance(model, Graph) else load_graph(model)
@@ -37,7 +41,10 @@ def ort_session(model: Graph | str | os.PathLike):
     so = ort.SessionOptions()
     so.log_severity_level = 3
     src = to_onnx(model, check=False).SerializeToString() if isinstance(model, Graph) else str(model)
-    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    # onnxruntime >= 1.20 would round float weights feeding a QDQ layer to int8 (a bdcnn model's
+    # reconstructed weights): run the model as written
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=["WeightBiasQuantization"])
 
 
 def run_ort(model, x: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
@@ -50,8 +57,12 @@ def run_ort(model, x: np.ndarray, *, batch_size: int = 64) -> np.ndarray:
 def evaluate_file(model: str, data: str, *, metric: str | None = None, reference: str | None = None,
                   runtime: str = "float", batch_size: int = 64) -> dict:
     is_bundle = str(model).endswith(".npz")
-    if is_bundle and runtime != "emulator":
-        raise OptionError(f"{model!r} is a target bundle: evaluate it with --runtime emulator")
+    if is_bundle:
+        own = "popcount" if is_bdcnn_bundle(model) else "emulator"
+        runtime = own if runtime in ("float", own) else runtime
+        if runtime != own:
+            raise OptionError(f"{model!r} is a {'binary-decomposed' if own == 'popcount' else 'fixed-point'} "
+                              f"target bundle: evaluate it with --runtime {own}")
     if not is_bundle and not Path(model).exists():
         raise ModelError(f"model file {model!r} does not exist")
     if is_bundle:

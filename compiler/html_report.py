@@ -198,6 +198,77 @@ def plot_trace(trace: list[dict], goal: float | None, float_value: float | None,
 
 
 # ---------------------------------------------------------------------------- page
+def plot_pro_curves(curves: list[dict], kept: dict[str, int]) -> str:
+    """PRO's measurement: per prunable layer, the error at the network output against the MACs
+    saved over the grid of ratios; the marker is each layer's chosen point."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(10.5, 3.8))
+    cmap = plt.get_cmap("tab20")
+    for i, c in enumerate(curves):
+        xs = [m / 1e6 for m in c["macs_saved"]]
+        ax.plot(xs, c["errors"], marker=".", lw=1, color=cmap(i % 20), label=_short(c["unit"], 28))
+        if c["unit"] in kept and kept[c["unit"]] in c["n_keep"]:
+            j = c["n_keep"].index(kept[c["unit"]])
+            ax.plot([xs[j]], [c["errors"][j]], marker="o", ms=7, mfc="none", color=cmap(i % 20))
+    ax.set_xlabel("MACs saved per sample (millions)")
+    ax.set_ylabel("mean squared error of the output")
+    ax.set_title("PRO: error against MACs saved when each layer alone is pruned (circles: chosen ratios)")
+    ax.grid(color="#eee")
+    if len(curves) <= 20:
+        ax.legend(fontsize=7, ncol=2, loc="upper left")
+    return _png(fig)
+
+
+def _structure_sections(report: dict) -> list[str]:
+    """Stages (MACs, weights, accuracy), residual serialization, channel pruning with PRO's curves."""
+    parts: list[str] = []
+    passes = report.get("passes") or {}
+    stages = report.get("stages")
+    if stages:
+        parts.append("<h2>Stages: MACs, weights and accuracy</h2>")
+        parts.append(_table(["stage", "MACs", "of float", "parameters", "weight bytes", "accuracy"],
+                            [[_e(r["stage"]), f"{r['macs']:,}", _num(r.get("macs_fraction"), 3), f"{r['params']:,}",
+                              _kb(r.get("weight_bytes")), _num(r.get("accuracy"))] for r in stages], left={0}))
+    srn = passes.get("serialize-residual")
+    if srn and (srn.get("serialized") or srn.get("refused")):
+        parts.append("<h2>Residual blocks serialized (SRN)</h2>")
+        rows = [[_e(b), "serialized", ""] for b in srn.get("serialized", [])]
+        rows += [[_e(r["block"]), "left as is", _e(r["reason"])] for r in srn.get("refused", [])]
+        parts.append(_table(["block (Add node)", "result", "reason"], rows, left={0, 1, 2}))
+    pr = passes.get("prune-channels")
+    if pr and "kept" in pr:
+        parts.append("<h2>Channel pruning</h2>")
+        parts.append(f'<div class="sub">selection <b>{_e(pr.get("method"))}</b>, ratios <b>{_e(pr.get("ratios"))}</b>, '
+                     f'MACs {pr["macs_before"]:,} → {pr["macs_after"]:,} '
+                     f'({_num(pr.get("macs_fraction_of_float"), 3)} of the float model, budget {_e(pr.get("flops"))})</div>')
+        if pr.get("curves"):
+            parts.append(f'<img alt="PRO curves" src="{plot_pro_curves(pr["curves"], pr["kept"])}">')
+        parts.append(_table(["layer", "channels", "kept", "pruned"],
+                            [[_e(u), str(pr["channels"][u]), str(k), f"{1 - k / pr['channels'][u]:.0%}"]
+                             for u, k in pr["kept"].items()], left={0}))
+        if pr.get("refused"):
+            parts.append('<details><summary>layers left unpruned</summary><ul>'
+                         + "".join(f"<li>{_e(r)}</li>" for r in pr["refused"]) + "</ul></details>")
+    bd = report.get("bdcnn")
+    if bd:
+        sz = bd["sizes"]
+        a = bd.get("accuracy") or {}
+        parts.append("<h2>Binary decomposition</h2>")
+        parts.append(f'<div class="sub">bases + coefficients {_kb(sz["bytes"])}: {sz["vs_float"]:.1%} of float, '
+                     f'{sz["vs_int8"]:.1%} of int8; Q {_e(bd["q_mode"])}'
+                     + (f'; Algorithm 1 predicted {_num(a.get("predicted"))}, measured (popcount runtime) '
+                        f'{_num(a.get("measured (popcount runtime)"))}' if "predicted" in a else "") + "</div>")
+        parts.append(_table(["layer", "op", "k", "Q", "rel. error", "min", "delta", "bytes"],
+                            [[_e(r["layer"]), _e(r["op"]), str(r["k"]), str(r["Q"]), _num(r["rel_error"], 3),
+                              _num(r["min"]), _num(r["delta"], 5), _kb(r["bytes"])] for r in bd["layers"]],
+                            left={0, 1}))
+        if bd.get("not_decomposed"):
+            parts.append(_table(["layer not decomposed", "reason", "path"],
+                                [[_e(r["layer"]), _e(r["reason"]), _e(r["path"])] for r in bd["not_decomposed"]],
+                                left={0, 1, 2}))
+    return parts
+
+
 def _card(k: str, v: str, n: str = "", cls: str = "") -> str:
     return f'<div class="card"><div class="k">{_e(k)}</div><div class="v {cls}">{v}</div><div class="n">{n}</div></div>'
 
@@ -332,6 +403,7 @@ def render_html(report: dict) -> str:
         parts.append(f'<div class="sub">Final: {_num(search.get("final_value"))} (start {_num(search.get("start_value"))}); '
                      f'weights {_kb(search.get("weight_bytes"))} (start {_kb(search.get("weight_bytes_start"))}, '
                      f'uniform int8 {_kb(search.get("weight_bytes_int8"))}).</div>')
+    parts.extend(_structure_sections(report))
     body = "\n".join(parts)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
             f"<style>{CSS}</style></head><body>\n{body}\n</body></html>\n")

@@ -44,6 +44,28 @@ def check_prune(flops: float | None, method: str | None, ratios: str | None, nam
         raise OptionError(f"{names[2]} {ratios!r} is unknown; choose one of {', '.join(PRUNE_RATIOS)}")
 
 
+def parse_bases(text: str | int, where: str = "--bases") -> int | dict[str, int]:
+    """``"3"`` (every layer) or ``"3,LAYER=2,..."`` / ``"LAYER=2,*=3"`` (per layer, ``*`` or a bare
+    number the default) into k or ``{layer: k, "*": default}``; k in 1..8."""
+    if isinstance(text, int):
+        items = [str(text)]
+    else:
+        items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise OptionError(f"{where} is empty: give the number of binary bases, e.g. 3")
+    out: dict[str, int] = {}
+    for it in items:
+        name, _, k = it.rpartition("=")
+        try:
+            kk = int(k)
+        except ValueError:
+            raise OptionError(f"{where}: {it!r} is not K or LAYER=K (K the number of binary bases)") from None
+        if not 1 <= kk <= 8:
+            raise OptionError(f"{where}: k={kk} must be in 1..8")
+        out[name or "*"] = kk
+    return out["*"] if list(out) == ["*"] else out
+
+
 @dataclass(frozen=True)
 class CompileOptions:
     """Compile-wide options (the CLI flag of each is in brackets).
@@ -55,7 +77,9 @@ class CompileOptions:
     finetune pass (None: the level's own choice); finetune_epochs [--finetune-epochs];
     flops [--flops]: fraction of the float model's MACs to keep (pruning, -O3); prune
     [--prune]: channel selection (reap, l1, l1-norefit, thinet); ratios [--ratios]: per-layer
-    pruning ratios (pro, uniform)."""
+    pruning ratios (pro, uniform). Binary decomposition (``--target bdcnn``): bases [--bases] (k,
+    or per layer), restarts [--restarts], iterations [--iterations] of the decomposition;
+    planes [--planes]: one activation bit-plane count Q for every layer instead of the search."""
 
     max_drop: float | None = None
     target_score: float | None = None
@@ -66,6 +90,10 @@ class CompileOptions:
     flops: float | None = None
     prune: str | None = None
     ratios: str | None = None
+    bases: str | None = None
+    restarts: int | None = None
+    iterations: int | None = None
+    planes: int | None = None
 
     def check(self) -> "CompileOptions":
         """Refuse impossible values (one ``OptionError`` naming the flag); returns self."""
@@ -77,6 +105,14 @@ class CompileOptions:
         if self.finetune_epochs is not None and not self.finetune_epochs >= 0:
             raise OptionError(f"--finetune-epochs must be >= 0, got {self.finetune_epochs}")
         check_prune(self.flops, self.prune, self.ratios, ("--flops", "--prune", "--ratios"))
+        if self.bases is not None:
+            parse_bases(self.bases)
+        if self.restarts is not None and self.restarts < 1:
+            raise OptionError(f"--restarts must be at least 1, got {self.restarts}")
+        if self.iterations is not None and self.iterations < 0:
+            raise OptionError(f"--iterations must be >= 0, got {self.iterations}")
+        if self.planes is not None and not 2 <= self.planes <= 8:
+            raise OptionError(f"--planes (activation bit-planes Q) must be in 2..8, got {self.planes}")
         return self
 
     @classmethod

@@ -16,6 +16,16 @@ from ..core.errors import OptionError
 
 @dataclass(frozen=True)
 class Target:
+    """An integer accelerator's profile: what the compiler may emit for it (data, not code).
+
+    ``weight_bits``/``act_bits``: the widths its kernels support; ``scale``: power-of-two
+    (``pow2``, Qm.n formats) or float scales; ``rounding`` of requantization shifts;
+    ``per_channel`` weight formats; ``accumulator_bits``; ``min_bits``: the lowest width a
+    search may reach; ``binary_decomposed``: weights as binary bases (popcount hardware);
+    ``ops``: the operators it runs; ``default_bits`` (``-O1``) and ``ladder`` (the widths the
+    ``-O2`` search walks, highest first). ``mpqc targets`` lists the built-in ones;
+    ``get_target(name)`` returns one."""
+
     name: str
     description: str
     weight_bits: tuple[int, ...]

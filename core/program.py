@@ -31,6 +31,7 @@ import json
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -158,7 +159,8 @@ def program_manifest(prog: "Program", arrays: dict, report: dict | None = None) 
                         "layers": sum(1 for s in steps if s["kind"] == "layer")}}
 
 
-def _manifest_json(m: dict) -> bytes:
+def manifest_json(m: dict) -> bytes:
+    """A manifest's deterministic JSON bytes."""
     return (json.dumps(m, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
 
 
@@ -180,17 +182,21 @@ def program_bundle_bytes(prog: "Program", report: dict | None = None) -> tuple[b
     per-layer quantization table the manifest repeats."""
     arrays: dict[str, np.ndarray] = {}
     manifest = program_manifest(prog, arrays, report)
-    mbytes = _manifest_json(manifest)
+    mbytes = manifest_json(manifest)
     arrays[MANIFEST_KEY] = np.frombuffer(mbytes, dtype=np.uint8)
     return _npz_bytes(arrays), mbytes
 
 
 def bundle_input_value(path) -> Value:
-    """The input Value (name, shape, dtype) a bundle expects, read from its manifest."""
-    return _input_value(read_manifest(path)["inputs"][0])
+    """The input Value (name, shape, dtype) a bundle (of any mpqc bundle format) expects, read
+    from its manifest."""
+    npz, m = open_bundle(path)
+    npz.close()
+    return _input_value(m["inputs"][0])
 
 
-def _open(path):
+def open_bundle(path) -> tuple[Any, dict]:
+    """(the open npz, its manifest) of an mpqc bundle of any format; the caller closes the npz."""
     p = Path(path)
     if not p.exists():
         raise ModelError(f"bundle {str(p)!r} does not exist")
@@ -205,8 +211,21 @@ def _open(path):
         m = json.loads(bytes(npz[MANIFEST_KEY]).decode("utf-8"))
     except Exception as e:
         raise ModelError(f"{str(p)!r}: its manifest is not valid JSON ({str(e)[:80]})") from None
+    return npz, m
+
+
+def decode_steps(m: dict, npz) -> list[Step]:
+    """The steps of a bundle's manifest, their array attributes read from ``npz``."""
+    return [Step(s["kind"], s["op"], list(s["inputs"]), list(s["outputs"]),
+                 {k: _decode(v, npz) for k, v in s["attrs"].items()}, dict(s["params"]), s.get("node", ""))
+            for s in m["steps"]]
+
+
+def _open(path):
+    npz, m = open_bundle(path)
     if m.get("format") != BUNDLE_FORMAT or int(m.get("version", 0)) > BUNDLE_VERSION:
-        raise ModelError(f"{str(p)!r} is a bundle of format {m.get('format')!r} version {m.get('version')}; "
+        npz.close()
+        raise ModelError(f"{str(path)!r} is a bundle of format {m.get('format')!r} version {m.get('version')}; "
                          f"this mpqc reads {BUNDLE_FORMAT} up to version {BUNDLE_VERSION}")
     return npz, m
 
@@ -229,9 +248,7 @@ def load_bundle(path) -> "Program":
             if c.get("packed") == "int4x2":
                 a = _unpack_int4(a, tuple(c["shape"]))
             consts[name] = a
-        steps = [Step(s["kind"], s["op"], list(s["inputs"]), list(s["outputs"]),
-                      {k: _decode(v, npz) for k, v in s["attrs"].items()}, dict(s["params"]), s.get("node", ""))
-                 for s in m["steps"]]
+        steps = decode_steps(m, npz)
     finally:
         npz.close()
     return Program(m["model"], m["inputs"], m["outputs"], consts, steps, m["rounding"], m.get("tensors", {}),

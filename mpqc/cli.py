@@ -2,7 +2,7 @@
 
     mpqc MODEL.onnx [-O0|-O1|-O2|-O3] [--target T] [--calib F.npz:calib] [--eval F.npz:eval] -o OUT.onnx
     mpqc info MODEL.onnx [--json]
-    mpqc eval MODEL.onnx --data F.npz:SPLIT [--metric M] [--runtime float|emulator|ort] [--json]
+    mpqc eval MODEL.onnx --data F.npz:SPLIT [--metric M] [--runtime float|emulator|popcount|ort] [--json]
     mpqc targets | mpqc passes
 
 User errors print one line ``mpqc: error: ...`` and exit with code 2, with no
@@ -83,6 +83,16 @@ def compile_parser() -> argparse.ArgumentParser:
                         "norm, then the least-squares refit), l1-norefit, thinet")
     r.add_argument("--ratios", metavar="HOW",
                    help="per-layer pruning ratios: pro (default; error-vs-MACs curves, PRO) or uniform")
+    bd = p.add_argument_group("binary decomposition (--target bdcnn)")
+    bd.add_argument("--bases", metavar="K[,LAYER=K]",
+                    help="binary bases k per output filter: one number, or per layer as LAYER=K with a bare "
+                         "number as the default (default 3)")
+    bd.add_argument("--restarts", type=int, metavar="N", help="seeded restarts of each decomposition (default 3)")
+    bd.add_argument("--iterations", type=int, metavar="N",
+                    help="alternating-optimisation rounds of each decomposition (default 20)")
+    bd.add_argument("--planes", type=int, metavar="Q",
+                    help="activation bit-planes Q (2..8) of every layer instead of the per-layer search "
+                         "(default: 8 at -O1, searched at -O2)")
     t = p.add_argument_group("training (needs --train with labels)")
     t.add_argument("--cycles", type=int, metavar="K",
                    help="training cycles (SGD steps) of the weight-difference statistic used by the "
@@ -121,9 +131,10 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="FILE.npz[:SPLIT]", help="data (default split: eval)")
     p.add_argument("--metric", help="top1, top5, mean-score, agreement, mse, psnr (default top1 with labels)")
     p.add_argument("--reference", metavar="FLOAT.onnx", help="float model for agreement/mse/psnr")
-    p.add_argument("--runtime", default="float", choices=["float", "emulator", "ort"],
+    p.add_argument("--runtime", default="float", choices=["float", "emulator", "popcount", "ort"],
                    help="float: mpqc's float runtime (QDQ nodes fake-quantize); emulator: bit-exact fixed "
-                        "point; ort: onnxruntime (default float)")
+                        "point (a bundle of -O1/-O2); popcount: the binary-decomposed bundle of --target "
+                        "bdcnn; ort: onnxruntime (default float; a bundle defaults to its own runtime)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per run (default 64)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -149,7 +160,8 @@ def cmd_compile(argv: list[str]) -> int:
                          ("--emit-bundle", args.emit_bundle), ("model", args.model))
     options = CompileOptions(max_drop=args.max_drop, target_score=args.target_score, strategy=args.strategy,
                              cycles=args.cycles, finetune=args.finetune, finetune_epochs=args.finetune_epochs,
-                             flops=args.flops, prune=args.prune, ratios=args.ratios)
+                             flops=args.flops, prune=args.prune, ratios=args.ratios, bases=args.bases,
+                             restarts=args.restarts, iterations=args.iterations, planes=args.planes)
     res = compile_model(args.model, level=level, target=args.target, calib=args.calib, eval=args.eval,
                         train=args.train, metric=args.metric, passes=args.passes, options=options,
                         outputs=Outputs(args.output, args.report, args.html, args.emit_bundle),
@@ -185,6 +197,21 @@ def summary_text(report: dict) -> str:
                                     f"{r['weight_bytes']:,.0f}",
                                     f"{r['accuracy']:.4f}" if isinstance(r.get("accuracy"), float) else "-"]
                                    for r in stages]))
+    bd = report.get("bdcnn")
+    if bd:
+        sz = bd["sizes"]
+        lines.append(f"binary decomposition: {len(bd['layers'])} layers, Q {bd['q_mode']}; bases + coefficients "
+                     f"{sz['bytes']:,} bytes = {sz['vs_float']:.1%} of float, {sz['vs_int8']:.1%} of int8")
+        a = bd.get("accuracy") or {}
+        if "predicted" in a:
+            lines.append(f"Algorithm 1: predicted {a['predicted']:.4f}, measured (popcount runtime) "
+                         f"{a['measured (popcount runtime)']:.4f} ({a['metric']})")
+        lines.append(format_table(["layer", "op", "k", "Q", "rel. error", "bytes"],
+                                  [[r["layer"], r["op"], r["k"], r["Q"], f"{r['rel_error']:.3f}", f"{r['bytes']:,}"]
+                                   for r in bd["layers"]], "llrrrr"))
+        for r in bd.get("not_decomposed", []):
+            lines.append(f"not decomposed: {r['layer']}: {r['reason']} ({r['path']})")
+        return "\n".join(lines)
     layers = cm.get("layers", [])
     if layers and any(l.get("act_bits") for l in layers):
         lines.append(format_table(["layer", "op", "w bits", "a bits", "bytes"],

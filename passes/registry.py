@@ -8,6 +8,7 @@ from mpqc.compiler.passes import Pass
 
 from .assign_bit_widths import AssignBitWidthsPass
 from .bias_correction import BiasCorrectionPass
+from .binary_decompose import BinaryDecomposePass
 from .choose_formats import ChooseFormatsPass
 from .eliminate_dead_code import EliminateDeadCodePass
 from .finetune import FinetunePass
@@ -25,7 +26,7 @@ from .serialize_residual import SerializeResidualPass
 _PASSES: tuple[type[Pass], ...] = (
     FoldConstantsPass, RemoveIdentityPass, InferShapesPass, FoldPadIntoConvPass, FoldBatchNormPass,
     ReshapeToFlattenPass, EliminateDeadCodePass, SerializeResidualPass, PruneChannelsPass, ChooseFormatsPass,
-    LayerInfluencePass, AssignBitWidthsPass, BiasCorrectionPass, FinetunePass, InsertQDQPass,
+    LayerInfluencePass, AssignBitWidthsPass, BiasCorrectionPass, FinetunePass, InsertQDQPass, BinaryDecomposePass,
 )
 
 

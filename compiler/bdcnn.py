@@ -1,0 +1,382 @@
+"""The ``bdcnn`` target end to end: decompose, calibrate, search Q, export, bundle.
+
+"Binary-decomposed DCNN for accelerating computation and compressing model without
+retraining" (Kamiya et al., ICCV Workshops 2017) and its per-layer Q selection
+(Algorithm 1; docs/BDCNN.md). ``compile_bdcnn(graph, calib_x, eval_x, eval_y, ...)``
+takes a canonical float graph (after the -O0 canonicalization pipeline) and:
+
+1. decomposes every Conv (2-D) / Gemm / 2-D MatMul weight into k binary bases per
+   output filter (compiler/bdecomp.py); a layer that cannot be decomposed (another op,
+   a 1-D/3-D conv, ``transA``, a non-float weight...) keeps its weight at the target's
+   8-bit fixed-point format, runs in the float path, and is listed in
+   ``report["not_decomposed"]`` with the reason;
+2. records each decomposed layer's input range on the calibration split (the decomposed
+   network, float activations) for its quantization sub-layer;
+3. chooses Q per layer: ``q_fixed`` for every layer, or Algorithm 1 (compiler/qsearch.py)
+   with drop rates measured on the eval split and ``D = R * max_drop``;
+4. builds (a) the QDQ ONNX model: reconstructed weights, and each decomposed layer's
+   input through Clip(min, max) (Q < 8) -> QuantizeLinear(delta, zero point) ->
+   DequantizeLinear; (b) the program and bundle of core/bdcnn_program.py that
+   runtime/bdcnn.py runs by AND + popcount; (c) the report.
+
+The predicted accuracy (Algorithm 1) and the measured one (the popcount runtime on the
+eval split) are reported side by side.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..core.bdcnn_program import BdcnnProgram, bdcnn_bundle_bytes
+from ..core.errors import DataError, OptionError
+from ..core.ir import Graph, Node
+from ..core.program import Step
+from ..core.progress import progress_iter
+from ..core.qformat import QFormat, choose_frac_mse, fake_quant
+from ..runtime.bdcnn import run_bdcnn
+from ..runtime.executor import float_node_fn, run_batched
+from ..runtime.popcount import ActQuant, pack_weights
+from .bdecomp import METADATA_PREFIX, Decomposition, decompose_weight
+from .export import to_onnx
+from .metrics import evaluate
+from .qsearch import QSearchResult, algorithm1, drop_rates
+from .targets import get_target
+
+log = logging.getLogger(__name__)
+
+Runner = Callable[[Graph, np.ndarray], np.ndarray]
+
+
+# ---------------------------------------------------------------------------- layers
+def decomposable(node: Node) -> str | None:
+    """None when ``node`` can be binary-decomposed, else the reason it cannot."""
+    w = node.weight
+    if w is None:
+        return "no constant weight"
+    if w.const.dtype.kind != "f":
+        return f"weight of dtype {w.const.dtype} (binary bases decompose float weights)"
+    if node.op_type == "Conv":
+        if w.const.ndim != 4:
+            return f"a {w.const.ndim - 2}-D convolution (the binary kernels are 2-D)"
+        x = node.inputs[0]
+        if x.rank not in (None, 4):
+            return f"input of rank {x.rank}"
+        return None
+    if node.op_type == "Gemm":
+        if int(node.attr("transA", 0)):
+            return "Gemm with transA=1"
+        b = node.bias
+        if len(node.inputs) > 2 and node.inputs[2] is not None and b is None:
+            return "Gemm with a non-constant C"
+        O = w.shape[0] if int(node.attr("transB", 0)) else w.shape[1]
+        if b is not None and b.const.size not in (1, O):
+            return f"Gemm bias of shape {b.shape} (expected ({O},))"
+        return None
+    if node.op_type == "MatMul":
+        if w.const.ndim != 2 or node.inputs[0].rank != 2:
+            return "MatMul that is not a 2-D (N, D) x (D, O) product"
+        return None
+    return f"{node.op_type} has no binary kernel (2-D Conv, Gemm and 2-D MatMul do)"
+
+
+def effective_weight(node: Node) -> tuple[np.ndarray, np.ndarray | None]:
+    """(W, bias) of a decomposable layer: Conv (O, C/g, kh, kw); fully connected (O, D) with
+    ``y = x @ W.T + bias`` (Gemm's alpha, beta and transB folded in)."""
+    w = node.weight.const.astype(np.float64)
+    b = None if node.bias is None else node.bias.const.astype(np.float64)
+    if node.op_type == "Gemm":
+        if not int(node.attr("transB", 0)):
+            w = w.T
+        w = w * float(node.attr("alpha", 1.0))
+        if b is not None:
+            b = np.broadcast_to(b.reshape(-1) * float(node.attr("beta", 1.0)), (w.shape[0],)).copy()
+    elif node.op_type == "MatMul":
+        w = w.T
+    return w, b
+
+
+@dataclass
+class BdcnnResult:
+    """``graph``: the QDQ IR graph (``onnx_bytes()`` serializes it); ``decomposed``: the float
+    graph with reconstructed weights; ``program`` and ``bundle``/``manifest`` bytes; ``report``;
+    ``search`` (Algorithm 1, or None with ``q_fixed``)."""
+    graph: Graph
+    decomposed: Graph
+    program: BdcnnProgram
+    bundle: bytes
+    manifest: bytes
+    report: dict
+    search: QSearchResult | None = None
+    decompositions: dict[str, Decomposition] = field(default_factory=dict)
+    acts: dict[str, ActQuant] = field(default_factory=dict)
+
+    def onnx_bytes(self) -> bytes:
+        return to_onnx(self.graph).SerializeToString(deterministic=True)
+
+
+def _bases_for(bases, name: str) -> int:
+    if isinstance(bases, dict):
+        if name in bases:
+            return int(bases[name])
+        if "*" in bases:
+            return int(bases["*"])
+        raise OptionError(f"bases: no k given for layer {name!r} (add it, or a '*' default)")
+    return int(bases)
+
+
+def decompose_graph(graph: Graph, *, bases=2, restarts: int = 3, iterations: int = 20, coef_bits: int = 8,
+                    seed: int = 0, progress: str | None = None
+                    ) -> tuple[Graph, dict[str, Decomposition], dict[str, str]]:
+    """A copy of ``graph`` with :func:`decompose_in_place` applied; the decompositions by layer
+    name; the skipped layers with their reasons."""
+    g = graph.copy()
+    decs, skipped = decompose_in_place(g, bases=bases, restarts=restarts, iterations=iterations,
+                                       coef_bits=coef_bits, seed=seed, progress=progress)
+    return g, decs, skipped
+
+
+def decompose_in_place(g: Graph, *, bases=2, restarts: int = 3, iterations: int = 20, coef_bits: int = 8,
+                       seed: int = 0, progress: str | None = None, record: bool = False
+                       ) -> tuple[dict[str, Decomposition], dict[str, str]]:
+    """Give every decomposable layer of ``g`` the reconstructed weight ``M c`` (fully connected
+    layers normalised to Gemm transB=1, alpha=beta=1) and every other layer 8-bit fixed-point
+    weights. ``record``: also store each decomposition as JSON in ``g.metadata`` under
+    ``METADATA_PREFIX + layer name`` (``Decomposition.from_metadata`` reads it back)."""
+    decs: dict[str, Decomposition] = {}
+    skipped: dict[str, str] = {}
+    layers = [n for n in g.nodes if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and n.inputs
+              and len(n.inputs) > 1 and n.inputs[1] is not None and n.inputs[1].is_const]
+    for i, n in enumerate(progress_iter(layers, desc=progress)):
+        why = decomposable(n)
+        if why is not None:
+            skipped[n.name] = why
+            w = n.inputs[1].const
+            if w.dtype.kind == "f":  # the fixed-point path: the target's 8-bit weights
+                fmt = QFormat(8, choose_frac_mse(w, 8, True), True)
+                g.set_input(n, 1, g.constant(n.inputs[1].name + "_q8", fake_quant(w.astype(np.float32), fmt)))
+            continue
+        W, b = effective_weight(n)
+        group = int(n.attr("group", 1)) if n.op_type == "Conv" else 1
+        d = decompose_weight(W, _bases_for(bases, n.name), group=group, restarts=restarts, iterations=iterations,
+                             coef_bits=coef_bits, seed=seed + i)
+        decs[n.name] = d
+        rec = d.reconstructed().astype(np.float32)
+        if n.op_type == "MatMul":
+            g.set_input(n, 1, g.constant(n.inputs[1].name + "_bdec", np.ascontiguousarray(rec.T)))
+        else:
+            g.set_input(n, 1, g.constant(n.inputs[1].name + "_bdec", rec))
+        if n.op_type == "Gemm":
+            n.attrs.update(transB=1, alpha=1.0, beta=1.0)
+            if b is not None:
+                g.set_input(n, 2, g.constant(n.name + "_bias_bdec", b.astype(np.float32)))
+        if record:
+            g.metadata[METADATA_PREFIX + n.name] = d.to_metadata()
+    return decs, skipped
+
+
+# ---------------------------------------------------------------------------- calibration
+def activation_ranges(graph: Graph, names: list[str], x: np.ndarray, *, batch_size: int = 64,
+                      progress: str | None = None) -> dict[str, tuple[float, float]]:
+    """(min, max) of the first input of each named layer over ``x``."""
+    want = set(names)
+    lo = {n: np.inf for n in names}
+    hi = {n: -np.inf for n in names}
+
+    def fn(node, args):
+        if node.name in want:
+            a = args[0]
+            lo[node.name] = min(lo[node.name], float(np.min(a)))
+            hi[node.name] = max(hi[node.name], float(np.max(a)))
+        return float_node_fn(node, args)
+
+    run_batched(graph, x, batch_size=batch_size, node_fn=fn, progress=progress)
+    out = {}
+    for n in names:
+        if not np.isfinite(lo[n]):
+            raise DataError(f"layer {n!r} was not reached while calibrating (is it on a path to an output?)")
+        out[n] = (lo[n], hi[n])
+    return out
+
+
+def qdq_graph(decomposed: Graph, acts: dict[str, ActQuant]) -> Graph:
+    """``decomposed`` with each listed layer's input through Clip -> QuantizeLinear -> DequantizeLinear."""
+    g = decomposed.copy()
+    for n in list(g.nodes):
+        a = acts.get(n.name)
+        if a is None:
+            continue
+        x = n.inputs[0]
+        idx = g.nodes.index(n)
+        sc = g.constant(f"{n.name}_act_scale", np.array(a.delta, np.float32))
+        zp = g.constant(f"{n.name}_act_zp", np.array(a.zp, np.uint8))
+        if a.Q < 8:
+            # Clip(x, min, max) in float at the ends of the Q-bit range, then QuantizeLinear: the same
+            # integers as clip(rint(x / delta) + zp, 0, 2^Q - 1) (the ends are exact multiples of delta).
+            # A Clip on the uint8 codes would be equivalent, but onnxruntime's QDQ optimizer drops it.
+            lo = g.constant(f"{n.name}_act_min", np.array(np.float32(-a.zp) * np.float32(a.delta), np.float32))
+            hi = g.constant(f"{n.name}_act_max", np.array(np.float32(a.qmax - a.zp) * np.float32(a.delta),
+                                                          np.float32))
+            xc = g.add_node("Clip", [x, lo, hi], 1, name=g.unique_name(f"{n.name}_act_clip"), index=idx).outputs[0]
+            xc.shape, xc.dtype = x.shape, np.dtype(np.float32)
+            idx += 1
+            x = xc
+        q = g.add_node("QuantizeLinear", [x, sc, zp], 1, name=g.unique_name(f"{n.name}_act_q"), index=idx).outputs[0]
+        q.shape, q.dtype = x.shape, np.dtype(np.uint8)
+        dq = g.add_node("DequantizeLinear", [q, sc, zp], 1, name=g.unique_name(f"{n.name}_act_dq"),
+                        index=g.nodes.index(n)).outputs[0]
+        dq.shape, dq.dtype = x.shape, np.dtype(np.float32)
+        g.set_input(n, 0, dq)
+    return g
+
+
+# ---------------------------------------------------------------------------- program
+def build_program(decomposed: Graph, decs: dict[str, Decomposition], acts: dict[str, ActQuant],
+                  layers: list[dict] | None = None) -> BdcnnProgram:
+    """The binary-decomposed program of ``decomposed`` (see core/bdcnn_program.py)."""
+    consts: dict[str, np.ndarray] = {}
+    steps: list[Step] = []
+    for n in decomposed.nodes:
+        d = decs.get(n.name)
+        if d is not None and n.name in acts:
+            a = acts[n.name]
+            bname = ""
+            if n.bias is not None:
+                bname = f"{n.name}/bias"
+                consts[bname] = np.asarray(n.bias.const, np.float32).reshape(-1)
+            consts[f"{n.name}/bases"] = pack_weights(d.M, d.group)
+            consts[f"{n.name}/coef"] = d.c_int
+            consts[f"{n.name}/frac"] = d.c_frac.astype(np.int8)
+            attrs = {k: v for k, v in n.attrs.items() if k in ("strides", "pads", "dilations", "group", "auto_pad",
+                                                                  "kernel_shape")} if n.op_type == "Conv" else {}
+            steps.append(Step("binary", "Conv" if n.op_type == "Conv" else "Gemm",
+                              [n.inputs[0].name, f"{n.name}/bases", f"{n.name}/coef", f"{n.name}/frac", bname],
+                              [n.outputs[0].name], attrs,
+                              {"Q": a.Q, "zero_point": a.zp, "delta": a.delta, "min": a.lo, "k": d.k, "D": d.D,
+                               "O": d.O, "group": d.group, "weight_shape": list(d.weight_shape),
+                               "coef_bits": d.coef_bits}, n.name))
+            continue
+        for v in n.inputs:
+            if v is not None and v.is_const:
+                consts[v.name] = np.asarray(v.const)
+        steps.append(Step("float", n.op_type, [v.name if v is not None else "" for v in n.inputs],
+                          [v.name for v in n.outputs], dict(n.attrs), {}, n.name))
+    for v in decomposed.outputs:
+        if v.is_const:
+            consts[v.name] = np.asarray(v.const)
+    inputs = [{"name": v.name, "shape": [d if isinstance(d, int) else (d or "?") for d in (v.shape or [])],
+               "dtype": str(v.dtype)} for v in decomposed.inputs]
+    outputs = [{"name": v.name, "tensor": v.name} for v in decomposed.outputs]
+    return BdcnnProgram(decomposed.name, inputs, outputs, consts, steps, layers or [],
+                        {"target": "bdcnn"})
+
+
+# ---------------------------------------------------------------------------- search + flow
+def _default_runner(batch_size: int) -> Runner:
+    return lambda g, x: run_batched(g, x, batch_size=batch_size)[0]
+
+
+def compile_bdcnn(graph: Graph, calib_x: np.ndarray, eval_x: np.ndarray | None = None,
+                  eval_y: np.ndarray | None = None, *, max_drop: float = 0.01, bases=2, restarts: int = 3,
+                  iterations: int = 20, q_fixed: int | dict | None = None, qmin: int = 2, qmax: int = 8,
+                  coef_bits: int | None = None, metric: str | None = None, seed: int = 0, batch_size: int = 64,
+                  runner: Runner | None = None, measure: bool = True, quiet: bool = True) -> BdcnnResult:
+    """Compile a canonical float ``graph`` for the bdcnn target (see the module docstring).
+
+    ``bases``: k for every layer, or ``{layer name: k, "*": default}``; ``q_fixed``: Q for every
+    layer (int) or per layer name (dict) instead of Algorithm 1; ``max_drop``: tolerated relative
+    drop of the eval value (``D = R * max_drop``); ``metric``: top1 with labels, agreement with the
+    float network otherwise; ``runner(graph, x) -> first output`` evaluates the QDQ networks of the
+    search (default: mpqc's float executor); ``measure``: run the popcount runtime on the eval split.
+    """
+    if not 0 <= max_drop < 1:
+        raise OptionError(f"max_drop must be in [0, 1), got {max_drop}")
+    if not 2 <= qmin <= qmax <= 8:
+        raise OptionError(f"activation bits must satisfy 2 <= qmin <= qmax <= 8 (the bdcnn target), got {qmin}..{qmax}")
+    tgt = get_target("bdcnn")
+    coef_bits = int(coef_bits or tgt.weight_bits[0])
+    runner = runner or _default_runner(batch_size)
+    pg = None if quiet else "bdcnn"
+    dec_graph, decs, skipped = decompose_graph(graph, bases=bases, restarts=restarts, iterations=iterations,
+                                               coef_bits=coef_bits, seed=seed,
+                                               progress=None if quiet else "decompose")
+    names = [n.name for n in dec_graph.nodes if n.name in decs]
+    ranges = activation_ranges(dec_graph, names, np.asarray(calib_x), batch_size=batch_size,
+                               progress=None if quiet else "calibrate")
+
+    def acts_for(qs: dict[str, int]) -> dict[str, ActQuant]:
+        return {n: ActQuant.from_range(*ranges[n], qs[n]) for n in names if qs.get(n) is not None}
+
+    # evaluation value of a network on the eval split
+    ref = None
+    if eval_x is not None:
+        metric = metric or ("top1" if eval_y is not None else "agreement")
+        ref = runner(graph, eval_x)
+
+    def value(out: np.ndarray) -> float:
+        return float(evaluate(metric, out, eval_y, ref))
+
+    search = None
+    report: dict = {"method": "binary decomposition (Kamiya et al., ICCV-W 2017) + per-layer Q (Algorithm 1)"}
+    if q_fixed is not None:
+        qs = {n: int(q_fixed[n] if isinstance(q_fixed, dict) else q_fixed) for n in names}
+        for n, q in qs.items():
+            if not 2 <= q <= 8:
+                raise OptionError(f"q_fixed: Q={q} of layer {n!r} is outside 2..8")
+    else:
+        if eval_x is None:
+            raise OptionError("the per-layer Q search (Algorithm 1) needs an eval split (--eval), or give q_fixed")
+        R = value(runner(dec_graph, eval_x))
+
+        def layer_acc(i: int, q: int) -> float:
+            return value(runner(qdq_graph(dec_graph, acts_for({names[i]: q})), eval_x))
+
+        A = drop_rates(layer_acc, len(names), R, qmin=qmin, qmax=qmax, progress=None if quiet else "drop rates")
+        search = algorithm1(A, R, R * max_drop, qmin=qmin, qmax=qmax)
+        qs = dict(zip(names, search.q))
+    acts = acts_for(qs)
+    qgraph = qdq_graph(dec_graph, acts)
+    rows = []
+    for n in names:
+        d, a = decs[n], acts[n]
+        node = dec_graph.node_by_name(n)
+        rows.append({"layer": n, "op": node.op_type, "k": d.k, "rel_error": d.rel_error, "Q": a.Q,
+                     "min": a.lo, "max": a.hi, "delta": a.delta, "zero_point": a.zp,
+                     "calib_range": list(ranges[n]), "D": d.D, "O": d.O, "group": d.group,
+                     "binary_ops_per_output": d.k * a.Q * (-(-d.D // 64)), **d.sizes()})
+    program = build_program(dec_graph, decs, acts, rows)
+    bundle, manifest = bdcnn_bundle_bytes(program)
+    tot = {k: int(sum(r[k] for r in rows)) for k in ("bytes", "bases_bytes", "coef_bytes", "float_bytes", "int8_bytes")}
+    other_float = int(sum(v.const.nbytes for v in graph.constants() if v.const.dtype.kind == "f")) - tot["float_bytes"]
+    report.update({
+        "layers": rows,
+        "not_decomposed": [{"layer": n, "reason": r, "path": "8-bit fixed-point weights, float activations"}
+                           for n, r in skipped.items()],
+        "sizes": {**tot, "vs_float": tot["bytes"] / max(1, tot["float_bytes"]),
+                  "vs_int8": tot["bytes"] / max(1, tot["int8_bytes"]),
+                  "other_float_bytes": max(0, other_float), "bundle_bytes": len(bundle)},
+        "q": {n: qs[n] for n in names},
+        "q_mode": "fixed" if q_fixed is not None else "algorithm1",
+        "settings": {"bases": bases if not isinstance(bases, dict) else dict(sorted(bases.items())),
+                     "restarts": restarts, "iterations": iterations, "coef_bits": coef_bits, "seed": seed,
+                     "max_drop": max_drop, "qmin": qmin, "qmax": qmax},
+    })
+    if eval_x is not None:
+        acc = {"metric": metric, "samples": int(len(eval_x)), "float": value(ref),
+               "decomposed (float activations)": search.R if search else value(runner(dec_graph, eval_x))}
+        if search is not None:
+            acc["predicted"] = search.predicted
+            acc["D"] = search.D
+            acc["unsatisfied_layers"] = [names[i] for i in search.unsatisfied]
+            report["drop_rates"] = {names[i]: {str(q): float(search.A[i, q]) for q in range(qmin, qmax + 1)}
+                                    for i in range(len(names))}
+        acc["qdq (float runtime)"] = value(runner(qgraph, eval_x))
+        if measure:
+            out = run_bdcnn(program, np.asarray(eval_x), batch_size=batch_size, progress=pg)[0]
+            acc["measured (popcount runtime)"] = value(out)
+            if search is not None:
+                search.measured = acc["measured (popcount runtime)"]
+        report["accuracy"] = acc
+    return BdcnnResult(qgraph, dec_graph, program, bundle, manifest, report, search, decs, acts)

@@ -1,0 +1,81 @@
+"""bdcnn target end to end: QDQ ONNX export == popcount runtime, bad layers kept, a real model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mpqc.compiler.bdcnn import compile_bdcnn, decomposable
+from mpqc.runtime.bdcnn import run_bdcnn
+
+from tests.conftest import bench_path
+from tests.graphs import GraphBuilder, randn, rel_err
+from tests.runtime.test_bdcnn import small_net
+
+
+def ort_run(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = 1
+    # onnxruntime >= 1.20 would otherwise round float weights read next to a DequantizeLinear to int8
+    s = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=["WeightBiasQuantization"])
+    return s.run(None, {s.get_inputs()[0].name: x})[0]
+
+
+@pytest.mark.parametrize("q", [2, 5, 8])
+def test_onnx_export_runs_in_onnxruntime_and_matches_popcount(q):
+    g = small_net()
+    x = np.random.default_rng(1).uniform(-1, 1, (8, 3, 8, 8)).astype(np.float32)
+    res = compile_bdcnn(g, x, q_fixed=q, bases=3, restarts=1, iterations=5)
+    ops = [n.op_type for n in res.graph.nodes]
+    assert ops.count("QuantizeLinear") == 3 and ops.count("DequantizeLinear") == 3
+    assert ops.count("Clip") == (3 if q < 8 else 0)
+    got = ort_run(res.onnx_bytes(), x)
+    pop = run_bdcnn(res.program, x)[0]
+    assert rel_err(pop, got) < 1e-5
+
+
+def test_algorithm1_report_and_undecomposable_layer_is_kept():
+    b = GraphBuilder()
+    x = b.input("x", ["N", 2, 5, 5])
+    c = b.op("Conv", [x, b.const("w", randn(4, 2, 3, 3, seed=1))], name="conv", pads=[1, 1, 1, 1])
+    r = b.op("Relu", [c], name="relu")
+    t = b.op("ConvTranspose", [r, b.const("wt", randn(4, 3, 2, 2, seed=2))], name="deconv", strides=[2, 2])
+    f = b.op("Flatten", [t], name="flat")
+    y = b.op("Gemm", [f, b.const("wf", randn(300, 3, seed=3, scale=0.1))], name="fc")  # transB = 0
+    g = b.output(y)
+    assert decomposable(g.node_by_name("deconv")) is not None
+    xs = np.random.default_rng(2).normal(size=(40, 2, 5, 5)).astype(np.float32)
+    res = compile_bdcnn(g, xs[:20], xs[20:], None, max_drop=0.05, bases={"*": 2, "fc": 3}, restarts=1,
+                        iterations=5)
+    rep = res.report
+    assert [l["layer"] for l in rep["layers"]] == ["conv", "fc"]
+    assert [l["k"] for l in rep["layers"]] == [2, 3]
+    assert rep["not_decomposed"][0]["layer"] == "deconv" and "ConvTranspose" in rep["not_decomposed"][0]["reason"]
+    acc = rep["accuracy"]
+    assert acc["metric"] == "agreement" and acc["float"] == 1.0
+    assert set(rep["q"].values()) <= set(range(2, 9)) and rep["q_mode"] == "algorithm1"
+    assert acc["measured (popcount runtime)"] == pytest.approx(acc["qdq (float runtime)"])
+    assert "predicted" in acc and len(rep["drop_rates"]) == 2
+    assert rel_err(run_bdcnn(res.program, xs)[0], ort_run(res.onnx_bytes(), xs)) < 1e-5
+
+
+@pytest.mark.slow
+def test_digits_alexnet():
+    from mpqc.compiler.frontend import load_graph
+    from mpqc.compiler.passes import PassContext, PassManager
+    from mpqc.compiler.pipelines import build_pipeline
+    g = load_graph(bench_path("digits_alexnet.onnx"))
+    PassManager(build_pipeline(0)).run(g, PassContext())
+    d = np.load(bench_path("digits.npz"))
+    res = compile_bdcnn(g, d["x_calib"], d["x_eval"][:150], d["y_eval"][:150], max_drop=0.02, bases=4,
+                        restarts=1, iterations=10)
+    rep = res.report
+    assert len(rep["layers"]) == 8 and not rep["not_decomposed"]
+    assert rep["sizes"]["vs_float"] < 0.2  # the paper: about 80% smaller than float on AlexNet
+    acc = rep["accuracy"]
+    assert acc["measured (popcount runtime)"] > 0.9
+    assert acc["measured (popcount runtime)"] == pytest.approx(acc["qdq (float runtime)"], abs=1 / 150)
+    x = d["x_test"][:32]
+    assert rel_err(run_bdcnn(res.program, x)[0], ort_run(res.onnx_bytes(), x)) < 1e-4

@@ -1,0 +1,109 @@
+"""AND + popcount kernels of binary-decomposed layers: bit for bit against dense integer sums."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mpqc.core.errors import DataError, UnsupportedOpError
+from mpqc.runtime.popcount import (ActQuant, BinaryLayer, binary_forward, binary_partial_sums,
+                                   dense_partial_sums, float_reference_conv, float_reference_gemm, n_words,
+                                   pack_bits, pack_planes, pack_weights, popcount_words)
+
+
+def _layer(O, cg, kh, kw, k, group=1, seed=0):
+    r = np.random.default_rng(seed)
+    M = np.where(r.random((O, cg * kh * kw, k)) < 0.5, -1, 1).astype(np.int8)
+    c = r.normal(size=(O, k))
+    return BinaryLayer(M, c, (O, cg, kh, kw), group)
+
+
+def test_pack_bits_layout():
+    bits = np.zeros(70, bool)
+    bits[[0, 3, 63, 64, 69]] = True
+    w = pack_bits(bits)
+    assert w.dtype == np.uint64 and w.shape == (2,)
+    assert int(w[0]) == (1 | 1 << 3 | 1 << 63) and int(w[1]) == (1 | 1 << 5)
+    assert n_words(64) == 1 and n_words(65) == 2
+    q = np.array([[5, 2, 7]])
+    pl = pack_planes(q, 3)  # planes e=0: 1,0,1 ; e=1: 0,1,1 ; e=2: 1,0,1
+    assert pl.shape == (1, 3, 1) and [int(x) for x in pl[0, :, 0]] == [0b101, 0b110, 0b101]
+    M = np.array([[[1, -1], [-1, -1], [1, 1]]])  # O=1, D=3, k=2
+    pw = pack_weights(M)
+    assert pw.shape == (1, 2, 1, 1) and int(pw[0, 0, 0, 0]) == 0b101 and int(pw[0, 1, 0, 0]) == 0b100
+
+
+def test_popcount_words():
+    a = np.array([0, 1, 0xFFFFFFFFFFFFFFFF, 0x8000000000000001], np.uint64)
+    assert popcount_words(a).tolist() == [0, 1, 64, 2]
+
+
+@pytest.mark.parametrize("case", [
+    dict(C=3, O=5, kh=3, kw=3, k=2, Q=4, strides=(1, 1), pads=(1, 1, 1, 1), group=1),
+    dict(C=4, O=6, kh=3, kw=2, k=3, Q=3, strides=(2, 1), pads=(0, 1, 2, 0), group=2),  # strided, asym pads, grouped
+    dict(C=8, O=8, kh=3, kw=3, k=1, Q=8, strides=(2, 2), pads=(1, 1, 1, 1), group=8),  # depthwise
+    dict(C=4, O=8, kh=3, kw=3, k=2, Q=2, strides=(1, 1), pads=(2, 2, 2, 2), group=4, dil=(2, 2)),  # mult 2, dilated
+    dict(C=30, O=7, kh=3, kw=3, k=2, Q=5, strides=(1, 1), pads=(0, 0, 0, 0), group=1),  # D=270 > 4 words
+    dict(C=64, O=3, kh=1, kw=1, k=4, Q=6, strides=(1, 1), pads=(0, 0, 0, 0), group=1),  # D exactly 64
+])
+def test_conv_popcount_equals_dense_integer_sums(case):
+    r = np.random.default_rng(1)
+    C, O, g = case["C"], case["O"], case["group"]
+    lay = _layer(O, C // g, case["kh"], case["kw"], case["k"], g, seed=2)
+    act = ActQuant.from_range(-0.7, 2.3, case["Q"])
+    assert act.zp > 0  # a non-zero zero point: padding must hold it
+    q = r.integers(0, act.qmax + 1, size=(2, C, 7, 6)).astype(np.int32)
+    dil = case.get("dil", (1, 1))
+    got = binary_partial_sums(lay, q, act, case["strides"], case["pads"], dil)
+    want = dense_partial_sums(lay.M, q, act.zp, lay.weight_shape, g, case["strides"], case["pads"], dil)
+    assert got.dtype == np.int64 and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+    # the float output equals the float reference of the decomposed layer
+    x = act.dequantize(q)
+    bias = r.normal(size=O)
+    y = binary_forward(lay, q, act, bias, case["strides"], case["pads"], dil)
+    ref = float_reference_conv(lay, x, act, bias, case["strides"], case["pads"], dil)
+    np.testing.assert_allclose(y, ref, rtol=0, atol=2e-6 * np.abs(ref).max())  # float32 dequantization
+
+
+def test_gemm_popcount_equals_dense_integer_sums():
+    r = np.random.default_rng(3)
+    O, D, k = 9, 150, 3
+    M = np.where(r.random((O, D, k)) < 0.5, -1, 1)
+    lay = BinaryLayer(M, r.normal(size=(O, k)), (O, D))
+    act = ActQuant.from_range(0.0, 4.0, 5)
+    assert act.zp == 0 and act.lo == 0.0
+    q = r.integers(0, 32, size=(4, D))
+    got = binary_partial_sums(lay, q, act)
+    np.testing.assert_array_equal(got, dense_partial_sums(lay.M, q, act.zp, lay.weight_shape))
+    x = r.uniform(-0.5, 4.5, size=(4, D)).astype(np.float32)  # with clipping at both ends
+    y = binary_forward(lay, act.quantize(x), act, bias=np.arange(O))
+    ref = float_reference_gemm(lay, x, act, np.arange(O))
+    np.testing.assert_allclose(y, ref, rtol=0, atol=2e-6 * np.abs(ref).max())
+
+
+def test_actquant_matches_quantize_linear_and_keeps_zero_exact():
+    a = ActQuant.from_range(-1.0, 3.0, 4)
+    assert a.dequantize(np.array([a.zp]))[0] == 0.0
+    assert a.lo == -a.zp * a.delta and abs(a.hi - 3.0) < a.delta
+    x = np.linspace(-2, 4, 101).astype(np.float32)
+    q = a.quantize(x)
+    assert q.min() == 0 and q.max() == 15
+    want = np.clip(np.rint(x / np.float32(a.delta)) + a.zp, 0, 15)
+    np.testing.assert_array_equal(q, want)
+    relu = ActQuant.from_range(0.0, 6.0, 3)
+    assert relu.zp == 0 and relu.lo == 0.0
+    with pytest.raises(DataError):
+        ActQuant.from_range(0, 1, 0)
+    with pytest.raises(DataError):
+        ActQuant.from_range(1, float("nan"), 3)
+
+
+def test_bad_shapes_are_typed_errors():
+    r = np.random.default_rng(0)
+    with pytest.raises(DataError):
+        BinaryLayer(np.ones((2, 4, 1)), r.normal(size=(2, 2)), (2, 4))
+    with pytest.raises(UnsupportedOpError):
+        BinaryLayer(np.ones((2, 4, 1)), r.normal(size=(2, 1)), (2, 1, 4))
+    lay = _layer(3, 2, 3, 3, 1)
+    with pytest.raises(DataError):
+        binary_partial_sums(lay, np.zeros((1, 5, 4, 4), np.int32), ActQuant.from_range(0, 1, 2))
