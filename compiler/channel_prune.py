@@ -29,8 +29,8 @@ import numpy as np
 
 from mpqc.compiler.info import layer_macs
 from mpqc.compiler.options import PRUNE_METHODS, PRUNE_RATIOS
-from mpqc.compiler.reap import (ProResult, ReapResult, l1_select, lstsq_refit, pro_allocate, reap_prune, thinet_prune,
-                                uniform_allocate)
+from mpqc.compiler.reap import (EPS, ProResult, ReapResult, l1_select, lstsq_refit, pro_allocate, reap_prune,
+                                thinet_prune, uniform_allocate)
 from mpqc.core.errors import CompilerError, DataError, OptionError
 from mpqc.core.ir import Graph, Node, Value
 from mpqc.runtime.executor import Executor, batches, run_batched
@@ -552,7 +552,7 @@ def _consumer_rows(unit: PruneUnit, bias: bool) -> np.ndarray:
 
 
 def prune_unit(graph: Graph, unit: PruneUnit | str, ratio: float, method: str = "reap", data=None, *,
-               n_samples: int = 4000, seed: int = 0, eps: float = 1e-8, reference: Graph | None = None,
+               n_samples: int = 4000, seed: int = 0, eps: float = EPS, reference: Graph | None = None,
                patches: Patches | None = None, n_keep: int | None = None) -> tuple[PruneRecord, ReapResult | None]:
     """Prune ``ratio`` of ``unit``'s channels in place and refit its consumer.
 
@@ -620,7 +620,7 @@ def _output_mse(graph: Graph, feeds, ref_out: np.ndarray, batch_size: int) -> fl
 
 def pro_curves(graph: Graph, units: Sequence[PruneUnit], data, ratios: Sequence[float] = (0.1, 0.2, 0.3, 0.4,
                0.5, 0.6, 0.7, 0.8, 0.9), *, method: str = "reap", eval_data=None, n_samples: int = 4000,
-               seed: int = 0, eps: float = 1e-8, batch_size: int = 64) -> list[UnitCurve]:
+               seed: int = 0, eps: float = EPS, batch_size: int = 64) -> list[UnitCurve]:
     """PRO's measurement: prune each unit alone at every ratio (``method``, patches from ``data``)
     and record the MACs saved and the mean squared error of the first graph output on
     ``eval_data`` (default ``data``) against the unpruned graph. ``graph`` is not modified."""
@@ -693,7 +693,7 @@ def _macs_of_allocation(graph: Graph, units: Sequence[PruneUnit], keeps: Mapping
 
 def prune_graph(graph: Graph, data, macs_fraction: float, *, ratios: str = "pro", method: str = "reap",
                 grid: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), eval_data=None,
-                n_samples: int = 4000, seed: int = 0, eps: float = 1e-8, units: Sequence[str] | None = None,
+                n_samples: int = 4000, seed: int = 0, eps: float = EPS, units: Sequence[str] | None = None,
                 batch_size: int = 64, targets: str = "original", in_place: bool = False
                 ) -> tuple[Graph, PruneReport]:
     """Prune a copy of ``graph`` (``graph`` itself with ``in_place``) to about ``macs_fraction`` of

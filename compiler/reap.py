@@ -12,7 +12,10 @@ Notation (all functions here are pure):
   Channel ``c`` of layer L owns the column group ``groups[c]``; a column in no group
   (a ones column for the bias, input channels that come from elsewhere) is never pruned.
 * ``Y`` (N x O): layer L+1's original outputs at those patches.
-* ``G = X^T X + eps I``, ``S = G^-1``, ``W* = S X^T Y``.
+* ``G = X^T X + lambda I``, ``S = G^-1``, ``W* = S X^T Y``, with the ridge ``lambda = eps *``
+  the mean squared column norm of the whole X (``ridge``): relative to the data, so that
+  rank-deficient patches (a real network's dead or duplicated channels) stay solvable
+  without blowing the refit weights up, and the same for every subset of columns.
 
 The report's one-shot criterion (biorthogonal system, dual basis ``X S``): removing
 channel ``c`` and refitting optimally raises the squared error by
@@ -104,11 +107,21 @@ def _argmin_lowest(values: np.ndarray, alive: np.ndarray, rtol: float = 1e-10) -
     return int(idx[np.flatnonzero(v <= lo + tol)[0]])
 
 
-def lstsq_refit(X: np.ndarray, Y: np.ndarray, keep_cols: Sequence[int], eps: float = 1e-8) -> np.ndarray:
+EPS = 1e-9  # default relative ridge
+
+
+def ridge(X: np.ndarray, eps: float) -> float:
+    """The ridge ``lambda`` of ``X``: ``eps`` times the mean squared column norm (the mean diagonal
+    of ``X^T X``)."""
+    X = np.asarray(X, np.float64)
+    return float(eps * max(np.einsum("ij,ij->", X, X) / max(X.shape[1], 1), 1e-30))
+
+
+def lstsq_refit(X: np.ndarray, Y: np.ndarray, keep_cols: Sequence[int], eps: float = EPS) -> np.ndarray:
     """Least-squares weights of layer L+1 on the columns ``keep_cols`` of X (len(keep_cols) x O).
 
-    Solves ``(X_k^T X_k + eps I) W = X_k^T Y`` (the ridge term keeps rank-deficient patches
-    solvable and matches ``reap_prune``'s refit); ``eps=0`` uses ``numpy.linalg.lstsq``.
+    Solves ``(X_k^T X_k + lambda I) W = X_k^T Y`` with ``lambda = ridge(X, eps)`` of the whole X
+    (so it matches ``reap_prune``'s refit and its downdates); ``eps=0`` uses ``numpy.linalg.lstsq``.
     """
     X = np.asarray(X, np.float64)
     Y = np.asarray(Y, np.float64)
@@ -116,7 +129,7 @@ def lstsq_refit(X: np.ndarray, Y: np.ndarray, keep_cols: Sequence[int], eps: flo
     if eps == 0:
         return np.linalg.lstsq(Xk, Y, rcond=None)[0]
     G = Xk.T @ Xk
-    G[np.diag_indices_from(G)] += eps
+    G[np.diag_indices_from(G)] += ridge(X, eps)
     return _solve_spd(G, Xk.T @ Y)
 
 
@@ -125,7 +138,7 @@ def _residual(X: np.ndarray, Y: np.ndarray, cols: np.ndarray, W: np.ndarray) -> 
     return float(np.einsum("ij,ij->", R, R))
 
 
-def reap_prune(X: np.ndarray, Y: np.ndarray, groups: Sequence, n_keep: int, eps: float = 1e-8) -> ReapResult:
+def reap_prune(X: np.ndarray, Y: np.ndarray, groups: Sequence, n_keep: int, eps: float = EPS) -> ReapResult:
     """REAP: remove channels one at a time, each the one whose removal (after the optimal
     least-squares refit of layer L+1) increases ``||Y - X W||^2`` the least, until ``n_keep``
     channels remain.
@@ -139,7 +152,7 @@ def reap_prune(X: np.ndarray, Y: np.ndarray, groups: Sequence, n_keep: int, eps:
     X, Y, gs = _check(X, Y, groups, n_keep)
     D = X.shape[1]
     G = X.T @ X
-    G[np.diag_indices_from(G)] += eps
+    G[np.diag_indices_from(G)] += ridge(X, eps)
     S = np.linalg.inv(G)
     S = 0.5 * (S + S.T)
     W = S @ (X.T @ Y)
@@ -176,7 +189,7 @@ def reap_prune(X: np.ndarray, Y: np.ndarray, groups: Sequence, n_keep: int, eps:
                       cand_hist, "reap")
 
 
-def brute_force_prune(X: np.ndarray, Y: np.ndarray, groups: Sequence, n_keep: int, eps: float = 1e-8
+def brute_force_prune(X: np.ndarray, Y: np.ndarray, groups: Sequence, n_keep: int, eps: float = EPS
                       ) -> ReapResult:
     """The reference REAP selection: at each step, for every remaining channel, drop its
     columns, solve the least-squares refit and measure ``||Y - X_r W_r||^2``; remove the
@@ -226,7 +239,7 @@ def l1_select(weights_L: np.ndarray, n_keep: int) -> np.ndarray:
 
 
 def thinet_prune(X: np.ndarray, Y: np.ndarray, groups: Sequence, n_keep: int, W: np.ndarray | None = None,
-                 *, refit: str = "scale", eps: float = 1e-8) -> ReapResult:
+                 *, refit: str = "scale", eps: float = EPS) -> ReapResult:
     """ThiNet's greedy selection on layer L+1's output, the baseline of the REAP report.
 
     Channel ``c`` contributes ``Z_c = X_g W_g`` to layer L+1's output (``W`` = layer L+1's

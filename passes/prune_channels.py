@@ -22,7 +22,9 @@ not accumulate) or from the network as pruned so far (``pruned``).
 Options: flops (fraction of the float model's MACs to keep; default ``--flops``),
 method (``--prune``, default reap), ratios (``--ratios``, default pro), samples (patch
 rows per layer, 4000), grid (comma-free ratio list as ``0.1:0.9:0.1``, default that),
-targets (original). Requires: calibration data, BatchNorm folded, a float network (before
+targets (original), ridge (the refit's ridge relative to the patches' mean squared column
+norm, 1e-9: nearly plain least squares; raise it, e.g. to 1e-2, when a layer has few patch rows
+for its width and the refit overfits). Requires: calibration data, BatchNorm folded, a float network (before
 choose-formats). Preserves: nothing.
 Report: MACs before/after and the target, per-layer kept channels, PRO's curves, the
 layers left unpruned and why, MACs/weight bytes/float accuracy after pruning.
@@ -43,6 +45,7 @@ from mpqc.compiler.channel_prune import prune_graph, total_macs
 from mpqc.compiler.metrics import evaluate
 from mpqc.compiler.options import check_prune
 from mpqc.compiler.passes import Pass, PassContext, PassResult
+from mpqc.compiler.reap import EPS
 from mpqc.compiler.stages import stage_summary
 from mpqc.core.errors import OptionError, TargetError
 from mpqc.core.ir import Graph
@@ -71,6 +74,7 @@ class PruneChannelsPass(Pass):
     samples: int = 4000
     grid: str = "0.1:0.9:0.1"
     targets: str = "original"
+    ridge: float = EPS
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         opts = ctx.options
@@ -82,20 +86,22 @@ class PruneChannelsPass(Pass):
         if flops is None:
             raise OptionError("prune-channels needs a MACs budget: give --flops F (the fraction of the float "
                               "model's MACs to keep, e.g. 0.5)")
+        if not 0 <= self.ridge < 1:
+            raise OptionError(f"prune-channels: ridge={self.ridge} must be in [0, 1)")
         if self.samples < 16:
             raise OptionError(f"prune-channels: samples={self.samples} must be at least 16")
         # the budget is a fraction of the model the user gave (serialization adds MACs)
         base = ctx.float_graph if ctx.float_graph is not None else graph
         base_macs, now = total_macs(base), total_macs(graph)
         sec = ctx.section(self.name)
-        sec.update({"flops": flops, "method": method, "ratios": ratios, "targets": self.targets,
+        sec.update({"flops": flops, "method": method, "ratios": ratios, "targets": self.targets, "ridge": self.ridge,
                     "float_macs": base_macs})
         if base_macs == 0 or now <= flops * base_macs:
             sec["skipped"] = "already within the MACs budget" if base_macs else "no layer with known MACs"
             return PassResult(False)
         _, rep = prune_graph(graph, ctx.calib.x, flops * base_macs / now, ratios=ratios, method=method,
                              grid=parse_grid(self.grid), n_samples=self.samples, seed=ctx.seed,
-                             batch_size=ctx.batch_size, targets=self.targets, in_place=True)
+                             batch_size=ctx.batch_size, targets=self.targets, in_place=True, eps=self.ridge)
         sec.update(rep.to_json())
         sec["macs_fraction_of_float"] = rep.macs_after / base_macs
         after = stage_summary(self.name, graph, ctx)

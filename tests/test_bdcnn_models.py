@@ -18,7 +18,7 @@ def digits():
 
 
 def bd(level, digits, tmp_path, tag, **options):
-    out = Outputs(tmp_path / f"{tag}.onnx", tmp_path / f"{tag}.json", None, tmp_path / f"{tag}.npz")
+    out = Outputs(tmp_path / f"{tag}.onnx", tmp_path / f"{tag}_report.json", None, tmp_path / f"{tag}.npz")
     res = compile_model(bench_path("digits_alexnet.onnx"), level=level, target="bdcnn",
                         calib=(digits["x_calib"], None), eval=(digits["x_eval"][:150], digits["y_eval"][:150]),
                         options={"restarts": 1, "iterations": 8, **options}, outputs=out)
