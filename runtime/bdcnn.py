@@ -52,13 +52,13 @@ class _Binary:
         if self.op == "Gemm":
             if x.ndim != 2:
                 raise DataError(f"layer {self.node.name!r}: a fully connected layer needs a 2-D input, got {x.shape}")
-            y = binary_forward(self.layer, q, self.act, self.bias)
+            y = binary_forward(self.layer, q, self.act, self.bias, dtype=np.float32)
         else:
             strides, pads, dil = conv_params(self.node, x.shape, self.layer.weight_shape)
             if len(strides) != 2:
                 raise UnsupportedOpError(f"layer {self.node.name!r}: binary convolutions are 2-D")
-            y = binary_forward(self.layer, q, self.act, self.bias, strides, pads, dil)
-        return y.astype(np.float32)
+            y = binary_forward(self.layer, q, self.act, self.bias, strides, pads, dil, dtype=np.float32)
+        return y
 
 
 class BdcnnRuntime:

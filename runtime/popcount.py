@@ -198,75 +198,343 @@ def pack_planes(q: np.ndarray, Q: int) -> np.ndarray:
     return pack_bits(planes)
 
 
-# --------------------------------------------------------------------------- kernel
-@numba.njit(cache=True)
-def _bconv_kernel(qp, Mt, kh, kw, sh, sw, dh, dw, OH, OW, Q, cd, bias, psum, y, want_psum, want_y):
-    """qp: (N, C, Hp, Wp) int32 padded integer input; Mt: (G, k, W, mg) uint64 packed M+.
+# --------------------------------------------------------------------------- kernels
+# Three paths (chosen per layer by :func:`choose_path`; ``BinaryLayer.path`` tells which):
+#
+# * ``tap``: the input's bit-planes are packed once per layer call, per pixel: the C/group
+#   channels of pixel (iy, ix) of plane e are ``Wc = ceil(C/group / 64)`` words (channel
+#   innermost, tail bits 0). A window is then the concatenation of its kh*kw taps' words
+#   (D ordered (dy, dx, c), each tap padded to Wc words), gathered as whole words;
+#   the weights are re-laid out the same way once, at load.
+# * ``window``: when a kernel row holds few channels (kw * C/group <= 64 bits, e.g. the
+#   first layer, C = 1), the taps of one kernel row (dx, c) of pixel (iy, ix) are packed
+#   once per call into one word ("row segment"), and a window is its kh row segments
+#   shifted into a dense (dy, dx, c) bit string of ceil(D/64) words (kh shift/ORs per
+#   plane instead of D bit inserts).
+# * ``direct``: depthwise-like layers (one or two filters per group: D tiny, so a 64-bit
+#   word per tap would be mostly padding) compute ``P_k = sum_j M_jk q_j`` with integer
+#   multiply-adds straight from q, vectorized along the output row. Exact as well.
+#
+# The popcount core (_bgemm) is a binary GEMM: rows = output positions (blocks of 4, so
+# that every weight word loaded serves 4 positions), columns = (base, filter) of a group
+# (contiguous, the vectorized loop: VPOPCNTQ on AVX-512 VPOPCNTDQ CPUs), reduction over
+# the window's words, one plane e at a time (``P += popcount(...) << e`` after the plane).
 
-    psum (N, OH*OW, G*k*mg... ) laid out (N, P, k, O) int64 if want_psum;
-    y (N, P, O) float64 = sum_k cd[k, o] * P_k + bias[o] if want_y (cd = c * delta).
-    """
+RB = 4  # output positions per block of the popcount core
+
+
+@numba.njit(cache=True)
+def _prepack_taps(qp, G, Q, Wc, planes, qsum):
+    """planes (N, G, Hp, Wp, Q, Wc) uint64 <- bit-planes of each pixel's group channels;
+    qsum (N, G, Hp, Wp) int64 <- sum of q over them."""
     N, C, Hp, Wp = qp.shape
-    G, k, W, mg = Mt.shape
     cg = C // G
-    planes = np.zeros((Q, W), np.uint64)
-    acc = np.zeros((k, mg), np.int64)
+    planes[...] = 0
     for n in range(N):
         for g in range(G):
-            c0 = g * cg
-            o0 = g * mg
+            for iy in range(Hp):
+                for ix in range(Wp):
+                    s = 0
+                    for c in range(cg):
+                        v = np.int64(qp[n, g * cg + c, iy, ix])
+                        s += v
+                        wi = c >> 6
+                        bit = np.uint64(c & 63)
+                        for e in range(Q):
+                            planes[n, g, iy, ix, e, wi] |= np.uint64((v >> e) & 1) << bit
+                    qsum[n, g, iy, ix] = s
+
+
+@numba.njit(cache=True)
+def _prepack_rows(qp, G, Q, kw, dw, SX, segs, qsum):
+    """segs (N, G, Hp, SX, Q) uint64 <- row segment of pixel (iy, ix): bit dx*cg + c is
+    bit e of q[c, iy, ix + dx*dw]; qsum (N, G, Hp, SX) <- the segment's sum of q."""
+    N, C, Hp, Wp = qp.shape
+    cg = C // G
+    segs[...] = 0
+    for n in range(N):
+        for g in range(G):
+            for iy in range(Hp):
+                for ix in range(SX):
+                    s = 0
+                    for dx in range(kw):
+                        for c in range(cg):
+                            v = np.int64(qp[n, g * cg + c, iy, ix + dx * dw])
+                            s += v
+                            bit = np.uint64(dx * cg + c)
+                            for e in range(Q):
+                                segs[n, g, iy, ix, e] |= np.uint64((v >> e) & 1) << bit
+                    qsum[n, g, iy, ix] = s
+
+
+@numba.njit(cache=True)
+def _bgemm(A, Wt, Q, acc, tot):
+    """tot[b, j] = sum_e 2^e sum_w popcount(A[b, e, w] & Wt[w, j]) for the RB rows b of A."""
+    Wn = A.shape[2]
+    J = Wt.shape[1]
+    t0 = tot[0]
+    t1 = tot[1]
+    t2 = tot[2]
+    t3 = tot[3]
+    tot[:, :] = 0
+    if Wn <= 2:  # short windows: shift into the totals directly (no per-plane pass)
+        for e in range(Q):
+            for w in range(Wn):
+                b0 = A[0, e, w]
+                b1 = A[1, e, w]
+                b2 = A[2, e, w]
+                b3 = A[3, e, w]
+                wr = Wt[w]
+                for j in range(J):
+                    m = wr[j]
+                    t0[j] += popcount64(m & b0) << e
+                    t1[j] += popcount64(m & b1) << e
+                    t2[j] += popcount64(m & b2) << e
+                    t3[j] += popcount64(m & b3) << e
+        return
+    a0 = acc[0]
+    a1 = acc[1]
+    a2 = acc[2]
+    a3 = acc[3]
+    for e in range(Q):
+        acc[:, :] = 0
+        for w in range(Wn):
+            b0 = A[0, e, w]
+            b1 = A[1, e, w]
+            b2 = A[2, e, w]
+            b3 = A[3, e, w]
+            wr = Wt[w]
+            for j in range(J):
+                m = wr[j]
+                a0[j] += popcount64(m & b0)
+                a1[j] += popcount64(m & b1)
+                a2[j] += popcount64(m & b2)
+                a3[j] += popcount64(m & b3)
+        for j in range(J):
+            t0[j] += a0[j] << e
+            t1[j] += a1[j] << e
+            t2[j] += a2[j] << e
+            t3[j] += a3[j] << e
+
+
+@numba.njit(cache=True)
+def _epilogue(T, SQ, n0, nn, P, g, k, mg, cd, bias, psum, y, want_psum, want_y):
+    """Rows r = nl*P + p of the chunk (samples n0 .. n0+nn-1): psum[n, p, kk, o] = 2*T - SQ;
+    y[n, o, p] = bias[o] + sum_k cd[k, o] * (2*T[r, kk*mg + o] - SQ[r]) (written along p)."""
+    o0 = g * mg
+    for nl in range(nn):
+        n = n0 + nl
+        if want_psum:
+            for p in range(P):
+                r = nl * P + p
+                for kk in range(k):
+                    for o in range(mg):
+                        psum[n, p, kk, o0 + o] = 2 * T[r, kk * mg + o] - SQ[r]
+        if want_y:  # blocks of 16 positions: vectorized along o into Yb, then written along p
+            Yb = np.empty((16, mg), np.float64)
+            for pb in range(0, P, 16):
+                pe = min(P, pb + 16)
+                for p in range(pb, pe):
+                    r = nl * P + p
+                    s2 = SQ[r]
+                    yb = Yb[p - pb]
+                    Tr = T[r]
+                    for o in range(mg):
+                        yb[o] = bias[o0 + o]
+                    for kk in range(k):
+                        for o in range(mg):
+                            yb[o] += cd[kk, o0 + o] * np.float64(2 * Tr[kk * mg + o] - s2)
+                for o in range(mg):
+                    yo = y[n, o0 + o]
+                    for p in range(pb, pe):
+                        yo[p] = Yb[p - pb, o]
+
+
+CHUNK_P = 16  # from this many output positions per sample on, rows are blocked per sample
+
+
+@numba.njit(cache=True)
+def _conv_taps(planes, qsum, Wt, kh, kw, sh, sw, dh, dw, OH, OW, Q, k, cd, bias, psum, y, want_psum, want_y):
+    """``tap`` path. planes/qsum from _prepack_taps; Wt (G, kh*kw*Wc, k*mg) uint64."""
+    N, G, Hp, Wp, _, Wc = planes.shape
+    Wn = Wt.shape[1]
+    J = Wt.shape[2]
+    mg = J // k
+    P = OH * OW
+    cn = 1 if P >= CHUNK_P else N
+    Rmax = cn * P + RB
+    T = np.zeros((Rmax, J), np.int64)
+    SQ = np.zeros(Rmax, np.int64)
+    A = np.zeros((RB, Q, Wn), np.uint64)
+    acc = np.zeros((RB, J), np.int64)
+    for g in range(G):
+        Wg = Wt[g]
+        for n0 in range(0, N, cn):
+            nn = min(cn, N - n0)
+            R = nn * P
+            for r0 in range(0, R, RB):
+                for b in range(RB):
+                    r = r0 + b
+                    if r >= R:
+                        A[b] = 0
+                        continue
+                    nl = r // P
+                    n = n0 + nl
+                    p = r - nl * P
+                    oy = p // OW
+                    ox = p - oy * OW
+                    s = 0
+                    w0 = 0
+                    for dy in range(kh):
+                        iy = oy * sh + dy * dh
+                        for dx in range(kw):
+                            ix = ox * sw + dx * dw
+                            s += qsum[n, g, iy, ix]
+                            for e in range(Q):
+                                for wc in range(Wc):
+                                    A[b, e, w0 + wc] = planes[n, g, iy, ix, e, wc]
+                            w0 += Wc
+                    SQ[r] = s
+                _bgemm(A, Wg, Q, acc, T[r0:r0 + RB])
+            _epilogue(T, SQ, n0, nn, P, g, k, mg, cd, bias, psum, y, want_psum, want_y)
+
+
+@numba.njit(cache=True)
+def _conv_window(segs, qsum, Wt, kh, seg_bits, sh, sw, dh, OH, OW, Q, k, cd, bias, psum, y, want_psum,
+                 want_y):
+    """``window`` path. segs/qsum from _prepack_rows; Wt (G, ceil(D/64), k*mg), D in (dy, dx, c) order."""
+    N, G, Hp, SX, _ = segs.shape
+    Wn = Wt.shape[1]
+    J = Wt.shape[2]
+    mg = J // k
+    P = OH * OW
+    cn = 1 if P >= CHUNK_P else N
+    Rmax = cn * P + RB
+    T = np.zeros((Rmax, J), np.int64)
+    SQ = np.zeros(Rmax, np.int64)
+    A = np.zeros((RB, Q, Wn), np.uint64)
+    acc = np.zeros((RB, J), np.int64)
+    for g in range(G):
+        Wg = Wt[g]
+        for n0 in range(0, N, cn):
+            nn = min(cn, N - n0)
+            R = nn * P
+            for r0 in range(0, R, RB):
+                A[...] = 0
+                for b in range(RB):
+                    r = r0 + b
+                    if r >= R:
+                        continue
+                    nl = r // P
+                    n = n0 + nl
+                    p = r - nl * P
+                    oy = p // OW
+                    ox = p - oy * OW
+                    s = 0
+                    ix = ox * sw
+                    for dy in range(kh):
+                        iy = oy * sh + dy * dh
+                        s += qsum[n, g, iy, ix]
+                        off = dy * seg_bits
+                        wi = off >> 6
+                        bo = off & 63
+                        for e in range(Q):
+                            v = segs[n, g, iy, ix, e]
+                            A[b, e, wi] |= v << np.uint64(bo)
+                            if bo and bo + seg_bits > 64:
+                                A[b, e, wi + 1] |= v >> np.uint64(64 - bo)
+                    SQ[r] = s
+                _bgemm(A, Wg, Q, acc, T[r0:r0 + RB])
+            _epilogue(T, SQ, n0, nn, P, g, k, mg, cd, bias, psum, y, want_psum, want_y)
+
+
+@numba.njit(cache=True)
+def _conv_direct(qp, Mi, G, kh, kw, sh, sw, dh, dw, OH, OW, cd, bias, psum, y, want_psum, want_y):
+    """``direct`` path: P_k = sum_j M_jk q_j by integer multiply-adds. Mi (O, cg, kh, kw, k) int64."""
+    N, C, Hp, Wp = qp.shape
+    O, cg, _, _, k = Mi.shape
+    mg = O // G
+    acc = np.zeros((k, OH, OW), np.int64)
+    for n in range(N):
+        for o in range(O):
+            g = o // mg
+            acc[...] = 0
+            for c in range(cg):
+                ci = g * cg + c
+                for dy in range(kh):
+                    for dx in range(kw):
+                        for kk in range(k):
+                            m = Mi[o, c, dy, dx, kk]
+                            for oy in range(OH):
+                                iy = oy * sh + dy * dh
+                                row = qp[n, ci, iy]
+                                for ox in range(OW):
+                                    acc[kk, oy, ox] += m * np.int64(row[ox * sw + dx * dw])
             for oy in range(OH):
                 for ox in range(OW):
-                    # pack the window's bit-planes (order j = (c*kh + dy)*kw + dx)
-                    planes[:, :] = 0
-                    sq = 0
-                    j = 0
-                    for c in range(cg):
-                        for dy in range(kh):
-                            iy = oy * sh + dy * dh
-                            for dx in range(kw):
-                                v = np.int64(qp[n, c0 + c, iy, ox * sw + dx * dw])
-                                sq += v
-                                wi = j >> 6
-                                bit = np.uint64(j & 63)
-                                for e in range(Q):
-                                    planes[e, wi] |= np.uint64((v >> e) & 1) << bit
-                                j += 1
-                    acc[:, :] = 0
-                    for e in range(Q):
-                        for wi in range(W):
-                            bw = planes[e, wi]
-                            if bw == 0:
-                                continue
-                            for kk in range(k):
-                                for o in range(mg):
-                                    acc[kk, o] += popcount64(Mt[g, kk, wi, o] & bw) << e
                     p = oy * OW + ox
                     if want_psum:
                         for kk in range(k):
-                            for o in range(mg):
-                                psum[n, p, kk, o0 + o] = 2 * acc[kk, o] - sq
+                            psum[n, p, kk, o] = acc[kk, oy, ox]
                     if want_y:
-                        for o in range(mg):
-                            s = bias[o0 + o]
-                            for kk in range(k):
-                                s += cd[kk, o0 + o] * np.float64(2 * acc[kk, o] - sq)
-                            y[n, p, o0 + o] = s
+                        s = bias[o]
+                        for kk in range(k):
+                            s += cd[kk, o] * np.float64(acc[kk, oy, ox])
+                        y[n, o, p] = s
 
 
 # --------------------------------------------------------------------------- layer objects
+def choose_path(weight_shape, group: int, k: int) -> str:
+    """``direct`` for depthwise-like layers (<= 2 filters per group and C/group*kh*kw <= 64),
+    ``window`` when a kernel row holds <= 64 bits and per-tap words would waste more than
+    the dense window, else ``tap`` (fully connected layers: ``tap`` with one tap)."""
+    if len(weight_shape) == 2:
+        return "tap"
+    O, cg, kh, kw = weight_shape
+    mg = O // max(1, group)
+    if mg <= 2 and cg * kh * kw <= 64:
+        return "direct"
+    if kw * cg <= 64 and kh * kw * n_words(cg) > n_words(cg * kh * kw):
+        return "window"
+    return "tap"
+
+
+def _relayout(M: np.ndarray, weight_shape, group: int, path: str) -> np.ndarray:
+    """M (O, D, k) with D in (c, dy, dx) order (``W.reshape(O, -1)``) -> the kernel's words
+    Wt (G, words, k*mg): ``tap``: D in (dy, dx, c) with each tap padded to 64*Wc bits;
+    ``window``: D in (dy, dx, c), dense. Column j = kk*mg + o."""
+    O, D, k = M.shape
+    if len(weight_shape) == 2:
+        cg, kh, kw = D, 1, 1
+    else:
+        _, cg, kh, kw = weight_shape
+    mg = O // group
+    plus = (M > 0).reshape(O, cg, kh, kw, k).transpose(0, 4, 2, 3, 1)  # O, k, kh, kw, cg
+    if path == "tap":
+        Wc = n_words(cg)
+        pad = Wc * WORD - cg
+        if pad:
+            plus = np.concatenate([plus, np.zeros(plus.shape[:-1] + (pad,), bool)], axis=-1)
+    words = pack_bits(plus.reshape(O, k, -1))  # O, k, words
+    Wn = words.shape[-1]
+    return np.ascontiguousarray(words.reshape(group, mg, k, Wn).transpose(0, 3, 2, 1).reshape(group, Wn, k * mg))
+
+
 @dataclass
 class BinaryLayer:
     """A binary-decomposed Conv (2-D) or fully connected layer ready for the kernel.
 
     ``M`` (O, D, k) int8 in {-1,+1}, ``c`` (O, k), ``weight_shape`` the original weight
-    shape: (O, C/group, kh, kw) for a Conv, (O, D) for a Gemm (y = x @ w~.T).
+    shape: (O, C/group, kh, kw) for a Conv, (O, D) for a Gemm (y = x @ w~.T). ``packed``
+    is ``M+`` in the bundle layout (:func:`pack_weights`); ``path`` the kernel path and
+    ``kernel_words`` the bases re-laid out for it (done once, at load).
     """
 
     M: np.ndarray
     c: np.ndarray
     weight_shape: tuple
     group: int = 1
+    path: str | None = None
 
     def __post_init__(self):
         self.M = np.asarray(self.M, np.int8)
@@ -281,6 +549,17 @@ class BinaryLayer:
             raise UnsupportedOpError(f"binary kernels support 2-D convolutions and Gemm, "
                                      f"not weights of shape {self.weight_shape}")
         self.packed = pack_weights(self.M, self.group)
+        if self.path is None:
+            self.path = choose_path(self.weight_shape, self.group, k)
+        if self.path not in ("tap", "window", "direct") or (self.path != "tap" and len(self.weight_shape) == 2):
+            raise DataError(f"unknown kernel path {self.path!r} for weights of shape {self.weight_shape}")
+        if self.path == "window" and self.weight_shape[1] * self.weight_shape[3] > WORD:
+            raise DataError("the window path needs kw * C/group <= 64")
+        if self.path == "direct":
+            _, cg, kh, kw = self.weight_shape
+            self.kernel_words = np.ascontiguousarray(self.M.astype(np.int64).reshape(O, cg, kh, kw, k))
+        else:
+            self.kernel_words = _relayout(self.M, self.weight_shape, self.group, self.path)
         # reconstructed filters and their sums (the ``min * sum_j w~_j`` term)
         self.w_rec = np.einsum("odk,ok->od", self.M.astype(np.float64), self.c)
         self.w_sum = self.w_rec.sum(axis=1)
@@ -295,6 +574,13 @@ class BinaryLayer:
 
     def reconstructed(self) -> np.ndarray:
         return self.w_rec.reshape(self.weight_shape)
+
+    def word_ops(self, positions: int, Q: int) -> int:
+        """AND + popcount word operations per sample at ``positions`` output positions
+        (0 for the direct path), padding words included."""
+        if self.path == "direct":
+            return 0
+        return int(positions) * int(Q) * self.kernel_words.shape[1] * self.kernel_words.shape[2] * self.group
 
 
 def _pad_q(q: np.ndarray, pads, value: int) -> np.ndarray:
@@ -328,7 +614,8 @@ def _geometry(layer: BinaryLayer, x_shape, strides, pads, dilations):
     return kh, kw, sh, sw, dh, dw, OH, OW, pads
 
 
-def _run(layer: BinaryLayer, q, act: ActQuant, strides, pads, dilations, *, want_psum, want_y, bias=None):
+def _run(layer: BinaryLayer, q, act: ActQuant, strides, pads, dilations, *, want_psum, want_y, bias=None,
+         dtype=np.float64):
     q = np.asarray(q)
     if q.ndim == 2:  # fully connected: a 1x1 convolution on (N, D, 1, 1)
         if len(layer.weight_shape) != 2:
@@ -346,15 +633,35 @@ def _run(layer: BinaryLayer, q, act: ActQuant, strides, pads, dilations, *, want
     qp = np.ascontiguousarray(_pad_q(q4.astype(np.int32, copy=False), pd, act.zp))
     N = q4.shape[0]
     O = layer.M.shape[0]
+    k = layer.k
+    G = layer.group
+    Q = int(act.Q)
     P = OH * OW
-    psum = np.zeros((N, P, layer.k, O) if want_psum else (1, 1, 1, 1), np.int64)
-    y = np.zeros((N, P, O) if want_y else (1, 1, 1), np.float64)
+    psum = np.zeros((N, P, k, O) if want_psum else (1, 1, 1, 1), np.int64)
+    y = np.empty((N, O, P) if want_y else (1, 1, 1), dtype)
     cd = np.ascontiguousarray((layer.c * act.delta).T)  # k, O
     b = act.lo * layer.w_sum
     if bias is not None:
         b = b + np.asarray(bias, np.float64).reshape(-1)
-    _bconv_kernel(qp, layer.packed, kh, kw, sh, sw, dh, dw, OH, OW, int(act.Q), cd,
-                  np.ascontiguousarray(b, np.float64), psum, y, want_psum, want_y)
+    b = np.ascontiguousarray(b, np.float64)
+    Hp, Wp = qp.shape[2:]
+    if layer.path == "direct":
+        _conv_direct(qp, layer.kernel_words, G, kh, kw, sh, sw, dh, dw, OH, OW, cd, b, psum, y, want_psum, want_y)
+    elif layer.path == "window":
+        cg = qp.shape[1] // G
+        SX = (OW - 1) * sw + 1
+        segs = np.empty((N, G, Hp, SX, Q), np.uint64)
+        qsum = np.empty((N, G, Hp, SX), np.int64)
+        _prepack_rows(qp, G, Q, kw, dw, SX, segs, qsum)
+        _conv_window(segs, qsum, layer.kernel_words, kh, kw * cg, sh, sw, dh, OH, OW, Q, k, cd, b, psum, y,
+                     want_psum, want_y)
+    else:
+        Wc = n_words(qp.shape[1] // G)
+        planes = np.empty((N, G, Hp, Wp, Q, Wc), np.uint64)
+        qsum = np.empty((N, G, Hp, Wp), np.int64)
+        _prepack_taps(qp, G, Q, Wc, planes, qsum)
+        _conv_taps(planes, qsum, layer.kernel_words, kh, kw, sh, sw, dh, dw, OH, OW, Q, k, cd, b, psum, y,
+                   want_psum, want_y)
     return psum, y, N, OH, OW, q.ndim == 2
 
 
@@ -373,16 +680,16 @@ def binary_partial_sums(layer: BinaryLayer, q: np.ndarray, act: ActQuant, stride
 
 
 def binary_forward(layer: BinaryLayer, q: np.ndarray, act: ActQuant, bias=None, strides=(1, 1),
-                   pads=(0, 0, 0, 0), dilations=(1, 1)) -> np.ndarray:
-    """Float output ``sum_k c_k delta P_k + min * sum_j w~_j + bias`` (float64).
+                   pads=(0, 0, 0, 0), dilations=(1, 1), dtype=np.float64) -> np.ndarray:
+    """Float output ``sum_k c_k delta P_k + min * sum_j w~_j + bias`` (computed in float64,
+    stored as ``dtype``: float64 by default, float32 in the runtime).
 
     Shapes as :func:`binary_partial_sums`; returns (N, O, OH, OW) or (N, O).
     """
     _, y, N, OH, OW, fc = _run(layer, q, act, strides, pads, dilations, want_psum=False, want_y=True,
-                               bias=bias)
+                               bias=bias, dtype=dtype)
     O = layer.M.shape[0]
-    out = y.transpose(0, 2, 1)
-    return np.ascontiguousarray(out.reshape(N, O) if fc else out.reshape(N, O, OH, OW))
+    return y.reshape(N, O) if fc else y.reshape(N, O, OH, OW)
 
 
 # --------------------------------------------------------------------------- references

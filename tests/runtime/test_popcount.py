@@ -10,11 +10,11 @@ from mpqc.runtime.popcount import (ActQuant, BinaryLayer, binary_forward, binary
                                    pack_bits, pack_planes, pack_weights, popcount_words)
 
 
-def _layer(O, cg, kh, kw, k, group=1, seed=0):
+def _layer(O, cg, kh, kw, k, group=1, seed=0, path=None):
     r = np.random.default_rng(seed)
     M = np.where(r.random((O, cg * kh * kw, k)) < 0.5, -1, 1).astype(np.int8)
     c = r.normal(size=(O, k))
-    return BinaryLayer(M, c, (O, cg, kh, kw), group)
+    return BinaryLayer(M, c, (O, cg, kh, kw), group, path=path)
 
 
 def test_pack_bits_layout():
@@ -44,11 +44,18 @@ def test_popcount_words():
     dict(C=4, O=8, kh=3, kw=3, k=2, Q=2, strides=(1, 1), pads=(2, 2, 2, 2), group=4, dil=(2, 2)),  # mult 2, dilated
     dict(C=30, O=7, kh=3, kw=3, k=2, Q=5, strides=(1, 1), pads=(0, 0, 0, 0), group=1),  # D=270 > 4 words
     dict(C=64, O=3, kh=1, kw=1, k=4, Q=6, strides=(1, 1), pads=(0, 0, 0, 0), group=1),  # D exactly 64
+    dict(C=1, O=9, kh=5, kw=5, k=2, Q=3, strides=(1, 1), pads=(2, 2, 2, 2), group=1),  # first layer: window
+    dict(C=12, O=10, kh=3, kw=5, k=2, Q=4, strides=(2, 3), pads=(1, 2, 0, 1), group=2),  # segments span words
+    dict(C=6, O=6, kh=5, kw=5, k=3, Q=4, strides=(2, 2), pads=(2, 1, 2, 3), group=6),  # depthwise 5x5
+    dict(C=100, O=130, kh=3, kw=3, k=1, Q=2, strides=(1, 1), pads=(1, 1, 1, 1), group=1),  # 2 words per tap
 ])
-def test_conv_popcount_equals_dense_integer_sums(case):
+@pytest.mark.parametrize("path", [None, "tap", "window", "direct"])
+def test_conv_popcount_equals_dense_integer_sums(case, path):
     r = np.random.default_rng(1)
     C, O, g = case["C"], case["O"], case["group"]
-    lay = _layer(O, C // g, case["kh"], case["kw"], case["k"], g, seed=2)
+    if path == "window" and C // g * case["kw"] > 64:
+        pytest.skip("the window path needs kw * C/group <= 64")
+    lay = _layer(O, C // g, case["kh"], case["kw"], case["k"], g, seed=2, path=path)
     act = ActQuant.from_range(-0.7, 2.3, case["Q"])
     assert act.zp > 0  # a non-zero zero point: padding must hold it
     q = r.integers(0, act.qmax + 1, size=(2, C, 7, 6)).astype(np.int32)
@@ -79,6 +86,16 @@ def test_gemm_popcount_equals_dense_integer_sums():
     y = binary_forward(lay, act.quantize(x), act, bias=np.arange(O))
     ref = float_reference_gemm(lay, x, act, np.arange(O))
     np.testing.assert_allclose(y, ref, rtol=0, atol=2e-6 * np.abs(ref).max())
+
+
+def test_kernel_paths_are_chosen_per_layer():
+    assert _layer(48, 1, 5, 5, 1).path == "window"  # first layer: one word holds the window
+    assert _layer(96, 48, 3, 3, 2).path == "tap"  # whole words per tap
+    assert _layer(8, 1, 3, 3, 2, group=8).path == "direct"  # depthwise
+    lay = BinaryLayer(np.ones((4, 10, 2)), np.ones((4, 2)), (4, 10))
+    assert lay.path == "tap" and lay.word_ops(1, 3) == 3 * 1 * 2 * 4
+    with pytest.raises(DataError):
+        BinaryLayer(np.ones((4, 10, 2)), np.ones((4, 2)), (4, 10), path="direct")
 
 
 def test_actquant_matches_quantize_linear_and_keeps_zero_exact():
