@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUT := out
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench clean fuzz
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(TESTENV) $(PY) -m pytest -q -n 2 -m "not slow" -p no:cacheprovider
+
+# make fuzz: the long seeded fuzz run of hostile input (MPQC_FUZZ=N rounds of other seeds; default 10)
+fuzz: $(STAMP)
+	MPQC_FUZZ=$${MPQC_FUZZ:-10} $(TESTENV) $(PY) -m pytest -q -s -p no:cacheprovider tests/test_fuzz.py
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py

@@ -23,8 +23,8 @@ from ..core.ir import Graph
 from ..runtime.executor import run_batched
 from .bdcnn import compile_bdcnn
 from .bundle import bundle_bytes
-from .data import Dataset, check_input, load_dataset
-from .export import atomic_write_bytes, to_onnx
+from .data import Dataset, check_input, load_dataset, model_batch, parse_spec
+from .export import atomic_write_bytes, commit_files, to_onnx
 from .frontend import load_graph
 from .html_report import render_html
 from .info import model_info
@@ -154,8 +154,15 @@ def compile_model(model: str | os.PathLike | Graph, *, level: int = 1, target: s
         if level < 3 and (opts.flops is not None or opts.prune is not None or opts.ratios is not None):
             raise OptionError("--flops, --prune and --ratios choose how -O3 prunes; use -O3 (or list "
                               "'prune-channels' in --passes)")
+    check_outputs_differ(("--output", outputs.model), ("--report", outputs.report), ("--html", outputs.html),
+                         ("--emit-bundle", outputs.bundle),
+                         inputs=[(o, d) for o, d in (("model", None if isinstance(model, Graph) else model),
+                                                     ("--calib", calib), ("--eval", eval), ("--train", train))
+                                 if isinstance(d, (str, os.PathLike))])
     graph = model if isinstance(model, Graph) else load_graph(model)
     tgt = get_target(target) if isinstance(target, str) else target
+    if graph.inputs:
+        batch_size = model_batch(graph.inputs[0], batch_size)  # a fixed-batch model runs at its batch
     ctx = PassContext(target=tgt, seed=seed, quiet=quiet, batch_size=batch_size, options=opts, metric=metric)
     ctx.calib = _as_dataset(calib, graph, "--calib", "calib")
     ctx.eval = _as_dataset(eval, graph, "--eval", "eval")
@@ -294,7 +301,8 @@ def stage_table(report: dict) -> list[dict]:
 
 
 def write_outputs(result: CompileResult, outputs: Outputs) -> None:
-    """Serialize everything first, then write each file atomically."""
+    """Serialize everything first, then write all files as one transaction (``commit_files``):
+    every output or none, and no pre-existing file changed on failure."""
     blobs: list[tuple[Any, bytes]] = []
     report, html, bundle = outputs.report, outputs.html, outputs.bundle
     if outputs.model is not None:
@@ -302,24 +310,13 @@ def write_outputs(result: CompileResult, outputs: Outputs) -> None:
     if bundle is not None:
         npz, manifest = result.bundle or bundle_bytes(result.graph, result.report)
         blobs.append((bundle, npz))
-        blobs.append((Path(str(bundle)).with_suffix(".json"), manifest))
+        blobs.append((bundle_manifest_path(bundle), manifest))
     rep = _clean_nan(result.report)
     if report is not None:
         blobs.append((report, report_json_bytes(rep)))
     if html is not None:
         blobs.append((html, render_html(rep).encode()))
-    written: list[Path] = []
-    try:
-        for path, data in blobs:
-            existed = Path(path).exists()
-            atomic_write_bytes(path, data)
-            if not existed:
-                written.append(Path(path))
-    except BaseException:
-        # all or nothing: a failure on a later file removes the new files written before it
-        for p in written:
-            p.unlink(missing_ok=True)
-        raise
+    commit_files(blobs)
 
 
 def _version() -> str:
@@ -329,12 +326,68 @@ def _version() -> str:
         return "0"
 
 
-def check_outputs_differ(*paths) -> None:
-    seen = {}
+def bundle_manifest_path(bundle) -> Path:
+    """The .json manifest a bundle writes beside itself."""
+    return Path(str(bundle)).with_suffix(".json")
+
+
+def _same(a: str, b: str) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)  # hard links
+    except OSError:
+        return False
+
+
+def check_outputs_differ(*paths, inputs=()) -> None:
+    """Before any work: every output path is a usable file path (not empty, not a folder, its
+    folder not a file), the bundle's manifest is a file of its own, and no output names the same
+    file as another output or as any input (``inputs``: (option, path) pairs; data specs
+    FILE.npz:SPLIT are reduced to their file). An ``("model", path)`` pair among ``paths`` is taken
+    as an input. Raises OptionError."""
+    outs, ins = [], []
     for opt, p in paths:
+        (ins if opt == "model" else outs).append((opt, p))
+    for opt, p in inputs:
         if p is None:
             continue
-        rp = os.path.realpath(p)
-        if rp in seen:
-            raise OptionError(f"{opt} and {seen[rp]} name the same file {str(p)!r}")
-        seen[rp] = opt
+        if opt in ("--calib", "--eval", "--train", "--data"):
+            p = parse_spec(str(p), "x")[0]
+        ins.append((opt, p))
+    expanded = []
+    for opt, p in outs:
+        if p is None:
+            continue
+        s = os.fspath(p)
+        if s == "" or s.strip() == "":
+            raise OptionError(f"{opt}: the path is empty; give a file name")
+        if os.path.isdir(s) or s.endswith(os.sep):
+            raise OptionError(f"{opt}: cannot write {s!r}: it is a directory; give a file name")
+        parent = os.path.dirname(os.path.abspath(s))
+        while parent and not os.path.exists(parent) and parent != os.path.dirname(parent):
+            parent = os.path.dirname(parent)
+        if os.path.exists(parent) and not os.path.isdir(parent):
+            raise OptionError(f"{opt}: cannot write {s!r}: {parent!r} is a file, not a folder")
+        expanded.append((opt, s))
+        if opt == "--emit-bundle":
+            man = str(bundle_manifest_path(s))
+            if _same(man, s):
+                raise OptionError(f"--emit-bundle {s!r}: a bundle writes its manifest beside itself as "
+                                  f"{Path(man).name!r}; name the bundle with an .npz suffix")
+            if os.path.isdir(man):
+                raise OptionError(f"--emit-bundle {s!r}: its manifest path {man!r} is a directory")
+            expanded.append(("--emit-bundle (its .json manifest)", man))
+    seen: list[tuple[str, str]] = []
+    for opt, s in expanded:
+        for o2, s2 in seen:
+            if _same(s, s2):
+                raise OptionError(f"{opt} and {o2} name the same file {s!r}")
+            a, b = os.path.abspath(s), os.path.abspath(s2)
+            if b.startswith(a + os.sep) or a.startswith(b + os.sep):
+                raise OptionError(f"{opt} {s!r} and {o2} {s2!r}: one would be a folder holding the other")
+        for o2, s2 in ins:
+            if _same(s, os.fspath(s2)):
+                raise OptionError(f"{opt} {s!r} is the same file as the {o2} {os.fspath(s2)!r}; "
+                                  f"an output never overwrites an input")
+        seen.append((opt, s))

@@ -130,29 +130,92 @@ def load_qdq_graph(path: str | os.PathLike) -> Graph:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename."""
-    p = Path(path)
+    commit_files([(path, data)])
+
+
+def _missing_dirs(d: Path) -> list[Path]:
+    """The folders above (and including) ``d`` that do not exist yet, top-most first."""
+    out = []
+    while not d.exists() and d != d.parent:
+        out.append(d)
+        d = d.parent
+    return out[::-1]
+
+
+def _write_error(p: Path, e: BaseException) -> CompilerError:
+    why = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+    return CompilerError(f"cannot write {str(p)!r}: {why}",
+                         hint="nothing was written; check that its folder is a writable folder")
+
+
+def commit_files(blobs: list[tuple[str | os.PathLike, bytes]]) -> None:
+    """Write every ``(path, data)`` as one transaction: each to a temporary file in its target
+    folder, then, only when all were written, rename them into place. On any failure every
+    pre-existing file is left as it was, and the new files, temporaries and the folders this
+    call created are removed."""
+    umask = os.umask(0)
+    os.umask(umask)
+    created: list[Path] = []  # folders made here, in creation order
+    temps: list[tuple[Path, Path]] = []  # (temporary, target)
+    backups: list[tuple[Path, Path]] = []  # (backup of a pre-existing target, target)
+    placed: list[Path] = []  # targets renamed into place
+    current = None
     try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=str(p.parent))
-    except OSError as e:
-        raise CompilerError(f"cannot write {str(p)!r}: {e.strerror or e}",
-                            hint="check that its folder exists, is a folder and is writable") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        # mkstemp creates 0600: give the file the permissions a plain open() would
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, p)
+        for path, data in blobs:
+            current = p = Path(path)
+            if str(path) == "" or p.is_dir():
+                raise IsADirectoryError(21, "is a directory" if str(path) else "empty path")
+            for d in _missing_dirs(p.parent):
+                d.mkdir()
+                created.append(d)
+            fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=str(p.parent))
+            temps.append((Path(tmp), p))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            # mkstemp creates 0600: give the file the permissions a plain open() would
+            os.chmod(tmp, 0o666 & ~umask)
+        for tmp, p in temps:
+            current = p
+            if p.exists():
+                bfd, bak = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".bak", dir=str(p.parent))
+                os.close(bfd)
+                try:
+                    os.replace(p, bak)
+                except BaseException:
+                    _quiet_unlink(Path(bak))
+                    raise
+                backups.append((Path(bak), p))
+            os.replace(tmp, p)
+            placed.append(p)
     except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(e, OSError):
-            raise CompilerError(f"cannot write {str(p)!r}: {e.strerror or e}") from None
+        restored = {p for _, p in backups}
+        for p in placed:
+            if p not in restored:
+                _quiet_unlink(p)
+        for bak, p in backups:
+            try:
+                os.replace(bak, p)
+            except OSError:
+                pass
+        for tmp, _ in temps:
+            _quiet_unlink(tmp)
+        for d in reversed(created):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        if isinstance(e, OSError) and current is not None:
+            raise _write_error(current, e) from None
         raise
+    for bak, _ in backups:
+        _quiet_unlink(bak)
+
+
+def _quiet_unlink(p: Path) -> None:
+    try:
+        os.unlink(p)
+    except OSError:
+        pass
 
 
 def save_onnx(graph: Graph, path: str | os.PathLike, **kw) -> onnx.ModelProto:

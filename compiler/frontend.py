@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import numpy_helper, version_converter
+from onnx import TensorProto, numpy_helper, version_converter
 
 from ..core.errors import ModelError, UnsupportedOpError
 from ..core.ir import Graph, Node, Value
@@ -53,11 +53,329 @@ def read_model(path: str | os.PathLike) -> onnx.ModelProto:
 
 
 def check_model(model: onnx.ModelProto, origin: str = "model") -> None:
+    validate_model(model, origin)
     try:
         onnx.checker.check_model(model)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"{origin} fails the ONNX checker: {msg[:300]}") from None
+
+
+#: float constants larger than this overflow float32 once multiplied (a flipped exponent bit)
+MAX_CONST_MAGNITUDE = 1e30
+#: the largest sane dimension (elements along one axis)
+MAX_DIM = 2 ** 31 - 1
+_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+#: attributes that must be positive integers, of any op that has them
+_POSITIVE_INTS = ("strides", "dilations", "kernel_shape")
+#: attributes that hold integers in every op of the default domain that has them
+_INT_ATTRS = ("strides", "dilations", "kernel_shape", "pads", "group", "output_padding", "output_shape",
+              "transA", "transB", "axis", "axes", "keepdims", "ceil_mode")
+#: where an infinite value is meaningful (clip bounds)
+_INF_OK_ATTRS = {("Clip", "min"), ("Clip", "max")}
+
+
+def _bad(origin: str, what: str, hint: str | None = None):
+    raise ModelError(f"{origin}: {what}", hint=hint)
+
+
+def _node_label(n) -> str:
+    return f"node {n.name or (n.output[0] if n.output else '?')!r} ({n.op_type})"
+
+
+def _check_utf8(model: onnx.ModelProto, origin: str) -> None:
+    """protobuf hands out a string field holding invalid UTF-8 as bytes: name the field."""
+    g = model.graph
+
+    def chk(s, what):
+        if not isinstance(s, str):
+            _bad(origin, f"{what} {bytes(s)[:60]!r} is not valid UTF-8", "re-export the model with text names")
+    chk(g.name, "graph name")
+    for i, n in enumerate(g.node):
+        label = f"node #{i}"
+        chk(n.name, f"{label} name")
+        label = f"node #{i} {n.name!r}" if isinstance(n.name, str) else label
+        chk(n.op_type, f"{label} op_type")
+        chk(n.domain, f"{label} domain")
+        for j, t in enumerate(n.input):
+            chk(t, f"{label} input {j} name")
+        for j, t in enumerate(n.output):
+            chk(t, f"{label} output {j} name")
+        for a in n.attribute:
+            chk(a.name, f"{label} attribute name")
+    for kind, vals in (("graph input", g.input), ("graph output", g.output), ("value_info", g.value_info)):
+        for v in vals:
+            chk(v.name, f"{kind} name")
+            for d in v.type.tensor_type.shape.dim:
+                if d.HasField("dim_param"):
+                    chk(d.dim_param, f"{kind} {v.name!r} dimension name")
+    for t in g.initializer:
+        chk(t.name, "initializer name")
+    for p in model.metadata_props:
+        chk(p.key, "metadata key")
+        chk(p.value, f"metadata value of {p.key!r}")
+
+
+def _check_tensor(t: onnx.TensorProto, what: str, origin: str, allow_inf: bool = False) -> np.ndarray | None:
+    """Dims, data length and finiteness of a constant tensor; returns its array (None: external data)."""
+    dims = [int(d) for d in t.dims]
+    if any(d < 0 for d in dims):
+        _bad(origin, f"{what} has a negative dimension {dims}")
+    if any(d > MAX_DIM for d in dims) or int(np.prod(dims, dtype=np.float64)) > 2 ** 34:
+        _bad(origin, f"{what} has dimensions {dims}, too large for a constant")
+    if t.data_location == TensorProto.EXTERNAL:
+        return None
+    n = int(np.prod(dims, dtype=np.int64))
+    try:
+        np_dt = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+    except Exception:
+        np_dt = None
+    if t.HasField("raw_data") and np_dt is not None and np_dt.kind in "biuf" and t.data_type not in (
+            TensorProto.INT4, TensorProto.UINT4):
+        if len(t.raw_data) != n * np_dt.itemsize:
+            _bad(origin, f"{what} has dims {dims} ({n} elements of {np_dt}, {n * np_dt.itemsize} bytes) but "
+                         f"{len(t.raw_data)} bytes of raw data", "the file is damaged; re-export the model")
+    try:
+        arr = numpy_helper.to_array(t)
+    except Exception as e:
+        _bad(origin, f"{what} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})",
+             "the file is damaged; re-export the model")
+    if arr.size != n:
+        _bad(origin, f"{what} has dims {dims} ({n} elements) but holds {arr.size} values",
+             "the file is damaged; re-export the model")
+    if t.data_type in _FLOAT_TYPES and arr.size:
+        a = arr.astype(np.float64, copy=False)
+        bad = np.isnan(a) if allow_inf else ~np.isfinite(a)
+        if bad.any():
+            kinds = "NaN" if np.isnan(a).any() else "infinite"
+            _bad(origin, f"{what} holds {int(bad.sum())} {kinds} value(s) (NaN or infinite weights give a "
+                         f"meaningless model)", "fix or retrain the model")
+        if not allow_inf:
+            big = float(np.abs(a).max())
+            if big > MAX_CONST_MAGNITUDE:
+                _bad(origin, f"{what} holds a value of magnitude {big:.3g}; constants above "
+                             f"{MAX_CONST_MAGNITUDE:.0e} overflow float32 arithmetic (a damaged file?)",
+                     "fix or retrain the model")
+    return arr
+
+
+def _int_list(v) -> list[int]:
+    return [int(x) for x in (v if isinstance(v, (list, tuple)) else [v])]
+
+
+def _check_attributes(n, origin: str, label: str) -> dict:
+    """Finite float attributes, positive strides/dilations/kernel_shape; returns name -> value."""
+    attrs = {}
+    for a in n.attribute:
+        where = f"{label} attribute {a.name!r}"
+        if a.type == onnx.AttributeProto.FLOAT or a.type == onnx.AttributeProto.FLOATS:
+            vals = [a.f] if a.type == onnx.AttributeProto.FLOAT else list(a.floats)
+            for v in vals:
+                if np.isnan(v) or (np.isinf(v) and (n.op_type, a.name) not in _INF_OK_ATTRS):
+                    _bad(origin, f"{where} is {v}, expected a finite number")
+        if a.type in (onnx.AttributeProto.TENSOR, onnx.AttributeProto.SPARSE_TENSOR):
+            if a.type == onnx.AttributeProto.TENSOR:
+                _check_tensor(a.t, where, origin)
+            continue
+        if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+            continue
+        try:
+            attrs[a.name] = onnx.helper.get_attribute_value(a)
+        except Exception:
+            _bad(origin, f"{where} cannot be read")
+        v = attrs[a.name]
+        if a.name in _INT_ATTRS and not (
+                (isinstance(v, int) and not isinstance(v, bool))
+                or (isinstance(v, (list, tuple)) and all(isinstance(x, int) for x in v))):
+            _bad(origin, f"{where} is {v!r} ({onnx.AttributeProto.AttributeType.Name(a.type) if a.type in onnx.AttributeProto.AttributeType.values() else a.type}), expected integers")
+        if a.name in _POSITIVE_INTS and a.type in (onnx.AttributeProto.INT, onnx.AttributeProto.INTS):
+            vals = _int_list(attrs[a.name])
+            if any(v < 1 or v > MAX_DIM for v in vals):
+                _bad(origin, f"{where} is {vals}, every entry must be a positive integer")
+    return attrs
+
+
+def _check_conv(n, attrs, shapes, consts, origin, label) -> None:
+    if len(n.input) < 2 or not n.input[0] or not n.input[1]:
+        _bad(origin, f"{label} has inputs {list(n.input)}, expected (X, W[, B])")
+    w = consts.get(n.input[1]) if len(n.input) > 1 else None
+    wshape = None if w is None else list(w.shape)
+    xshape = shapes.get(n.input[0])
+    nd = len(wshape) - 2 if wshape is not None else (len(xshape) - 2 if xshape else None)
+    if wshape is not None:
+        if len(wshape) < 3:
+            _bad(origin, f"{label}: weight {n.input[1]!r} has shape {wshape}, expected rank 3 or more "
+                         f"(M, C/group, k1, ...)")
+        if 0 in wshape:
+            _bad(origin, f"{label}: weight {n.input[1]!r} has shape {wshape} with a zero dimension")
+    group = attrs.get("group", 1)
+    if not isinstance(group, int) or group < 1:
+        _bad(origin, f"{label} attribute 'group' is {group}, expected a positive integer")
+    ks = attrs.get("kernel_shape")
+    if ks is not None and wshape is not None and list(ks) != wshape[2:]:
+        _bad(origin, f"{label} attribute 'kernel_shape' is {list(ks)} but its weight {n.input[1]!r} has "
+                     f"kernel {wshape[2:]} (shape {wshape})")
+    if nd is not None:
+        for key, want in (("strides", nd), ("dilations", nd), ("kernel_shape", nd), ("pads", 2 * nd),
+                          ("output_padding", nd)):
+            if key in attrs and len(_int_list(attrs[key])) != want:
+                _bad(origin, f"{label} attribute {key!r} has {len(_int_list(attrs[key]))} entries, expected "
+                             f"{want} for {nd} spatial dimension(s)")
+    auto = attrs.get("auto_pad", b"NOTSET")
+    auto = auto.decode("utf-8", "replace") if isinstance(auto, bytes) else str(auto)
+    if auto not in ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"):
+        _bad(origin, f"{label} attribute 'auto_pad' is {auto!r}, expected NOTSET, SAME_UPPER, SAME_LOWER or VALID")
+    if auto != "NOTSET" and "pads" in attrs:
+        _bad(origin, f"{label} sets both attribute 'auto_pad' ({auto}) and attribute 'pads'; give only one")
+    if "pads" in attrs and any(p < 0 or p > MAX_DIM for p in _int_list(attrs["pads"])):
+        _bad(origin, f"{label} attribute 'pads' is {_int_list(attrs['pads'])}, entries must be 0 or more")
+    if wshape is None:
+        ws = shapes.get(n.input[1]) if len(n.input) > 1 else None
+        if ws is None or any(not isinstance(d, int) or d <= 0 for d in ws):
+            _bad(origin, f"{label}: weight {n.input[1]!r} is neither a constant nor of a static shape "
+                         f"({'unknown' if ws is None else ws}); mpqc compiles layers with fixed weight shapes")
+        return
+    transpose = n.op_type == "ConvTranspose"
+    m = wshape[1] * group if transpose else wshape[0]
+    if transpose:
+        cin = wshape[0]
+        if cin % group:
+            _bad(origin, f"{label} attribute 'group' ({group}) does not divide the weight's input channels {cin}")
+    else:
+        if m % group:
+            _bad(origin, f"{label} attribute 'group' ({group}) does not divide its {m} output channels "
+                         f"(weight {n.input[1]!r} shape {wshape})")
+        cin = wshape[1] * group
+    if xshape is not None and len(xshape) >= 2:
+        if len(xshape) != len(wshape):
+            _bad(origin, f"{label}: input {n.input[0]!r} has rank {len(xshape)} but weight {n.input[1]!r} "
+                         f"rank {len(wshape)}")
+        c = xshape[1]
+        if isinstance(c, int) and c > 0 and c != cin:
+            _bad(origin, f"{label}: input {n.input[0]!r} has {c} channels but weight {n.input[1]!r} {wshape} "
+                         f"with attribute 'group' {group} expects {cin}")
+    if len(n.input) > 2 and n.input[2]:
+        b = consts.get(n.input[2])
+        if b is not None and list(b.shape) != [m]:
+            _bad(origin, f"{label}: bias {n.input[2]!r} has shape {list(b.shape)}, expected [{m}] "
+                         f"(one per output channel)")
+
+
+def _check_gemm(n, attrs, consts, origin, label) -> None:
+    for k in ("transA", "transB"):
+        if attrs.get(k, 0) not in (0, 1):
+            _bad(origin, f"{label} attribute {k!r} is {attrs[k]}, expected 0 or 1")
+    b = consts.get(n.input[1]) if len(n.input) > 1 else None
+    if b is None:
+        return
+    if b.ndim != 2 or 0 in b.shape:
+        _bad(origin, f"{label}: weight {n.input[1]!r} has shape {list(b.shape)}, expected a non-empty 2-D matrix")
+    nout = b.shape[0] if attrs.get("transB", 0) else b.shape[1]
+    if len(n.input) > 2 and n.input[2] and n.input[2] in consts:
+        c = consts[n.input[2]]
+        if c.ndim > 2 or (c.size and c.shape[-1] not in (1, nout)):
+            _bad(origin, f"{label}: bias {n.input[2]!r} has shape {list(c.shape)}, expected [{nout}] "
+                         f"(one per output)")
+
+
+def _strict_inference(model: onnx.ModelProto, origin: str) -> onnx.ModelProto:
+    """Full ONNX type and shape inference; an inconsistency (a weight of another type than the input,
+    a matrix product of mismatched sizes...) is a ModelError, since the exported model would fail
+    the same check. Models with ops of other domains are left to check_supported."""
+    if any(n.domain not in ("", "ai.onnx") for n in model.graph.node) or \
+            any(imp.domain not in ("", "ai.onnx") for imp in model.opset_import):
+        return model
+    try:
+        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as e:
+        msg = " ".join(str(e).split())
+        msg = msg.replace("[ShapeInferenceError] Inference error(s): ", "").replace("[ShapeInferenceError] ", "")
+        raise ModelError(f"{origin}: the model is inconsistent: {msg[:300]}",
+                         hint="fix the model; its types or shapes do not fit together") from None
+    except Exception:  # inference itself failed (an op it does not know...): not the model's fault
+        return model
+
+
+def _static_shapes(inferred: onnx.ModelProto) -> dict[str, list]:
+    shapes = {}
+    g = inferred.graph
+    for v in list(g.input) + list(g.value_info) + list(g.output):
+        tt = v.type.tensor_type
+        if tt.HasField("shape"):
+            shapes[v.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+    return shapes
+
+
+def validate_model(model: onnx.ModelProto, origin: str = "model") -> None:
+    """Structural checks the ONNX checker leaves out, run at import by every command: names are
+    UTF-8, the opset is one onnx knows, the graph has inputs and outputs with sane dimensions,
+    constants hold as many values as their dims say and are finite, float attributes are finite,
+    and Conv/Gemm attributes agree with their weights. One ModelError names node and attribute."""
+    _check_utf8(model, origin)
+    g = model.graph
+    max_opset = onnx.defs.onnx_opset_version()
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx") and not 1 <= imp.version <= max_opset:
+            _bad(origin, f"opset {imp.version} is not supported (mpqc reads ONNX opsets 7 to {max_opset})",
+                 "re-export the model at a released opset, e.g. 17")
+    if not any(imp.domain in ("", "ai.onnx") for imp in model.opset_import) and model.opset_import:
+        pass  # a model of custom ops only: check_supported names them
+    if not g.output:
+        _bad(origin, "the graph has no graph output", "a model must declare at least one output")
+    inits = {t.name for t in g.initializer}
+    if not [v for v in g.input if v.name not in inits]:
+        _bad(origin, "the graph has no graph input (every input is a constant)")
+    for kind, vals in (("graph input", g.input), ("graph output", g.output)):
+        for v in vals:
+            if v.name in inits:
+                continue
+            tt = v.type.tensor_type
+            if not tt.HasField("shape"):
+                continue
+            for i, d in enumerate(tt.shape.dim):
+                if d.HasField("dim_value") and not 1 <= d.dim_value <= MAX_DIM:
+                    _bad(origin, f"{kind} {v.name!r} has dim {i} = {d.dim_value}; dimensions must be between 1 "
+                                 f"and {MAX_DIM}")
+    clip_bounds = {t for n in g.node if n.op_type == "Clip" for t in list(n.input)[1:3]}
+    consts: dict[str, np.ndarray] = {}
+    for t in g.initializer:
+        a = _check_tensor(t, f"initializer {t.name!r}", origin, allow_inf=t.name in clip_bounds)
+        if a is not None:
+            consts[t.name] = a
+    for n in g.node:
+        if n.op_type == "Constant" and n.output:
+            for a in n.attribute:
+                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                    consts[n.output[0]] = _check_tensor(a.t, f"{_node_label(n)} attribute 'value'", origin,
+                                                        allow_inf=n.output[0] in clip_bounds)
+    shapes = None
+    for n in g.node:
+        label = _node_label(n)
+        if n.domain not in ("", "ai.onnx"):
+            continue
+        attrs = _check_attributes(n, origin, label)
+        if n.op_type in ("Conv", "ConvTranspose", "ConvInteger", "QLinearConv"):
+            if n.op_type in ("Conv", "ConvTranspose"):
+                if shapes is None:
+                    try:
+                        shapes = _static_shapes(onnx.shape_inference.infer_shapes(model))
+                    except Exception:
+                        shapes = _static_shapes(model)
+                _check_conv(n, attrs, shapes, consts, origin, label)
+        elif n.op_type == "Gemm":
+            _check_gemm(n, attrs, consts, origin, label)
+        elif n.op_type in ("MaxPool", "AveragePool", "LpPool"):
+            auto = attrs.get("auto_pad", b"NOTSET")
+            auto = auto.decode("utf-8", "replace") if isinstance(auto, bytes) else str(auto)
+            if auto != "NOTSET" and "pads" in attrs:
+                _bad(origin, f"{label} sets both attribute 'auto_pad' ({auto}) and attribute 'pads'; give only one")
+            if "pads" in attrs and any(p < 0 for p in _int_list(attrs["pads"])):
+                _bad(origin, f"{label} attribute 'pads' is {_int_list(attrs['pads'])}, entries must be 0 or more")
+        if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            for t in list(n.input)[1:2]:
+                if t in consts and 0 in consts[t].shape:
+                    _bad(origin, f"{label}: weight {t!r} has shape {list(consts[t].shape)} with a zero dimension")
+    _strict_inference(model, origin)
 
 
 def default_opset(model: onnx.ModelProto) -> int:

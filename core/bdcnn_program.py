@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import DataError, ModelError
-from .program import MANIFEST_KEY, Step, _encode, _npz_bytes, decode_steps, manifest_json, open_bundle
+from .program import (MANIFEST_KEY, Step, _encode, _npz_bytes, decode_steps, manifest_json, open_bundle,
+                      read_bundle_constants, validate_manifest)
 
 BDCNN_FORMAT = "mpqc-bdcnn-bundle"
 BDCNN_VERSION = 1
@@ -92,17 +93,21 @@ def load_bdcnn_bundle(path) -> BdcnnProgram:
     """The program stored in a binary-decomposed bundle .npz."""
     npz, m = open_bundle(path)
     try:
-        if m.get("format") != BDCNN_FORMAT or int(m.get("version", 0)) > BDCNN_VERSION:
+        if m.get("format") != BDCNN_FORMAT or not isinstance(m.get("version", 0), int) \
+                or int(m.get("version", 0)) > BDCNN_VERSION:
             raise ModelError(f"{str(path)!r} is a bundle of format {m.get('format')!r} version {m.get('version')}; "
                              f"the popcount runtime reads {BDCNN_FORMAT} up to version {BDCNN_VERSION}",
                              hint="write one with 'mpqc MODEL.onnx -O2 --target bdcnn --emit-bundle OUT.npz'")
-        consts = {}
-        for name, c in m["constants"].items():
-            if c["key"] not in npz.files:
-                raise DataError(f"bundle {str(path)!r} lacks the array of constant {name!r}")
-            consts[name] = np.array(npz[c["key"]])
-        steps = decode_steps(m, npz)
+        validate_manifest(m, path)
+        consts = read_bundle_constants(m, npz, path)
+        steps = decode_steps(m, npz, path)
+        for i, s in enumerate(steps):
+            if s.kind == "binary" and (len(s.inputs) < 4 or any(x not in consts for x in s.inputs[1:4])):
+                raise ModelError(f"bundle {str(path)!r} has a binary step {i} ({s.node!r}) whose bases or "
+                                 f"coefficients are not constants",
+                                 hint="the bundle is damaged or was not written by mpqc; write it again")
     finally:
         npz.close()
-    return BdcnnProgram(m["model"], m["inputs"], m["outputs"], consts, steps, m.get("layers", []),
-                        m.get("metadata", {}))
+    return BdcnnProgram(m["model"], m["inputs"], m["outputs"], consts, steps,
+                        m.get("layers", []) if isinstance(m.get("layers", []), list) else [],
+                        m.get("metadata", {}) if isinstance(m.get("metadata", {}), dict) else {})

@@ -118,11 +118,11 @@ def _encode(v, arrays: dict, key: str):
     raise ModelError(f"attribute value of type {type(v).__name__} cannot be stored in a bundle")
 
 
-def _decode(v, npz):
+def _decode(v, npz, path=None):
     if isinstance(v, dict) and "__array__" in v:
-        return np.array(npz[v["__array__"]])
+        return read_bundle_array(npz, str(v["__array__"]), path, f"attribute array {v['__array__']!r}")
     if isinstance(v, list):
-        return [_decode(x, npz) for x in v]
+        return [_decode(x, npz, path) for x in v]
     return v
 
 
@@ -195,35 +195,168 @@ def bundle_input_value(path) -> Value:
     return _input_value(m["inputs"][0])
 
 
+def _bundle_error(path, what: str) -> ModelError:
+    return ModelError(f"bundle {str(path)!r} {what}",
+                      hint="the bundle is damaged or was not written by mpqc; write it again with --emit-bundle")
+
+
+def read_bundle_array(npz, key: str, path, what: str | None = None) -> np.ndarray:
+    """One numeric array of an open bundle npz; a damaged member is a one-line ModelError."""
+    what = what or f"array {key!r}"
+    if key not in npz.files:
+        raise _bundle_error(path, f"lacks the {what}")
+    try:
+        a = npz[key]
+    except Exception as e:  # BadZipFile (CRC), zlib.error, ValueError (object arrays, bad header), EOFError
+        msg = str(e).splitlines()[0][:100] if str(e) else ""
+        if "allow_pickle" in msg or "pickle" in msg:
+            raise _bundle_error(path, f"{what} holds Python objects; bundles hold numeric arrays only "
+                                      f"(mpqc never unpickles)") from None
+        raise _bundle_error(path, f"{what} is corrupt ({type(e).__name__}: {msg})") from None
+    if not isinstance(a, np.ndarray) or a.dtype.kind not in "biuf":
+        raise _bundle_error(path, f"{what} has dtype {getattr(a, 'dtype', type(a).__name__)}, expected a "
+                                  f"numeric array")
+    return np.array(a)
+
+
+def _is_shape(v) -> bool:
+    return isinstance(v, list) and all((isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2 ** 31)
+                                       or d is None or isinstance(d, str) for d in v)
+
+
+def _is_dtype(v) -> bool:
+    try:
+        return isinstance(v, str) and np.dtype(v).kind in "biuf"
+    except TypeError:
+        return False
+
+
+def validate_manifest(m, path, *, required=("model", "inputs", "outputs", "constants", "steps")) -> dict:
+    """Check the schema of a bundle manifest: inputs, outputs, constants and steps, and that every
+    tensor a step reads exists; returns ``m``. Every problem is a one-line ModelError."""
+    if not isinstance(m, dict):
+        raise _bundle_error(path, f"has a manifest that is a JSON {type(m).__name__}, expected an object")
+    for key in required:
+        if key not in m:
+            raise _bundle_error(path, f"has a manifest without {key!r}")
+    if "model" in m and not isinstance(m["model"], str):
+        raise _bundle_error(path, "has a manifest whose 'model' is not a string")
+    ins = m.get("inputs", [{"name": "", "shape": [], "dtype": "float32"}])
+    if not isinstance(ins, list) or not ins:
+        raise _bundle_error(path, "has a manifest whose 'inputs' is not a non-empty list")
+    for i, spec in enumerate(ins):
+        if not (isinstance(spec, dict) and isinstance(spec.get("name"), str) and _is_shape(spec.get("shape"))
+                and _is_dtype(spec.get("dtype"))):
+            raise _bundle_error(path, f"has a manifest whose input {i} is not {{name, shape, dtype}}")
+    consts = m.get("constants", {})
+    if not isinstance(consts, dict):
+        raise _bundle_error(path, "has a manifest whose 'constants' is not an object")
+    for name, c in consts.items():
+        if not (isinstance(c, dict) and isinstance(c.get("key"), str) and _is_dtype(c.get("dtype"))
+                and _is_shape(c.get("shape")) and all(isinstance(d, int) for d in c["shape"])):
+            raise _bundle_error(path, f"has a manifest whose constant {name!r} is not {{key, dtype, shape}}")
+        if c.get("packed") not in (None, "int4x2"):
+            raise _bundle_error(path, f"has a manifest whose constant {name!r} has unknown packing {c['packed']!r}")
+    if "steps" not in m or "constants" not in m:
+        return m
+    steps = m["steps"]
+    if not isinstance(steps, list):
+        raise _bundle_error(path, "has a manifest whose 'steps' is not a list")
+    known = {spec["name"] for spec in ins} | set(consts)
+    for i, st in enumerate(steps):
+        ok = (isinstance(st, dict) and isinstance(st.get("kind"), str) and isinstance(st.get("op"), str)
+              and isinstance(st.get("inputs"), list) and isinstance(st.get("outputs"), list)
+              and all(isinstance(x, str) for x in st["inputs"] + st["outputs"])
+              and isinstance(st.get("attrs", {}), dict) and isinstance(st.get("params", {}), dict))
+        if not ok:
+            raise _bundle_error(path, f"has a manifest whose step {i} is not {{kind, op, inputs, outputs, "
+                                      f"attrs, params}}")
+        for x in st["inputs"]:
+            if x and x not in known:
+                raise _bundle_error(path, f"has a manifest whose step {i} ({st['kind']} {st.get('node', '')!r}) "
+                                          f"reads tensor {x!r}, which no input, constant or earlier step gives")
+        known.update(st["outputs"])
+    if "outputs" not in m:
+        return m
+    outs = m["outputs"]
+    if not isinstance(outs, list) or not outs:
+        raise _bundle_error(path, "has a manifest whose 'outputs' is not a non-empty list")
+    for i, o in enumerate(outs):
+        if not (isinstance(o, dict) and isinstance(o.get("name"), str) and isinstance(o.get("tensor"), str)):
+            raise _bundle_error(path, f"has a manifest whose output {i} is not {{name, tensor}}")
+        if o["tensor"] not in known:
+            raise _bundle_error(path, f"has a manifest whose output {o['name']!r} names tensor {o['tensor']!r}, "
+                                      f"which no step gives")
+    return m
+
+
+def read_bundle_constants(m: dict, npz, path) -> dict[str, np.ndarray]:
+    """The constants of a validated manifest, each checked against its recorded dtype and shape."""
+    consts = {}
+    for name, c in m["constants"].items():
+        a = read_bundle_array(npz, c["key"], path, f"array of constant {name!r}")
+        shape = tuple(c["shape"])
+        n = int(np.prod(shape, dtype=np.int64))
+        if c.get("packed") == "int4x2":
+            if a.dtype != np.uint8 or a.ndim != 1 or a.size != (n + 1) // 2:
+                raise _bundle_error(path, f"constant {name!r}: packed array has shape {list(a.shape)} "
+                                          f"({a.dtype}), expected {(n + 1) // 2} uint8 bytes for shape {list(shape)}")
+            a = _unpack_int4(a, shape)
+        elif a.shape != shape or str(a.dtype) != str(np.dtype(c["dtype"])):
+            raise _bundle_error(path, f"constant {name!r} has shape {list(a.shape)} ({a.dtype}) but the manifest "
+                                      f"says shape {list(shape)} ({c['dtype']})")
+        consts[name] = a
+    return consts
+
+
 def open_bundle(path) -> tuple[Any, dict]:
     """(the open npz, its manifest) of an mpqc bundle of any format; the caller closes the npz."""
     p = Path(path)
     if not p.exists():
         raise ModelError(f"bundle {str(p)!r} does not exist")
-    try:
-        npz = np.load(p, allow_pickle=False)
+    if p.is_dir():
+        raise ModelError(f"bundle path {str(p)!r} is a directory, expected an .npz bundle")
+    if not zipfile.is_zipfile(p):
+        raise ModelError(f"{str(p)!r} is not a readable .npz bundle: it is not a zip archive (empty, truncated "
+                         f"or another format)", hint="write one with 'mpqc MODEL.onnx -O1 --emit-bundle OUT.npz'")
+    try:  # from memory: a failing np.load on a path leaks its open file
+        npz = np.load(io.BytesIO(p.read_bytes()), allow_pickle=False)
     except Exception as e:
         raise ModelError(f"{str(p)!r} is not a readable .npz bundle ({type(e).__name__}: {str(e)[:100]})") from None
     if not isinstance(npz, np.lib.npyio.NpzFile) or MANIFEST_KEY not in npz.files:
+        if isinstance(npz, np.lib.npyio.NpzFile):
+            npz.close()
         raise ModelError(f"{str(p)!r} is not an mpqc bundle (no {MANIFEST_KEY} entry)",
                          hint="write one with 'mpqc MODEL.onnx -O1 --emit-bundle OUT.npz'")
     try:
-        m = json.loads(bytes(npz[MANIFEST_KEY]).decode("utf-8"))
+        raw = read_bundle_array(npz, MANIFEST_KEY, p, "manifest")
+        m = json.loads(raw.tobytes().decode("utf-8"))
+    except ModelError:
+        npz.close()
+        raise
     except Exception as e:
+        npz.close()
         raise ModelError(f"{str(p)!r}: its manifest is not valid JSON ({str(e)[:80]})") from None
+    try:
+        validate_manifest(m, p, required=("inputs",))
+    except ModelError:
+        npz.close()
+        raise
     return npz, m
 
 
-def decode_steps(m: dict, npz) -> list[Step]:
+def decode_steps(m: dict, npz, path=None) -> list[Step]:
     """The steps of a bundle's manifest, their array attributes read from ``npz``."""
     return [Step(s["kind"], s["op"], list(s["inputs"]), list(s["outputs"]),
-                 {k: _decode(v, npz) for k, v in s["attrs"].items()}, dict(s["params"]), s.get("node", ""))
+                 {k: _decode(v, npz, path) for k, v in s.get("attrs", {}).items()}, dict(s.get("params", {})),
+                 str(s.get("node", "")))
             for s in m["steps"]]
 
 
 def _open(path):
     npz, m = open_bundle(path)
-    if m.get("format") != BUNDLE_FORMAT or int(m.get("version", 0)) > BUNDLE_VERSION:
+    if m.get("format") != BUNDLE_FORMAT or not isinstance(m.get("version", 0), int) \
+            or int(m.get("version", 0)) > BUNDLE_VERSION:
         npz.close()
         raise ModelError(f"{str(path)!r} is a bundle of format {m.get('format')!r} version {m.get('version')}; "
                          f"this mpqc reads {BUNDLE_FORMAT} up to version {BUNDLE_VERSION}")
@@ -240,15 +373,12 @@ def load_bundle(path) -> "Program":
     """The Program stored in a bundle .npz."""
     npz, m = _open(path)
     try:
-        consts = {}
-        for name, c in m["constants"].items():
-            if c["key"] not in npz.files:
-                raise DataError(f"bundle {str(path)!r} lacks the array of constant {name!r}")
-            a = np.array(npz[c["key"]])
-            if c.get("packed") == "int4x2":
-                a = _unpack_int4(a, tuple(c["shape"]))
-            consts[name] = a
-        steps = decode_steps(m, npz)
+        validate_manifest(m, path, required=("model", "inputs", "outputs", "constants", "steps", "rounding"))
+        if not isinstance(m["rounding"], str) or not isinstance(m.get("tensors", {}), dict) \
+                or not isinstance(m.get("metadata", {}), dict):
+            raise _bundle_error(path, "has a manifest whose 'rounding', 'tensors' or 'metadata' is malformed")
+        consts = read_bundle_constants(m, npz, path)
+        steps = decode_steps(m, npz, path)
     finally:
         npz.close()
     return Program(m["model"], m["inputs"], m["outputs"], consts, steps, m["rounding"], m.get("tensors", {}),

@@ -4,6 +4,7 @@
     mpqc info MODEL.onnx [--json]
     mpqc eval MODEL.onnx --data F.npz:SPLIT [--metric M] [--runtime float|emulator|popcount|ort] [--json]
     mpqc targets | mpqc passes
+    mpqc opt FILE.mir|MODEL.onnx --passes "a,b{opt=1}" [--split-input-file] [--target T]
 
 User errors print one line ``mpqc: error: ...`` and exit with code 2, with no
 traceback and no output file left behind.
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from mpqc.core.errors import CompilerError, OptionError
 
-SUBCOMMANDS = ("info", "eval", "targets", "passes", "compile")
+SUBCOMMANDS = ("info", "eval", "targets", "passes", "compile", "opt")
 
 EPILOG = """\
 examples:
@@ -35,7 +36,7 @@ examples:
   mpqc info model.onnx
   mpqc eval model_q.onnx --data data.npz:test --metric top1
 
-other commands: info, eval, targets, passes (each has --help).
+other commands: info, eval, targets, passes, opt (each has --help).
 data files are .npz archives with x_SPLIT (and y_SPLIT for labels); FILE.npz:SPLIT picks a split.
 exit codes: 0 success, 2 user error (bad model, data or option), 1 internal error.
 """
@@ -156,8 +157,11 @@ def cmd_compile(argv: list[str]) -> int:
     if args.passes and args.level is not None:
         raise OptionError("give either -O LEVEL or --passes, not both")
     level = 1 if args.level is None else args.level
+    _check_number_options(args)
     check_outputs_differ(("--output", args.output), ("--report", args.report), ("--html", args.html),
-                         ("--emit-bundle", args.emit_bundle), ("model", args.model))
+                         ("--emit-bundle", args.emit_bundle),
+                         inputs=[("model", args.model), ("--calib", args.calib), ("--eval", args.eval),
+                                 ("--train", args.train)])
     options = CompileOptions(max_drop=args.max_drop, target_score=args.target_score, strategy=args.strategy,
                              cycles=args.cycles, finetune=args.finetune, finetune_epochs=args.finetune_epochs,
                              flops=args.flops, prune=args.prune, ratios=args.ratios, bases=args.bases,
@@ -170,6 +174,29 @@ def cmd_compile(argv: list[str]) -> int:
     if not args.quiet:
         print(summary_text(res.report), file=sys.stderr)
     return 0
+
+
+def _check_number_options(args) -> None:
+    """Float options are finite and in range; counts are not negative (before any work)."""
+    import math  # start-up
+    ranges = {"max_drop": (None, None), "target_score": (None, None), "flops": (None, None),
+              "finetune_epochs": (0.0, 1e6)}  # the ranges of the others are CompileOptions' checks
+    for key, (lo, hi) in ranges.items():
+        v = getattr(args, key, None)
+        if v is None:
+            continue
+        opt = "--" + key.replace("_", "-")
+        if not math.isfinite(v):
+            raise OptionError(f"{opt} must be a finite number, got {v}")
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise OptionError(f"{opt} must be between {lo if lo is not None else '-inf'} and "
+                              f"{hi if hi is not None else 'inf'}, got {v}")
+    if args.seed is not None and not 0 <= args.seed < 2 ** 32:
+        raise OptionError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
+    for key in ("restarts", "iterations", "cycles", "planes"):
+        v = getattr(args, key, None)
+        if v is not None and v < 0:
+            raise OptionError(f"--{key} must not be negative, got {v}")
 
 
 def summary_text(report: dict) -> str:
@@ -302,10 +329,105 @@ def cmd_passes(argv: list[str]) -> int:
     return 0
 
 
+def opt_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="mpqc opt", description="Run passes on a graph in textual IR (.mir) or ONNX and print the "
+                "resulting textual IR (docs/TEXTUAL_IR.md, docs/TESTING_PASSES.md).")
+    p.add_argument("input", help="textual IR (.mir), ONNX (.onnx), or - for textual IR on standard input")
+    p.add_argument("--passes", default="", help="pass list, e.g. 'fold-constants,choose-formats{start=ladder}' "
+                                               "(default: none: parse and print)")
+    p.add_argument("--split-input-file", action="store_true",
+                   help="the input holds several graphs separated by '// -----' lines: run the passes on each "
+                        "(an error in one is reported and the others still run)")
+    p.add_argument("--target", help="target profile for passes that need one (see 'mpqc targets')")
+    p.add_argument("--calib", metavar="FILE.npz[:SPLIT]", help="calibration data (default split: calib)")
+    p.add_argument("--eval", metavar="FILE.npz[:SPLIT]", help="evaluation data (default split: eval)")
+    p.add_argument("--random-data", type=int, metavar="N",
+                   help="N seeded standard-normal samples shaped like the graph's input as calibration and "
+                        "evaluation data (for tests of passes that need data)")
+    p.add_argument("--elide-above", type=int, default=16, metavar="N",
+                   help="print constants of more than N elements as dense<seed=...> (-1: print all; default 16)")
+    p.add_argument("-o", "--output", help="write the textual IR here instead of standard output")
+    p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log what passes do (-vv: debug)")
+    return p
+
+
+def cmd_opt(argv: list[str]) -> int:
+    args = opt_parser().parse_args(argv)
+    _setup(True, args.verbose)
+    from mpqc.core.errors import ModelError  # start-up
+    from mpqc.core.textir import SPLIT_MARKER, parse_graph, print_graph, split_input  # start-up
+    from mpqc.testing import register_compiler_records  # start-up: loads the compiler
+    register_compiler_records()
+    elide = None if args.elide_above is not None and args.elide_above < 0 else args.elide_above
+    if args.random_data is not None and (args.calib or args.eval or args.random_data < 1):
+        raise OptionError("--random-data N takes N >= 1 and replaces --calib/--eval")
+    if args.input.endswith(".onnx"):
+        if args.split_input_file:
+            raise OptionError("--split-input-file needs textual IR, not an .onnx model")
+        from mpqc.compiler.frontend import load_graph  # start-up
+        graphs = [lambda: load_graph(args.input)]
+    else:
+        if args.input == "-":
+            text, name, base = sys.stdin.read(), "<stdin>", None
+        else:
+            try:
+                text = Path(args.input).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise ModelError(f"cannot read {args.input}: {e}") from None
+            name, base = args.input, Path(args.input).resolve().parent
+        chunks = split_input(text) if args.split_input_file else [(0, text)]
+        graphs = [lambda t=t, o=o: parse_graph(t, filename=name, line_offset=o, base_dir=base) for o, t in chunks]
+    outs, failed = [], 0
+    for make in graphs:
+        try:
+            g = make()
+            g.verify()
+            if args.passes.strip():
+                _opt_run(g, args)
+            outs.append(print_graph(g, elide_above=elide))
+        except CompilerError as e:
+            if not args.split_input_file:
+                raise
+            failed += 1
+            print(f"mpqc: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
+    text = f"{SPLIT_MARKER}\n".join(outs)
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 2 if failed else 0
+
+
+def _opt_run(g, args) -> None:
+    import numpy as np  # start-up
+
+    from mpqc.compiler.data import Dataset, load_dataset  # start-up
+    from mpqc.compiler.passes import PassContext, PassManager  # start-up
+    from mpqc.compiler.pipelines import parse_pipeline  # start-up
+    from mpqc.compiler.targets import get_target  # start-up
+    passes = parse_pipeline(args.passes)
+    calib = ev = None
+    x0 = g.inputs[0] if g.inputs else None
+    if args.random_data:
+        if x0 is None or x0.shape is None:
+            raise OptionError("--random-data needs a graph whose first input has a shape")
+        shape = [args.random_data] + [d if isinstance(d, int) else 1 for d in x0.shape[1:]]
+        x = np.random.default_rng(args.seed).standard_normal(shape).astype(x0.dtype)
+        calib = ev = Dataset(x, None, f"<random {args.random_data}>")
+    if args.calib:
+        calib = load_dataset(args.calib, x0, default_split="calib", option="--calib")
+    if args.eval:
+        ev = load_dataset(args.eval, x0, default_split="eval", option="--eval")
+    ctx = PassContext(target=get_target(args.target) if args.target else None, calib=calib, eval=ev,
+                      seed=args.seed)
+    PassManager(passes, verify_each=True).run(g, ctx)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cmds = {"info": cmd_info, "eval": cmd_eval, "targets": cmd_targets, "passes": cmd_passes,
-            "compile": cmd_compile}
+            "compile": cmd_compile, "opt": cmd_opt}
     try:
         if argv and argv[0] in cmds and not Path(argv[0]).is_file():  # a folder named 'passes' is no model
             return cmds[argv[0]](argv[1:])

@@ -306,3 +306,22 @@ def test_output_into_a_closed_pipe_is_quiet():
     p.stdout.close()
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 0 and err == ""
+
+
+# ----------------------------------------------------------------------------- hostile input (issue 14)
+def test_hostile_data_and_model_in_a_real_process(resnet, digits, tmp_path):
+    """Through a real process (numpy warnings reach stderr here): float64 data that overflows float32
+    and a NaN weight each give one error line; tests/test_hostile.py has the full list in-process."""
+    x = np.load(digits)["x_test"].astype(np.float64)
+    x[0, 0, 0, 0] = 1e300
+    d = tmp_path / "d.npz"
+    np.savez(d, x_test=x)
+    assert_user_error(mpqc("eval", resnet, "--data", f"{d}:test"), "infinite after conversion", "float32")
+    m = onnx.load(str(resnet))
+    w = numpy_helper.to_array(m.graph.initializer[0]).copy()
+    w.flat[0] = np.nan
+    m.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, m.graph.initializer[0].name))
+    bad = tmp_path / "nan.onnx"
+    bad.write_bytes(m.SerializeToString())
+    out = tmp_path / "q.onnx"
+    assert_user_error(mpqc(bad, "-O1", "--calib", f"{digits}:calib", "-o", out), "NaN", out=out)
