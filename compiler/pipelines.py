@@ -16,12 +16,15 @@ exactly as it is exported (at ``-O3``: pruned and quantized). ``None`` (default)
 ``False``: no fine-tuning.
 
 Pass names resolve against the explicit registry of built-in passes
-(``passes/registry.py``, ``get_all_passes()``) plus the passes a user registers with
-``register_pass`` (for a pass of their own in ``--passes`` or ``parse_pipeline``).
+(``passes/registry.py``, ``get_all_passes()``), the passes installed packages declare in
+the entry-point group ``mpqc.passes`` (``plugin_passes()``; docs/TESTING_PASSES.md), and
+the passes a user registers with ``register_pass`` (for a pass of their own in
+``--passes`` or ``parse_pipeline``).
 """
 from __future__ import annotations
 
 import re
+from importlib import metadata
 
 from ..core.errors import OptionError
 from ..passes.registry import get_all_passes
@@ -99,8 +102,54 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
 
 
 def pass_registry() -> dict[str, type[Pass]]:
-    """Every pass by name: the built-in ones, then those given to ``register_pass``."""
-    return {**get_all_passes(), **_USER_PASSES}
+    """Every pass by name: the built-in ones, the plugins' (entry points ``mpqc.passes``), then
+    those given to ``register_pass``."""
+    return {**get_all_passes(), **plugin_passes(), **_USER_PASSES}
+
+
+#: the entry-point group third-party packages declare their passes in: ``name = "module:PassClass"``
+ENTRY_POINT_GROUP = "mpqc.passes"
+_PLUGINS: dict[str, type[Pass]] | None = None
+
+
+def plugin_passes() -> dict[str, type[Pass]]:
+    """Passes of installed packages, from the entry-point group ``mpqc.passes`` (loaded once).
+
+    Each entry point is named after its pass and names a ``Pass`` subclass, e.g. in the plugin's
+    pyproject.toml ``[project.entry-points."mpqc.passes"]`` ``my-pass = "my_pkg.passes:MyPass"``.
+    A plugin that cannot be loaded, or is not such a class, is an ``OptionError`` naming it."""
+    global _PLUGINS
+    if _PLUGINS is not None:
+        return _PLUGINS
+    builtin = get_all_passes()
+    found: dict[str, type[Pass]] = {}
+    for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        dist = getattr(getattr(ep, "dist", None), "name", None) or "an installed package"
+        where = f"plugin pass {ep.name!r} ({ep.value}, from {dist})"
+        try:
+            cls = ep.load()
+        except Exception as e:  # any failure inside third-party code: one clear line
+            raise OptionError(f"{where} cannot be loaded: {type(e).__name__}: {e}",
+                              hint=f"fix or uninstall {dist}") from None
+        if not (isinstance(cls, type) and issubclass(cls, Pass)):
+            raise OptionError(f"{where} is not a Pass subclass but {cls!r}", hint=f"fix or uninstall {dist}")
+        if cls.name != ep.name:
+            raise OptionError(f"{where} names class {cls.__name__} whose name is {cls.name!r}; "
+                              "the entry point must be named after the pass", hint=f"fix or uninstall {dist}")
+        if not re.fullmatch(r"[a-z][a-z0-9]*(-[a-z0-9]+)*", cls.name):
+            raise OptionError(f"{where}: pass name {cls.name!r} is not kebab-case", hint=f"fix or uninstall {dist}")
+        if ep.name in builtin or ep.name in found:
+            raise OptionError(f"{where} clashes with another pass of that name", hint=f"rename it in {dist}")
+        found[ep.name] = cls
+    _PLUGINS = found
+    return found
+
+
+def reload_plugins() -> dict[str, type[Pass]]:
+    """Forget the cached plugin passes and look the entry points up again (after installing one)."""
+    global _PLUGINS
+    _PLUGINS = None
+    return plugin_passes()
 
 
 def get_pass_class(name: str) -> type[Pass]:
