@@ -5,7 +5,7 @@ as in -O2), each ordering walks the whole ladder one layer-rung per step (min-in
 ``repeat``: every layer once, then again on the next rung) without stopping, and every step's
 network is scored on the eval split (the search's data) and on the test split:
 
-* ``influence``: the chained degree of influence (seed 000), measured again for each rung;
+* ``influence``: the chained degree of influence (US 2021/0201141 A1), measured again for each rung;
 * ``influence-update``: influences re-measured after every step (the -O2 default strategy);
 * ``weight-range``: layers with the smallest weight range first (no data needed);
 * ``random``: a seeded random permutation (5 seeds).

@@ -1,4 +1,4 @@
-"""-O2 mixed precision by layer influence (seed 000) on the bench models, and its compile time.
+"""-O2 mixed precision by layer influence (US 2021/0201141 A1) on the bench models, and its compile time.
 
 For each model: ``mpqc -O2`` (canonicalize, profile, layer influence, assign-bit-widths,
 bias correction, QDQ) searched on the eval split with the given accuracy target; the

@@ -1,15 +1,15 @@
-"""FIG. 16-17 of seed 001 on the digits models: accuracy against the number of layers moved to the
+"""FIG. 16-17 of US 12,393,828 B2 on the digits models: accuracy against the number of layers moved to the
 lower width, for four orderings of the layers.
 
 For each model and lower width A (weights B=8 -> A bits, per-tensor power-of-two formats,
 activations 8 bits), the layers are ordered by
 
 * ``weight-diff``: the weight-difference statistic (mean square of W[k] - W[0] over K SGD
-  cycles on ``digits.npz:train``; seed 001, FIG. 8-10; ``compiler.weight_diff``),
+  cycles on ``digits.npz:train``; US 12,393,828 B2, FIG. 8-10; ``compiler.weight_diff``),
 * ``weight-range``: max(W) - min(W) ascending (FIG. 17 case 1701),
 * ``isolated``: accuracy drop with only that layer reduced, on ``eval`` (FIG. 17 case 1702, the
-  "per-layer accuracy"; seed 000 [0167]; ``compiler.influence``),
-* ``chained``: seed 000's chained degree of influence on ``eval`` (``compiler.influence``),
+  "per-layer accuracy"; US 2021/0201141 A1 [0167]; ``compiler.influence``),
+* ``chained``: US 2021/0201141 A1's chained degree of influence on ``eval`` (``compiler.influence``),
 
 and the first c layers of each ordering go to A bits, c = 0..N. Accuracy is measured on the
 400 ``test`` digits (never used to rank). Each ranking is timed. The weight-diff strategies
@@ -18,7 +18,7 @@ network on ``eval``) and ``weight-diff-topk`` (half of the layers).
 
     .venv/bin/python bench/bench_weight_diff.py [--cycles 50] [--widths 3,2] [--write]
 
-``--write`` replaces the section "## Weight-difference ranking (seed 001, FIG. 16-17)" of
+``--write`` replaces the section "## Weight-difference ranking (US 12,393,828 B2, FIG. 16-17)" of
 bench/RESULTS.md; the JSON lands in bench/out/weight_diff.json.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT.parent / "shared" / "bench"
-SECTION = "## Weight-difference ranking (seed 001, FIG. 16-17)"
+SECTION = "## Weight-difference ranking (US 12,393,828 B2, FIG. 16-17)"
 ORDERINGS = ("weight-diff", "weight-range", "isolated", "chained")
 
 
@@ -134,7 +134,7 @@ def markdown(results: list[dict], cycles: int, wall: float) -> str:
              "gives (lowest first). `weight-diff`: mean square of W[k] - W[0] over "
              f"{cycles} SGD cycles (batch 32, lr 0.01, momentum 0.9) on `train` from the trained weights; "
              "`weight-range`: max - min of the weights (FIG. 17, 1701); `isolated`: accuracy drop on `eval` with only "
-             "that layer reduced (FIG. 17, 1702, \"per-layer accuracy\"); `chained`: seed 000's chained influence on "
+             "that layer reduced (FIG. 17, 1702, \"per-layer accuracy\"); `chained`: US 2021/0201141 A1's chained influence on "
              "`eval`. Ties: more bytes saved first, then graph order. Time: seconds to compute the ranking "
              "(2 shared CPU cores). Reproduce: `.venv/bin/python bench/bench_weight_diff.py --write`.", ""]
     lines += ["Summary: the most layers each ordering moves to A bits while the test accuracy stays within 1 point "

@@ -20,13 +20,22 @@ SCRIPTS = {
     "ablation": "ablation.py",
     "weight-diff": "bench_weight_diff.py",
     "finetune": "bench_finetune.py",
+    "prune": "bench_prune.py",
+    "bdcnn": "bench_bdcnn.py",
 }
+#: arguments of each script (default: --write, which rewrites its section of RESULTS.md); the
+#: pruning and bdcnn scripts write bench/results/*.md, which merge_results() copies in
+ARGS = {"prune": ["--part", "all"], "bdcnn": ["--models", "digits_alexnet,efficientnet_lite0"]}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", help=f"comma-separated subset of {', '.join(SCRIPTS)}")
+    ap.add_argument("--merge", action="store_true", help="only copy bench/results/*.md into RESULTS.md")
     args = ap.parse_args(argv)
+    if args.merge:
+        merge_results()
+        return 0
     names = list(SCRIPTS) if not args.only else [s.strip() for s in args.only.split(",")]
     unknown = [n for n in names if n not in SCRIPTS]
     if unknown:
@@ -36,14 +45,26 @@ def main(argv=None) -> int:
     for n in names:
         t0 = time.perf_counter()
         print(f"== {n}: {SCRIPTS[n]} --write", flush=True)
-        rc = subprocess.run([sys.executable, str(HERE / SCRIPTS[n]), "--write"], env=env).returncode
+        rc = subprocess.run([sys.executable, str(HERE / SCRIPTS[n]), *ARGS.get(n, ["--write"])], env=env).returncode
         print(f"== {n}: exit {rc} after {time.perf_counter() - t0:.0f} s", flush=True)
         if rc:
             failed.append(n)
+    merge_results()
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def merge_results() -> None:
+    """Copy each bench/results/*.md (a "## " section) into bench/RESULTS.md, replacing its old copy."""
+    sys.path.insert(0, str(HERE))
+    from common import RESULTS, replace_section  # start-up: a sibling script, not a package
+    text = RESULTS.read_text()
+    for f in sorted((HERE / "results").glob("*.md")):
+        body = f.read_text()
+        text = replace_section(text, body.splitlines()[0], body)
+    RESULTS.write_text(text)
 
 
 if __name__ == "__main__":
