@@ -160,11 +160,13 @@ def main():
     ap.add_argument("--restarts", type=int, default=2)
     ap.add_argument("--iterations", type=int, default=10)
     ap.add_argument("--repeat", type=int, default=5, help="timing repeats (best of)")
+    ap.add_argument("--tag", default="", help="write bench/out/bdcnn_<model><tag>.json")
+    ap.add_argument("--md", default=None, help="markdown output (default bench/results/bdcnn.md)")
     ap.add_argument("--search-drop", type=float, default=None,
                     help="relative drop of the first search (default: the first of --drops)")
     args = ap.parse_args()
     cached_decomposition()
-    from mpqc.compiler.bdcnn import compile_bdcnn
+    from mpqc.compiler.bdcnn import compile_bdcnn, ort_agreement
     from mpqc.compiler.driver import compile_model
     from mpqc.compiler.export import to_onnx
     from mpqc.compiler.frontend import load_graph
@@ -240,6 +242,7 @@ def main():
                 y_pop = rt.run(xs[:8])[0]
                 y_ort = ort_runner(res.graph, xs[:8])
                 dev = float(np.abs(y_pop - y_ort).max() / max(1e-12, np.abs(y_ort).max()))
+                agr = ort_agreement(res, xs[:2])  # teacher-forced per layer + code flips end to end
                 layer_t = {n: float("inf") for n in qs}
                 for _ in range(args.repeat):  # per layer: best of the repeats
                     rt.timings.clear()
@@ -259,9 +262,9 @@ def main():
                 limit = cpu_hz() * words_per_cycle()
                 util = sum(ops.values()) / max(1e-12, sum(layer_t.values())) / limit
                 qv = "/".join(str(qs[n]) for n in qs)
-                rows.append((k, label, qv, pred, acc, t_pop, dev, util))
+                rows.append((k, label, qv, pred, acc, t_pop, dev, util, agr))
                 out_json["configs"].append({"k": k, "config": label, "q": qs, "predicted": pred, "measured": acc,
-                                            "popcount_s": t_pop, "ort_vs_popcount_rel": dev,
+                                            "popcount_s": t_pop, "ort_vs_popcount_rel": dev, "ort_agreement": agr,
                                             "popcount_utilisation": util, "layer_s": layer_t, "word_ops": ops,
                                             "paths": paths, "emulator_layer_s": emu_layer})
                 if label.startswith("Q=") and int(label[2:]) * k <= 6 or label.startswith("Alg.1"):
@@ -274,11 +277,13 @@ def main():
                   f"whole network on {len(xs)} samples: onnxruntime float {t_float * 1e3:.1f} ms, onnxruntime int8 "
                   f"(-O1 QDQ, fused) {t_ort8 * 1e3:.1f} ms, int8 emulator {t_emu * 1e3:.1f} ms.", "",
                   "| k | Q | Q per layer | predicted | measured | popcount runtime ms | speed vs emulator | "
-                  "speed vs ORT float | ORT/popcount rel diff | popcount limit used |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for k, label, qv, pred, acc, tp, dev, util in rows:
+                  "speed vs ORT float | ORT/popcount rel diff | per layer (same input) | codes flipped | "
+                  "popcount limit used |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for k, label, qv, pred, acc, tp, dev, util, agr in rows:
             lines.append(f"| {k} | {label} | {qv} | {'' if pred is None else f'{pred:.4f}'} | {acc:.4f} | "
-                         f"{tp * 1e3:.1f} | {t_emu / tp:.2f}x | {t_float / tp:.2f}x | {dev:.1e} | {util * 100:.1f}% |")
+                         f"{tp * 1e3:.1f} | {t_emu / tp:.2f}x | {t_float / tp:.2f}x | {dev:.1e} | "
+                         f"{agr['layer_rel']:.1e} | {agr['code_flips'] / max(1, agr['codes']):.1e} | {util * 100:.1f}% |")
         lines += ["", "Sizes of the decomposed layers (M bit-packed in uint64 words + 8-bit c):", "",
                   "| k | bytes | float bytes | int8 bytes | vs float | vs int8 |", "|---|---|---|---|---|---|"]
         for k, sz in sizes:
@@ -321,10 +326,10 @@ def main():
                          f" | {tot(isconv)} |")
         lines.append("")
         OUT.mkdir(parents=True, exist_ok=True)
-        (OUT / f"bdcnn_{model}.json").write_text(json.dumps(out_json, indent=1, default=float))
+        (OUT / f"bdcnn_{model}{args.tag}.json").write_text(json.dumps(out_json, indent=1, default=float))
     text = "\n".join(lines) + "\n"
     print(text)
-    dst = ROOT / "bench" / "results" / "bdcnn.md"
+    dst = Path(args.md) if args.md else ROOT / "bench" / "results" / "bdcnn.md"
     dst.parent.mkdir(parents=True, exist_ok=True)
     # keep the sections of the models not rerun (one run per model is allowed)
     if dst.exists():

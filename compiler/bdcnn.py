@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+import onnx
 
 from ..core.bdcnn_program import BdcnnProgram, bdcnn_bundle_bytes
 from ..core.errors import DataError, OptionError
@@ -36,7 +37,7 @@ from ..core.ir import Graph, Node
 from ..core.program import Step
 from ..core.progress import progress_iter
 from ..core.qformat import QFormat, choose_frac_mse, fake_quant
-from ..runtime.bdcnn import run_bdcnn
+from ..runtime.bdcnn import BdcnnRuntime, run_bdcnn
 from ..runtime.executor import float_node_fn, run_batched
 from ..runtime.popcount import ActQuant, pack_weights
 from .bdecomp import METADATA_PREFIX, Decomposition, decompose_weight
@@ -380,3 +381,80 @@ def compile_bdcnn(graph: Graph, calib_x: np.ndarray, eval_x: np.ndarray | None =
                 search.measured = acc["measured (popcount runtime)"]
         report["accuracy"] = acc
     return BdcnnResult(qgraph, dec_graph, program, bundle, manifest, report, search, decs, acts)
+
+
+# ---------------------------------------------------------------------------- ORT agreement
+def ort_agreement(result: BdcnnResult, x: np.ndarray, session=None) -> dict:
+    """How the QDQ ONNX model (onnxruntime) and the popcount runtime agree on ``x``.
+
+    * ``layer_rel``: the largest relative difference (max abs diff / max abs of ORT) of a
+      decomposed layer's output when the popcount step is fed the *same* input tensor as ORT
+      (teacher forcing), and ``code_diff``: the largest difference between the runtime's
+      quantization sub-layer and ORT's QuantizeLinear on that same input (0: bit for bit);
+    * ``end_to_end_rel``: the same measure on the network output, each side running on its own
+      activations, and ``code_flips``: how many quantized activation codes differ then
+      (``first_flip``: the first layer where one does), out of ``codes``.
+
+    The two only compute the same float values up to rounding (ORT: float32 products and sums
+    in its own order; the runtime: exact integer sums, float64 epilogue, rounded to float32), so
+    an activation that lies within a few ulps of a rounding boundary of the next quantizer
+    (``(n + 1/2) * delta``) can get codes one apart; ``delta`` times the downstream gain
+    then shows at the output. The chance grows with the number of activations and with 2^Q,
+    which is why end to end is not a float-tolerance measure on large networks; the
+    teacher-forced numbers are. ``session(model_bytes)``: an onnxruntime session factory
+    (default: CPU, one thread, ``disabled_optimizers=["WeightBiasQuantization"]``).
+    """
+    if session is None:
+        import onnxruntime as ort  # start-up: onnxruntime loads in about a second, only this check needs it
+
+        def session(b):
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            so.intra_op_num_threads = 1
+            return ort.InferenceSession(b, so, providers=["CPUExecutionProvider"],
+                                        disabled_optimizers=["WeightBiasQuantization"])
+    m = to_onnx(result.graph, check=False)
+    have = {o.name for o in m.graph.output}
+    for nd in m.graph.node:
+        for o in nd.output:
+            if o and o not in have:
+                m.graph.output.append(onnx.ValueInfoProto(name=o))
+                have.add(o)
+    s = session(m.SerializeToString())
+    x = np.asarray(x, np.float32)
+    ortv = dict(zip([o.name for o in s.get_outputs()], s.run(None, {s.get_inputs()[0].name: x})))
+    qname = {}
+    for nd in m.graph.node:  # the QuantizeLinear of each decomposed layer: named <layer>_act_q...
+        if nd.op_type == "QuantizeLinear":
+            qname[nd.name] = nd.output[0]
+    rt = BdcnnRuntime(result.program)
+    p = rt.p
+    env = {p.inputs[0]["name"]: x}
+    out = {"layer_rel": 0.0, "worst_layer": None, "code_diff": 0, "code_flips": 0, "codes": 0, "first_flip": None}
+    for st, ex in zip(p.steps, rt._exec):
+        if st.kind == "binary":
+            xin = env[st.inputs[0]]
+            qn = [v for k, v in qname.items() if k.startswith(st.node + "_act_q")]
+            if qn:
+                q_ort = ortv[qn[0]].astype(np.int64)
+                flips = int(np.sum(ex.act.quantize(xin) != q_ort))
+                out["code_flips"] += flips
+                out["codes"] += int(q_ort.size)
+                if flips and out["first_flip"] is None:
+                    out["first_flip"] = st.node
+                x_ort = ortv.get(st.inputs[0], xin)
+                out["code_diff"] = max(out["code_diff"], int(np.abs(ex.act.quantize(x_ort) - q_ort).max()))
+                y_ort = ortv[st.outputs[0]]
+                r = float(np.abs(ex(x_ort).astype(np.float64) - y_ort).max() / max(1e-30, float(np.abs(y_ort).max())))
+                if r > out["layer_rel"]:
+                    out["layer_rel"], out["worst_layer"] = r, st.node
+            outs = (ex(xin),)
+        else:
+            args = [None if not n else (p.consts[n] if n in p.consts else env[n]) for n in st.inputs]
+            outs = float_node_fn(ex, args)
+        for o, a in zip(st.outputs, outs):
+            env[o] = a
+    o0 = p.outputs[0]["tensor"]
+    y, yo = env[o0], ortv[s.get_outputs()[0].name]
+    out["end_to_end_rel"] = float(np.abs(y.astype(np.float64) - yo).max() / max(1e-30, float(np.abs(yo).max())))
+    return out

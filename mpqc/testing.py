@@ -21,7 +21,7 @@ onnxruntime or with expected textual IR (docs/TEXTUAL_IR.md, docs/TESTING_PASSES
 ``parse_ir``/``print_ir`` read and write the textual IR; ``run_pass`` runs a pass list
 (``"a,b{opt=1}"``, the syntax of ``--passes``) with the IR verified after every pass;
 ``assert_matches_ort`` runs the graph with mpqc's float runtime and with onnxruntime and
-compares the outputs. This module imports the compiler on first use of a helper that needs it.
+compares the outputs.
 """
 from __future__ import annotations
 
@@ -31,8 +31,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from mpqc.compiler.channel_prune import PruneRecord
+from mpqc.compiler.data import Dataset
+from mpqc.compiler.export import to_onnx
+from mpqc.compiler.passes import PassContext, check_requires
+from mpqc.compiler.pipelines import parse_pipeline
+from mpqc.compiler.targets import get_target
 from mpqc.core.ir import Graph, Node, Value
 from mpqc.core.textir import DEFAULT_ELIDE, parse_graph, print_graph, register_record
+from mpqc.runtime.executor import Executor
 
 __all__ = ["GraphBuilder", "randn", "parse_ir", "print_ir", "assert_ir", "assert_roundtrip", "run_pass",
            "run_float", "run_ort", "assert_matches_ort", "register_compiler_records"]
@@ -74,7 +81,6 @@ def randn(*shape, seed: int = 0, scale: float = 1.0) -> np.ndarray:
 def register_compiler_records() -> None:
     """Let the textual IR parse ``prune<...>`` into ``compiler.channel_prune.PruneRecord``
     (core cannot import the compiler, so the compiler side registers it)."""
-    from mpqc.compiler.channel_prune import PruneRecord  # start-up: the compiler loads onnx and numba
 
     register_record("prune", lambda f: PruneRecord(tuple(int(c) for c in f["kept"]),
                                                    int(f["original_channels"]), str(f["method"])))
@@ -119,10 +125,6 @@ def run_pass(graph: Graph, passes: str, ctx: Any = None, **ctx_fields):
     ``ctx``: a ``compiler.passes.PassContext``; else one is built from ``ctx_fields``
     (``target="npu8"`` names a target; ``calib=``/``eval=`` take an array or ``(x, y)``).
     Returns the last pass's ``PassResult`` (a list of them with ``all_results=True``)."""
-    from mpqc.compiler.data import Dataset  # start-up: see the module docstring
-    from mpqc.compiler.passes import PassContext, check_requires  # start-up
-    from mpqc.compiler.pipelines import parse_pipeline  # start-up
-    from mpqc.compiler.targets import get_target  # start-up
     all_results = ctx_fields.pop("all_results", False)
     if ctx is None:
         if isinstance(ctx_fields.get("target"), str):
@@ -146,7 +148,6 @@ def run_pass(graph: Graph, passes: str, ctx: Any = None, **ctx_fields):
 
 def run_float(graph: Graph, *xs: np.ndarray) -> list[np.ndarray]:
     """Every graph output, from mpqc's float runtime, for inputs ``xs`` (in graph-input order)."""
-    from mpqc.runtime.executor import Executor  # start-up
     res = Executor(graph).run(dict(zip(graph.inputs, xs)), outputs=list(graph.outputs))
     return [np.asarray(res[v]) for v in graph.outputs]
 
@@ -155,7 +156,6 @@ def run_ort(graph: Graph, *xs: np.ndarray) -> list[np.ndarray]:
     """Every graph output, from onnxruntime on the exported ONNX model."""
     import onnxruntime as ort  # start-up: onnxruntime loads in about a second
 
-    from mpqc.compiler.export import to_onnx  # start-up
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.intra_op_num_threads = 1

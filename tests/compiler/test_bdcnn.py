@@ -79,3 +79,22 @@ def test_digits_alexnet():
     assert acc["measured (popcount runtime)"] == pytest.approx(acc["qdq (float runtime)"], abs=1 / 150)
     x = d["x_test"][:32]
     assert rel_err(run_bdcnn(res.program, x)[0], ort_run(res.onnx_bytes(), x)) < 1e-4
+
+
+@pytest.mark.parametrize("q", [5, 8])
+def test_ort_agreement_same_input_is_bit_exact_quantizer_and_float_tolerance(q):
+    """Teacher-forced comparison (compiler/bdcnn.py ort_agreement): fed ORT's own input, every
+    decomposed layer's quantization sub-layer gives ORT's QuantizeLinear codes bit for bit and
+    its output matches ORT's Conv/Gemm to float tolerance; end-to-end differences can only come
+    from activations within ulps of a quantizer tie (counted in code_flips)."""
+    pytest.importorskip("onnxruntime")
+    from mpqc.compiler.bdcnn import ort_agreement
+    g = small_net()
+    x = np.random.default_rng(1).uniform(-1, 1, (8, 3, 8, 8)).astype(np.float32)
+    res = compile_bdcnn(g, x, q_fixed=q, bases=2, restarts=1, iterations=5, measure=False)
+    agr = ort_agreement(res, x)
+    assert agr["code_diff"] == 0
+    assert agr["layer_rel"] < 1e-5
+    assert agr["codes"] > 0 and agr["code_flips"] <= agr["codes"]
+    if agr["code_flips"] == 0:
+        assert agr["end_to_end_rel"] < 1e-5
