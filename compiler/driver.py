@@ -109,6 +109,19 @@ class Outputs:
     report: str | os.PathLike | None = None
     html: str | os.PathLike | None = None
     bundle: str | os.PathLike | None = None
+    #: Make-format dependency file (``-MD``/``-MF``): the outputs depend on the model, its ONNX
+    #: external-data files and the data files; written in the same transaction as the outputs
+    depfile: str | os.PathLike | None = None
+    #: the depfile rule's targets (``-MT``; default: every output above)
+    dep_targets: tuple[str, ...] = ()
+
+    def paths(self) -> list[str]:
+        """Every file written besides the depfile (the bundle's manifest included), in order."""
+        out = [os.fspath(p) for p in (self.model, self.bundle) if p is not None]
+        if self.bundle is not None:
+            out.append(str(bundle_manifest_path(self.bundle)))
+        out += [os.fspath(p) for p in (self.report, self.html) if p is not None]
+        return out
 
 
 @dataclass(frozen=True)
@@ -154,12 +167,16 @@ def compile_model(model: str | os.PathLike | Graph, *, level: int = 1, target: s
         if level < 3 and (opts.flops is not None or opts.prune is not None or opts.ratios is not None):
             raise OptionError("--flops, --prune and --ratios choose how -O3 prunes; use -O3 (or list "
                               "'prune-channels' in --passes)")
+    if outputs.depfile is not None and not outputs.paths():
+        raise OptionError("a depfile (-MD/-MF) names the outputs' dependencies: give -o (or --report, --html, "
+                          "--emit-bundle)")
     check_outputs_differ(("--output", outputs.model), ("--report", outputs.report), ("--html", outputs.html),
-                         ("--emit-bundle", outputs.bundle),
+                         ("--emit-bundle", outputs.bundle), ("-MF", outputs.depfile),
                          inputs=[(o, d) for o, d in (("model", None if isinstance(model, Graph) else model),
                                                      ("--calib", calib), ("--eval", eval), ("--train", train))
                                  if isinstance(d, (str, os.PathLike))])
     graph = model if isinstance(model, Graph) else load_graph(model)
+    depends = [] if outputs.depfile is None else dependencies(model, calib, eval, train)
     tgt = get_target(target) if isinstance(target, str) else target
     if graph.inputs:
         batch_size = model_batch(graph.inputs[0], batch_size)  # a fixed-batch model runs at its batch
@@ -192,7 +209,7 @@ def compile_model(model: str | os.PathLike | Graph, *, level: int = 1, target: s
     pm.run(graph, ctx)
     if bdcnn:
         result = _compile_bdcnn(graph, ctx, level, opts, pm.timings)
-        write_outputs(result, outputs)
+        write_outputs(result, outputs, depends)
         return result
     # the float reference for later comparisons is the canonical float network
     ctx.report["compiled_model"] = model_info(dequantized_view(graph))
@@ -206,7 +223,7 @@ def compile_model(model: str | os.PathLike | Graph, *, level: int = 1, target: s
                                  for t in pm.timings]
         ctx.report["total_seconds"] = round(time.perf_counter() - t0, 3)
     result = CompileResult(graph, ctx.float_graph or float_graph, ctx.report, ctx, pm.timings)
-    write_outputs(result, outputs)
+    write_outputs(result, outputs, depends)
     return result
 
 
@@ -300,9 +317,10 @@ def stage_table(report: dict) -> list[dict]:
     return rows
 
 
-def write_outputs(result: CompileResult, outputs: Outputs) -> None:
+def write_outputs(result: CompileResult, outputs: Outputs, depends=()) -> None:
     """Serialize everything first, then write all files as one transaction (``commit_files``):
-    every output or none, and no pre-existing file changed on failure."""
+    every output or none, and no pre-existing file changed on failure. ``depends``: the input
+    files the depfile (``outputs.depfile``) names."""
     blobs: list[tuple[Any, bytes]] = []
     report, html, bundle = outputs.report, outputs.html, outputs.bundle
     if outputs.model is not None:
@@ -316,7 +334,91 @@ def write_outputs(result: CompileResult, outputs: Outputs) -> None:
         blobs.append((report, report_json_bytes(rep)))
     if html is not None:
         blobs.append((html, render_html(rep).encode()))
+    if outputs.depfile is not None:
+        blobs.append((outputs.depfile, depfile_bytes(outputs.dep_targets or outputs.paths(), depends)))
     commit_files(blobs)
+
+
+def _external_data_files(path) -> list[str]:
+    """The external-data files an ONNX model's initializers (and constant attributes) point to,
+    as paths beside the model, in first-use order."""
+    import onnx  # start-up
+    from onnx import TensorProto  # start-up
+    try:
+        m = onnx.load(os.fspath(path), load_external_data=False)
+    except Exception:  # load_graph already refused an unreadable model
+        return []
+    tensors = list(m.graph.initializer)
+    stack = [m.graph]
+    while stack:  # constants in attributes and subgraphs
+        g = stack.pop()
+        for n in g.node:
+            for a in n.attribute:
+                if a.HasField("t"):
+                    tensors.append(a.t)
+                tensors.extend(a.tensors)
+                if a.HasField("g"):
+                    stack.append(a.g)
+                    tensors.extend(a.g.initializer)
+                for sg in a.graphs:
+                    stack.append(sg)
+                    tensors.extend(sg.initializer)
+    base = os.path.dirname(os.fspath(path))
+    out: list[str] = []
+    for t in tensors:
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        loc = next((e.value for e in t.external_data if e.key == "location"), None)
+        if loc:
+            f = os.path.join(base, loc)
+            if f not in out:
+                out.append(f)
+    return out
+
+
+def dependencies(model, calib=None, eval=None, train=None) -> list[str]:
+    """The input files a compile reads: the model (and its external-data files) and the data
+    files of ``FILE.npz[:SPLIT]`` specs; arrays, Datasets and Graphs name no file."""
+    out: list[str] = []
+    if isinstance(model, (str, os.PathLike)):
+        out.append(os.fspath(model))
+        out += _external_data_files(model)
+    for d, split in ((calib, "calib"), (eval, "eval"), (train, "train")):
+        if isinstance(d, (str, os.PathLike)):
+            out.append(parse_spec(os.fspath(d), split)[0])
+    seen: list[str] = []
+    for p in out:
+        if p not in seen:
+            seen.append(p)
+    return seen
+
+
+def make_escape(path: str) -> str:
+    """A path as gcc writes it in a depfile: spaces (and tabs) and '#' after a backslash, a
+    backslash before them doubled, '$' as '$$'."""
+    if "\n" in path or "\r" in path:
+        raise OptionError(f"cannot write a depfile naming {path!r}: a Make rule cannot hold a newline in a path")
+    out = []
+    for i, c in enumerate(path):
+        if c in " \t":
+            j = i - 1  # gcc: backslashes before a space are doubled
+            while j >= 0 and path[j] == "\\":
+                out.append("\\")
+                j -= 1
+            out.append("\\" + c)
+        elif c == "#":
+            out.append("\\#")
+        elif c == "$":
+            out.append("$$")
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+def depfile_bytes(targets, depends) -> bytes:
+    """A Make rule ``targets: depends`` in gcc's depfile format (one dependency a line)."""
+    head = " ".join(make_escape(os.fspath(t)) for t in targets) + ":"
+    return (" \\\n ".join([head] + [make_escape(d) for d in depends]) + "\n").encode()
 
 
 def _version() -> str:

@@ -54,6 +54,7 @@ def compile_parser() -> argparse.ArgumentParser:
                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="input float model (.onnx)")
     p.add_argument("-o", "--output", help="output model (.onnx); written only if compilation succeeds")
+    p.add_argument("--version", action="version", version=f"mpqc {_version()}", help="print the version and exit")
     g = p.add_argument_group("pipeline")
     g.add_argument("-O", dest="level", type=int, default=None, choices=[0, 1, 2, 3], metavar="LEVEL",
                    help="optimisation level: 0 canonicalize, 1 fixed point at default widths, "
@@ -106,6 +107,15 @@ def compile_parser() -> argparse.ArgumentParser:
     o.add_argument("--report", metavar="OUT.json", help="JSON report: per-layer bits, formats, search trace")
     o.add_argument("--html", metavar="OUT.html", help="HTML report with plots")
     o.add_argument("--emit-bundle", metavar="OUT.npz", help="target bundle (.npz) plus a .json manifest")
+    o.add_argument("--json", action="store_true",
+                   help="print the summary as one JSON object on stdout (model, sizes, accuracy, search "
+                        "result, per-layer bits, output paths) instead of text on stderr")
+    o.add_argument("-MD", dest="md", action="store_true",
+                   help="write a Make-format depfile OUTPUT.d beside -o (like gcc -MD): the outputs depend on "
+                        "the model, its external-data files and the data files")
+    o.add_argument("-MF", dest="mf", metavar="FILE", help="write the depfile to FILE (implies -MD)")
+    o.add_argument("-MT", dest="mt", action="append", default=[], metavar="TARGET",
+                   help="the depfile rule's target (repeatable; default: every output file)")
     x = p.add_argument_group("diagnostics")
     x.add_argument("--print-after", action="append", default=[], metavar="PASS",
                    help="print the IR after this pass ('all' for every pass); repeatable")
@@ -142,6 +152,27 @@ def eval_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _version() -> str:
+    from importlib.metadata import version  # start-up
+    try:
+        return version("mpqc")
+    except Exception:  # pragma: no cover
+        return "0"
+
+
+def _depfile(args) -> str | None:
+    """The depfile path of -MD/-MF (None: no depfile)."""
+    if args.mf is not None:
+        return args.mf
+    if args.md:
+        if not args.output:
+            raise OptionError("-MD writes OUTPUT.d beside -o OUTPUT: give -o, or name the depfile with -MF FILE")
+        return args.output + ".d"
+    if args.mt:
+        raise OptionError("-MT names the target of a depfile: give -MD or -MF FILE too")
+    return None
+
+
 def _setup(quiet: bool, verbose: int = 0) -> None:
     from mpqc.core.progress import set_quiet  # start-up
     set_quiet(quiet)
@@ -158,22 +189,64 @@ def cmd_compile(argv: list[str]) -> int:
         raise OptionError("give either -O LEVEL or --passes, not both")
     level = 1 if args.level is None else args.level
     _check_number_options(args)
+    depfile = _depfile(args)
     check_outputs_differ(("--output", args.output), ("--report", args.report), ("--html", args.html),
-                         ("--emit-bundle", args.emit_bundle),
+                         ("--emit-bundle", args.emit_bundle), ("-MF" if args.mf else "-MD", depfile),
                          inputs=[("model", args.model), ("--calib", args.calib), ("--eval", args.eval),
                                  ("--train", args.train)])
     options = CompileOptions(max_drop=args.max_drop, target_score=args.target_score, strategy=args.strategy,
                              cycles=args.cycles, finetune=args.finetune, finetune_epochs=args.finetune_epochs,
                              flops=args.flops, prune=args.prune, ratios=args.ratios, bases=args.bases,
                              restarts=args.restarts, iterations=args.iterations, planes=args.planes)
+    outputs = Outputs(args.output, args.report, args.html, args.emit_bundle, depfile, tuple(args.mt))
+    # with --json stdout holds the JSON object only: printed IR and pass times go to stderr
+    printer = (lambda text: print(text, file=sys.stderr)) if args.json else None
     res = compile_model(args.model, level=level, target=args.target, calib=args.calib, eval=args.eval,
                         train=args.train, metric=args.metric, passes=args.passes, options=options,
-                        outputs=Outputs(args.output, args.report, args.html, args.emit_bundle),
-                        diagnostics=Diagnostics(args.verify_each, frozenset(args.print_after), args.time_passes),
+                        outputs=outputs,
+                        diagnostics=Diagnostics(args.verify_each, frozenset(args.print_after), args.time_passes,
+                                                printer=printer),
                         seed=args.seed, quiet=args.quiet, batch_size=args.batch_size)
-    if not args.quiet:
+    if args.json:
+        from mpqc.compiler.driver import json_default  # start-up
+        print(json.dumps(summary_json(res.report, outputs), indent=1, sort_keys=True, default=json_default))
+    elif not args.quiet:
         print(summary_text(res.report), file=sys.stderr)
     return 0
+
+
+def summary_json(report: dict, outputs) -> dict:
+    """What ``--json`` prints: the text summary's facts, and the files written."""
+    from mpqc.compiler.driver import _clean_nan  # start-up
+
+    def sizes(info: dict) -> dict:
+        return {k: info[k] for k in ("nodes", "params", "macs", "weight_bytes") if k in info}
+
+    fm, cm = report["float_model"], report.get("compiled_model") or {}
+    out = {"mpqc_version": report.get("mpqc_version"), "model": report["model"], "level": report.get("level"),
+           "target": (report.get("target") or {}).get("name"),
+           "float_model": sizes(fm), "compiled_model": sizes(cm), "accuracy": report.get("accuracy")}
+    search = (report.get("passes") or {}).get("assign-bit-widths")
+    if search and "final_value" in search:
+        out["search"] = {k: search.get(k) for k in ("strategy", "metric", "final_value", "goal", "float_value",
+                                                    "weight_ratio_int8", "evaluations", "note")
+                         if search.get(k) is not None}
+        if isinstance(search.get("data"), dict):
+            out["search"]["split"] = search["data"].get("split")
+    out["layers"] = [{k: l.get(k) for k in ("name", "op", "weight_bits", "act_bits", "weight_bytes")}
+                     for l in cm.get("layers", [])]
+    if report.get("stages"):
+        out["stages"] = report["stages"]
+    if report.get("bdcnn"):
+        bd = report["bdcnn"]
+        out["bdcnn"] = {k: bd[k] for k in ("q_mode", "sizes", "accuracy", "layers", "not_decomposed") if k in bd}
+    files = {"model": outputs.model, "report": outputs.report, "html": outputs.html, "bundle": outputs.bundle,
+             "depfile": outputs.depfile}
+    if outputs.bundle is not None:
+        from mpqc.compiler.driver import bundle_manifest_path  # start-up
+        files["bundle_manifest"] = str(bundle_manifest_path(outputs.bundle))
+    out["outputs"] = {k: str(v) for k, v in files.items() if v is not None}
+    return _clean_nan(out)
 
 
 def _check_number_options(args) -> None:

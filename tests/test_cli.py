@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -325,3 +326,86 @@ def test_hostile_data_and_model_in_a_real_process(resnet, digits, tmp_path):
     bad.write_bytes(m.SerializeToString())
     out = tmp_path / "q.onnx"
     assert_user_error(mpqc(bad, "-O1", "--calib", f"{digits}:calib", "-o", out), "NaN", out=out)
+
+
+# ----------------------------------------------------------------------------- build integration (issue 13)
+def test_version():
+    from importlib.metadata import version
+    res = mpqc("--version")
+    assert res.returncode == 0 and res.stdout.strip() == f"mpqc {version('mpqc')}" and res.stderr == ""
+
+
+def test_compile_json_summary(resnet, digits, tmp_path):
+    out, rep = tmp_path / "q.onnx", tmp_path / "r.json"
+    res = mpqc(resnet, "-O1", "--target", "npu4", "--calib", digits, "--eval", f"{digits}:eval", "-o", out,
+               "--report", rep, "--emit-bundle", tmp_path / "b.npz", "-MD", "--json")
+    assert res.returncode == 0, res.stderr
+    s = json.loads(res.stdout)  # one JSON object, nothing else on stdout; no text summary on stderr
+    assert "main_graph: 22 -> 22 nodes" not in res.stderr
+    report = json.loads(rep.read_text())
+    assert s["model"] == "main_graph" and s["level"] == 1 and s["target"] == "npu4"
+    assert s["float_model"]["nodes"] == 22 and s["compiled_model"]["weight_bytes"] < s["float_model"]["weight_bytes"]
+    assert s["accuracy"] == report["accuracy"]
+    assert [l["name"] for l in s["layers"]] == [l["name"] for l in report["compiled_model"]["layers"]]
+    assert {l["weight_bits"] for l in s["layers"]} <= {4, 8} and all(l["act_bits"] for l in s["layers"])
+    assert s["outputs"] == {"model": str(out), "report": str(rep), "bundle": str(tmp_path / "b.npz"),
+                            "bundle_manifest": str(tmp_path / "b.json"), "depfile": f"{out}.d"}
+    # --json with --print-after: the IR goes to stderr, stdout stays one JSON object
+    res = mpqc(resnet, "-O0", "--print-after", "fold-constants", "--json", "-q")
+    assert res.returncode == 0 and json.loads(res.stdout)["outputs"] == {} and "IR after" in res.stderr
+
+
+def test_compile_json_search(resnet, digits):
+    res = mpqc(resnet, "-O2", "--target", "npu4", "--calib", digits, "--eval", digits, "--max-drop", "0.05",
+               "--strategy", "min-influence", "--json", "-q")
+    assert res.returncode == 0, res.stderr
+    s = json.loads(res.stdout)["search"]
+    assert s["strategy"] == "min-influence" and s["final_value"] >= s["goal"] and s["evaluations"] >= 1
+
+
+def test_depfile_md_mf_mt_and_escaping(resnet, digits, tmp_path):
+    d = tmp_path / "a b#c$"
+    d.mkdir()
+    model, data = d / "m.onnx", d / "d 1.npz"
+    shutil.copy(resnet, model)
+    shutil.copy(digits, data)
+    out = d / "q.onnx"
+    res = mpqc(model, "-O1", "--calib", f"{data}:calib", "--eval", data, "-o", out, "--report", d / "r.json",
+               "-MD", "-q")
+    assert res.returncode == 0, res.stderr
+    esc = str(d).replace(" ", "\\ ").replace("#", "\\#").replace("$", "$$")
+    assert (d / "q.onnx.d").read_text() == (f"{esc}/q.onnx {esc}/r.json: \\\n {esc}/m.onnx \\\n"
+                                            f" {esc}/d\\ 1.npz\n")
+    # -MF FILE (implies -MD), -MT TARGET (repeatable) in place of the outputs
+    res = mpqc(model, "-O0", "-o", out, "-MF", tmp_path / "deps.mk", "-MT", "model", "-MT", "all models", "-q")
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "deps.mk").read_text() == f"model all\\ models: \\\n {esc}/m.onnx\n"
+
+
+def test_depfile_names_external_data(resnet, tmp_path):
+    m = onnx.load(str(resnet))
+    onnx.save_model(m, str(tmp_path / "ext.onnx"), save_as_external_data=True, location="w eights.bin",
+                    size_threshold=0)
+    res = mpqc(tmp_path / "ext.onnx", "-O0", "-o", tmp_path / "q.onnx", "-MD", "-q")
+    assert res.returncode == 0, res.stderr
+    deps = (tmp_path / "q.onnx.d").read_text()
+    assert deps == f"{tmp_path}/q.onnx: \\\n {tmp_path}/ext.onnx \\\n {tmp_path}/w\\ eights.bin\n"
+
+
+def test_depfile_errors_and_atomicity(resnet, digits, tmp_path):
+    # inputs are copies: a failing check must never let a test overwrite a shared file
+    resnet, digits = shutil.copy(resnet, tmp_path / "m.onnx"), shutil.copy(digits, tmp_path / "d.npz")
+    out = tmp_path / "q.onnx"
+    assert_user_error(mpqc(resnet, "-O0", "-MD"), "-MD writes OUTPUT.d beside -o")
+    assert_user_error(mpqc(resnet, "-O0", "-o", out, "-MT", "x"), "-MT names the target of a depfile", out=out)
+    assert_user_error(mpqc(resnet, "-O0", "-MF", tmp_path / "d.d"), "depfile", "give -o")
+    assert_user_error(mpqc(resnet, "-O0", "-o", out, "-MF", out), "-MF and --output name the same file", out=out)
+    assert_user_error(mpqc(resnet, "-O0", "-o", out, "--report", tmp_path / "r.json", "-MF", tmp_path / "r.json"),
+                      "-MF and --report name the same file", out=out)
+    assert_user_error(mpqc(resnet, "-O0", "-o", out, "-MF", resnet), "is the same file as the model", out=out)
+    assert_user_error(mpqc(resnet, "-O0", "--calib", digits, "-o", out, "-MF", digits),
+                      "-MF", "is the same file as the --calib", out=out)
+    # a failure after the pipeline (a target Make cannot name) writes neither the depfile nor the outputs
+    assert_user_error(mpqc(resnet, "-O1", "--calib", digits, "-o", out, "--report", tmp_path / "r.json", "-MD",
+                           "-MT", "a\nb"), "cannot write a depfile", "newline", out=out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "m.onnx"]
