@@ -229,6 +229,21 @@ def check_goal_reachable(ctx: SearchContext, start: BitConfig) -> float:
     return v
 
 
+def missed_goal(ctx: SearchContext, start: BitConfig, strict: bool) -> dict | None:
+    """None when the starting network meets the goal. Otherwise ``strict`` raises the
+    ``TargetError`` of ``check_goal_reachable``; without it, what was missed (the starting network
+    is then the best one the search can offer: the top of the target's ladder)."""
+    try:
+        check_goal_reachable(ctx, start)
+        return None
+    except TargetError as e:
+        if strict:
+            raise
+        v = ctx.evaluate(start)
+        return {"metric": ctx.metric, "goal": float(ctx.goal), "value": float(v), "float": float(ctx.float_value),
+                "missed_by": float(ctx.goal - v), "message": e.message}
+
+
 # ---------------------------------------------------------------------------- building a context
 class FloatReference(Analysis):
     """The float network's first output on a data split ("eval" or "calib")."""

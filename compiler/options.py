@@ -79,7 +79,9 @@ class CompileOptions:
     [--prune]: channel selection (reap, l1, l1-norefit, thinet); ratios [--ratios]: per-layer
     pruning ratios (pro, uniform). Binary decomposition (``--target bdcnn``): bases [--bases] (k,
     or per layer), restarts [--restarts], iterations [--iterations] of the decomposition;
-    planes [--planes]: one activation bit-plane count Q for every layer instead of the search."""
+    planes [--planes]: one activation bit-plane count Q for every layer instead of the search.
+    strict [--strict]: an accuracy goal that cannot be met is an error (nothing written); without
+    it the best network found is written and the report's ``goal_missed`` says by how much."""
 
     max_drop: float | None = None
     target_score: float | None = None
@@ -94,6 +96,7 @@ class CompileOptions:
     restarts: int | None = None
     iterations: int | None = None
     planes: int | None = None
+    strict: bool = False
 
     def check(self) -> "CompileOptions":
         """Refuse impossible values (one ``OptionError`` naming the flag); returns self."""

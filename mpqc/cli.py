@@ -38,7 +38,8 @@ examples:
 
 other commands: info, eval, targets, passes, opt (each has --help).
 data files are .npz archives with x_SPLIT (and y_SPLIT for labels); FILE.npz:SPLIT picks a split.
-exit codes: 0 success, 2 user error (bad model, data or option), 1 internal error.
+exit codes: 0 success, 3 accuracy goal missed (the best network found and the report are written;
+  --strict: exit 2 and nothing written), 2 user error (bad model, data or option), 1 internal error.
 """
 
 
@@ -74,6 +75,9 @@ def compile_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-drop", type=float, help="largest allowed drop of the evaluation value relative to "
                                                   "the float model (e.g. 0.01)")
     s.add_argument("--target-score", type=float, help="lowest allowed absolute evaluation value")
+    s.add_argument("--strict", action="store_true",
+                   help="an accuracy goal that cannot be met is an error (exit 2, nothing written); by default "
+                        "the best network found is written and mpqc exits with code 3")
     s.add_argument("--strategy", help="bit-width search strategy: auto (default: influence-update unless too "
                                     "costly, then min-influence), influence-update, min-influence, threshold "
                                     "(US 2021/0201141 A1), weight-diff-bsearch, weight-diff-topk (US 12,393,828 B2)")
@@ -197,7 +201,8 @@ def cmd_compile(argv: list[str]) -> int:
     options = CompileOptions(max_drop=args.max_drop, target_score=args.target_score, strategy=args.strategy,
                              cycles=args.cycles, finetune=args.finetune, finetune_epochs=args.finetune_epochs,
                              flops=args.flops, prune=args.prune, ratios=args.ratios, bases=args.bases,
-                             restarts=args.restarts, iterations=args.iterations, planes=args.planes)
+                             restarts=args.restarts, iterations=args.iterations, planes=args.planes,
+                             strict=args.strict)
     outputs = Outputs(args.output, args.report, args.html, args.emit_bundle, depfile, tuple(args.mt))
     # with --json stdout holds the JSON object only: printed IR and pass times go to stderr
     printer = (lambda text: print(text, file=sys.stderr)) if args.json else None
@@ -212,6 +217,12 @@ def cmd_compile(argv: list[str]) -> int:
         print(json.dumps(summary_json(res.report, outputs), indent=1, sort_keys=True, default=json_default))
     elif not args.quiet:
         print(summary_text(res.report), file=sys.stderr)
+    missed = res.report.get("goal_missed")
+    if missed:  # the outputs hold the best network found; say by how much the goal was missed
+        print(f"mpqc: goal missed: {missed['message']}; wrote the best network found ({missed['metric']} "
+              f"{missed['value']:.4f}, goal {missed['goal']:.4f}, missed by {missed['missed_by']:.4f}); "
+              "--strict writes nothing instead", file=sys.stderr)
+        return 3
     return 0
 
 

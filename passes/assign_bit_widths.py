@@ -40,14 +40,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from mpqc.compiler.bitsearch import (INFLUENCE_STRATEGIES, LayerInfluence, check_goal_reachable, search_context,
-                                     search_goal)
+from mpqc.compiler.bitsearch import INFLUENCE_STRATEGIES, LayerInfluence, missed_goal, search_context, search_goal
 from mpqc.compiler.influence import lower_rung
 from mpqc.compiler.info import layer_macs
 from mpqc.compiler.options import VARIANTS, SearchOptions
 from mpqc.compiler.passes import Pass, PassContext, PassResult
-from mpqc.compiler.quant import (BitConfig, FormatTableAnalysis, QuantPlanAnalysis, apply_config,
-                                 check_bias_fits, config_from_ir, weight_bytes)
+from mpqc.compiler.quant import (BitConfig, FormatTableAnalysis, QuantPlanAnalysis, apply_config, check_bias_fits,
+                                 config_from_ir, weight_bytes)
 from mpqc.compiler.ranges import ActivationRanges
 from mpqc.compiler.strategies import get_strategy
 from mpqc.core.errors import OptionError
@@ -131,7 +130,11 @@ class AssignBitWidthsPass(Pass):
                               bias_correction=self.bias_correction)
         plan, table = sctx.plan, sctx.table
         start = config_from_ir(plan)
-        check_goal_reachable(sctx, start)  # before measuring anything else
+        missed = missed_goal(sctx, start, ctx.options.strict)  # before measuring anything else
+        if missed is not None:  # the best network there is: the start; the driver says by how much
+            ctx.section(self.name).update({"goal_missed": missed, "strategy": strategy, "goal": sctx.goal,
+                                           "float_value": sctx.float_value, "metric": sctx.metric})
+            return PassResult(False)
         choice = None
         if strategy == "auto":
             strategy, choice = auto_strategy(sctx, start)

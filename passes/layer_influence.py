@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mpqc.compiler.bitsearch import INFLUENCE_STRATEGIES, LayerInfluence, check_goal_reachable, search_context
+from mpqc.compiler.bitsearch import INFLUENCE_STRATEGIES, LayerInfluence, missed_goal, search_context
 from mpqc.compiler.options import VARIANTS
 from mpqc.compiler.passes import Pass, PassContext, PassResult
 from mpqc.compiler.quant import config_from_ir
@@ -58,7 +58,9 @@ class LayerInfluencePass(Pass):
             sctx = search_context(graph, ctx, split=self.data, metric=self.metric, max_drop=opts.max_drop,
                                   target_score=opts.target_score, layer_range=self.layers,
                                   min_bits=self.min_bits, bias_correction=self.bias_correction)
-            check_goal_reachable(sctx, config_from_ir(sctx.plan))
+            if missed_goal(sctx, config_from_ir(sctx.plan), opts.strict) is not None:
+                sec["skipped"] = "the starting network already misses the accuracy goal: no layer can be reduced"
+                return PassResult(False)
         for v in self.variants:
             res = ctx.analyses.get(LayerInfluence, graph, variant=v, split=self.data, metric=self.metric,
                                    layer_range=self.layers, min_bits=self.min_bits,

@@ -126,6 +126,13 @@ class PruneChannelsPass(Pass):
         float_value = evaluate(after["metric"], ref, ctx.eval.y, ref)
         goal = resolve_goal(float_value, after["metric"], opts.max_drop, opts.target_score)
         if after["accuracy"] < goal:
+            if not opts.strict:  # keep the pruned network; the search after it reports the missed goal
+                ctx.section("prune-channels")["goal_missed"] = {
+                    "metric": after["metric"], "goal": float(goal), "value": float(after["accuracy"]),
+                    "float": float(float_value), "missed_by": float(goal - after["accuracy"]),
+                    "message": f"at --flops {flops} the pruned float network scores {after['accuracy']:.4f}, "
+                               f"below the accuracy goal {goal:.4f}"}
+                return
             raise TargetError(f"prune-channels: at --flops {flops} the pruned float network already scores "
                               f"{after['accuracy']:.4f} ({after['metric']} on eval), below the accuracy goal "
                               f"{goal:.4f} (float {float_value:.4f}), before any quantization",

@@ -409,3 +409,18 @@ def test_depfile_errors_and_atomicity(resnet, digits, tmp_path):
     assert_user_error(mpqc(resnet, "-O1", "--calib", digits, "-o", out, "--report", tmp_path / "r.json", "-MD",
                            "-MT", "a\nb"), "cannot write a depfile", "newline", out=out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "m.onnx"]
+
+
+def test_a_missed_goal_writes_the_best_network_and_exits_3(resnet, digits, tmp_path):
+    out, rep = tmp_path / "q.onnx", tmp_path / "r.json"
+    args = ["-O2", "--target", "npu4", "--calib", digits, "--eval", digits, "--target-score", "0.9999"]
+    res = mpqc(resnet, *args, "-o", out, "--report", rep, "-q")
+    assert res.returncode == 3, res.stderr
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mpqc: goal missed: ") and "missed by" in lines[0]
+    missed = json.loads(rep.read_text())["goal_missed"]
+    assert missed["goal"] == 0.9999 and missed["value"] < missed["goal"]
+    assert ort_run(out, np.load(digits)["x_eval"][:4]).shape == (4, 10)  # the best network found runs
+    # --strict: today's behaviour, one error line and nothing written
+    out2 = tmp_path / "q2.onnx"
+    assert_user_error(mpqc(resnet, *args, "-o", out2, "--strict"), "not met even before", out=out2)

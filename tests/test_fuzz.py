@@ -82,6 +82,18 @@ class Fuzz:
                 p = d / o
                 if p.suffix == ".onnx" and p.exists() and problem is None:
                     problem = self._check_onnx(p, d)
+        elif res.rc == 3:  # accuracy goal missed: the best network is written, and one line says so
+            outcome = "missed"
+            lines = res.stderr.splitlines()
+            if not lines or not lines[-1].startswith("mpqc: goal missed: ") or "Traceback" in res.stderr:
+                problem = f"exit 3 without the goal-missed line: {res.stderr[-300:]!r}"
+            for k, v in before.items():
+                if after.get(k) != v and k not in replaceable:
+                    problem = f"input {k} changed"
+            for o in outputs:
+                p = d / o
+                if p.suffix == ".onnx" and p.exists() and problem is None:
+                    problem = self._check_onnx(p, d)
         elif res.rc == 2:
             outcome = "error"
             lines = res.stderr.splitlines()

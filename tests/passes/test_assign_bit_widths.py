@@ -279,7 +279,12 @@ def test_pass_layer_range_keeps_the_other_layers():
 
 def test_pass_errors():
     with pytest.raises(TargetError, match="not met even before"):
-        run_o2("assign-bit-widths{target_score=1.5}")
+        run_o2("assign-bit-widths{target_score=1.5}", options={"strict": True})
+    # without --strict the starting network (the top of the ladder) is kept and the miss reported
+    g, ctx, _ = run_o2("assign-bit-widths{target_score=1.5}")
+    missed = ctx.report["passes"]["assign-bit-widths"]["goal_missed"]
+    assert missed["goal"] == 1.5 and missed["missed_by"] == pytest.approx(1.5 - missed["value"])
+    assert all(n.qconfig.weight_bits == 8 for n in g.layers())
     with pytest.raises(OptionError, match="either max_drop or target_score"):
         run_o2("assign-bit-widths{target_score=0.5,max_drop=0.1}")
     with pytest.raises(OptionError, match="unknown strategy"):

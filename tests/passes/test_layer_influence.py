@@ -41,4 +41,6 @@ def test_skipped_for_a_strategy_without_influences_and_bad_options():
 def test_a_goal_the_start_misses_fails_before_any_sweep():
     from mpqc.core.errors import TargetError
     with pytest.raises(TargetError, match="not met even before"):
-        run_o2("layer-influence", options={"target_score": 1.5})
+        run_o2("layer-influence", options={"target_score": 1.5, "strict": True})
+    g, ctx, pm = run_o2("layer-influence", options={"target_score": 1.5})
+    assert "already misses the accuracy goal" in ctx.report["passes"]["layer-influence"]["skipped"]
