@@ -38,8 +38,8 @@ examples:
 
 other commands: info, eval, targets, passes, opt (each has --help).
 data files are .npz archives with x_SPLIT (and y_SPLIT for labels); FILE.npz:SPLIT picks a split.
-exit codes: 0 success, 3 accuracy goal missed (the best network found and the report are written;
-  --strict: exit 2 and nothing written), 2 user error (bad model, data or option), 1 internal error.
+exit codes: 0 success, 2 user error (bad model, data or option; a missed goal with --strict),
+  3 accuracy goal missed (the best network found and the report are written), 1 internal error.
 """
 
 
