@@ -187,6 +187,19 @@ def program_bundle_bytes(prog: "Program", report: dict | None = None) -> tuple[b
     return _npz_bytes(arrays), mbytes
 
 
+def free_lists(steps, consts, outputs) -> list[list[str]]:
+    """Per step, the tensors no later step reads (program outputs and constants excluded): what a
+    runtime may drop after that step to free memory early."""
+    last: dict[str, int] = {}
+    for i, s in enumerate(steps):
+        for x in s.inputs:
+            if x and x not in consts:
+                last[x] = i
+    keep = {o["tensor"] for o in outputs}
+    return [[x for x in dict.fromkeys(s.inputs) if x and last.get(x) == i and x not in keep]
+            for i, s in enumerate(steps)]
+
+
 def bundle_input_value(path) -> Value:
     """The input Value (name, shape, dtype) a bundle (of any mpqc bundle format) expects, read
     from its manifest."""

@@ -25,6 +25,7 @@ import numpy as np
 from ..core.bdcnn_program import BdcnnProgram, load_bdcnn_bundle
 from ..core.errors import DataError, UnsupportedOpError
 from ..core.ir import Node, Value
+from ..core.program import free_lists
 from ..core.progress import progress_iter
 from .executor import batches, float_node_fn
 from .ops import conv_params
@@ -78,14 +79,7 @@ class BdcnnRuntime:
                 self._exec.append(node)
             else:
                 raise UnsupportedOpError(f"step {i} of {program.name!r} has unknown kind {s.kind!r}")
-        last: dict[str, int] = {}
-        for i, s in enumerate(program.steps):
-            for x in s.inputs:
-                if x and x not in program.consts:
-                    last[x] = i
-        keep = {o["tensor"] for o in program.outputs}
-        self._free = [[x for x in dict.fromkeys(s.inputs) if x and last.get(x) == i and x not in keep]
-                      for i, s in enumerate(program.steps)]
+        self._free = free_lists(program.steps, program.consts, program.outputs)
 
     def run(self, x, *, time_steps: bool = False) -> list[np.ndarray]:
         """Outputs (in program order) for ``x`` (array for the first input, or {name: array})."""

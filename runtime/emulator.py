@@ -14,7 +14,7 @@ import numpy as np
 
 from ..core.errors import CompilerError, DataError
 from ..core.ir import Node, Value
-from ..core.program import Program, Step, load_bundle
+from ..core.program import Program, Step, free_lists, load_bundle
 from ..core.progress import progress_iter
 from . import emulator_kernels as K
 from .executor import batches, float_node_fn
@@ -39,15 +39,8 @@ class Emulator:
                 node.inputs = [Value(x) if x else None for x in s.inputs]
                 node.outputs = [Value(o) for o in s.outputs]
             self._nodes.append(node)
-        # last reader of each tensor, to free memory early
-        last: dict[str, int] = {}
-        for i, s in enumerate(program.steps):
-            for x in s.inputs:
-                if x and x not in program.consts:
-                    last[x] = i
-        keep = {o["tensor"] for o in program.outputs}
-        self._free = [[x for x in dict.fromkeys(s.inputs) if x and last.get(x) == i and x not in keep]
-                      for i, s in enumerate(program.steps)]
+        # tensors to drop after their last reader
+        self._free = free_lists(program.steps, program.consts, program.outputs)
 
     def _const(self, name: str, dtype) -> np.ndarray:
         key = (name, str(dtype))

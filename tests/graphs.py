@@ -1,41 +1,11 @@
 """Helpers to build small IR graphs in tests and run them with onnxruntime or the float runtime."""
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 
-from mpqc.core.ir import Graph, Node, Value
+from mpqc.core.ir import Graph, Value
 from mpqc.runtime.executor import Executor
-
-
-class GraphBuilder:
-    """Terse construction of a Graph: ``b.input``, ``b.const``, ``b.op``, ``b.output``."""
-
-    def __init__(self, name: str = "g", opset: int = 17):
-        self.graph = Graph(name=name, opset=opset)
-
-    def input(self, name: str, shape: Sequence, dtype=np.float32) -> Value:
-        v = Value(name, shape, dtype)
-        self.graph.inputs.append(v)
-        return v
-
-    def const(self, name: str, array) -> Value:
-        return Value(name, const=np.asarray(array))
-
-    def node(self, op_type: str, inputs: Sequence[Value | None], n_out: int = 1, name: str | None = None,
-             **attrs) -> Node:
-        return self.graph.add_node(op_type, inputs, n_out, attrs, name=name)
-
-    def op(self, op_type: str, inputs: Sequence[Value | None], n_out: int = 1, name: str | None = None,
-           **attrs):
-        """Add a node and return its output (or outputs, when ``n_out > 1``)."""
-        n = self.node(op_type, inputs, n_out, name, **attrs)
-        return n.outputs[0] if n_out == 1 else tuple(n.outputs)
-
-    def output(self, *values: Value) -> Graph:
-        self.graph.outputs.extend(values)
-        return self.graph
+from mpqc.testing import GraphBuilder, randn  # noqa: F401  (the tests' builders are the public ones)
 
 
 def conv(b: "GraphBuilder", x: Value, cin: int, cout: int, name: str, k: int = 3, seed: int = 0, bias: bool = True,
@@ -59,10 +29,6 @@ def set_shapes(g: Graph) -> None:
 
 def rng(seed: int = 0) -> np.random.Generator:
     return np.random.default_rng(seed)
-
-
-def randn(*shape, seed: int = 0, scale: float = 1.0) -> np.ndarray:
-    return (rng(seed).standard_normal(shape) * scale).astype(np.float32)
 
 
 def ort_session(model):
