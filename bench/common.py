@@ -1,13 +1,14 @@
 """Helpers shared by the benchmark scripts: data, onnxruntime sessions, timing, RESULTS.md sections."""
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT.parent / "shared" / "bench"
+BENCH = Path(os.environ.get("MPQC_BENCH") or ROOT.parent / "shared" / "bench")
 RESULTS = ROOT / "bench" / "RESULTS.md"
 OUT = ROOT / "bench" / "out"
 

@@ -56,6 +56,26 @@ class LayerInputMeans(Analysis):
     """``{layer: E[x]}`` on the calibration data (float network): per (channel, tap) for a Conv,
     per input feature for a Gemm. Only layers that ``correctable`` accepts."""
     name = "layer-input-means"
+    persist = "layer-input-means"
+    float_only = True
+
+    def reads(self) -> tuple[str, ...]:
+        return ("calib",)
+
+    def encode(self, result: dict[Node, np.ndarray]) -> tuple[dict, dict[str, np.ndarray]]:
+        return {"layers": [n.name for n in result]}, {f"m{i}": m for i, m in enumerate(result.values())}
+
+    def decode(self, meta: dict, arrays: dict[str, np.ndarray], graph: Graph) -> dict[Node, np.ndarray]:
+        by_name: dict[str, list[Node]] = {}
+        for n in graph.nodes:
+            by_name.setdefault(n.name, []).append(n)
+        out = {}
+        for i, name in enumerate(meta["layers"]):
+            nodes = by_name.get(name, [])
+            if len(nodes) != 1:
+                raise ValueError(f"layer {name!r} is not one node of the graph")
+            out[nodes[0]] = arrays[f"m{i}"]
+        return out
 
     def compute(self, graph: Graph, ctx) -> dict[Node, np.ndarray]:
         data = ctx.calib

@@ -34,6 +34,7 @@ influence ranking (for the ablation that measures what the ranking is worth).
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,7 @@ from ..core.ir import Graph, Node
 from ..core.progress import progress_iter
 from ..runtime.executor import run_batched
 from .bias_correction import bias_correction_for
+from .cache import ResultCache, graph_digest, hash_json
 from .data import Dataset
 from .influence import InfluenceResult, compute_influence, layer_range as pick_range, lower_rung
 from .metrics import check_metric, evaluate
@@ -56,6 +58,11 @@ from .targets import Target
 #: the strategies that rank layers by their degree of influence (the others do not need it measured)
 INFLUENCE_STRATEGIES = ("threshold", "min-influence", "influence-update")
 GOAL_EPS = 1e-12  # evaluation values this close to the goal count as equal to it
+
+
+class TimeBudgetExceeded(Exception):
+    """``--time-budget`` ran out: raised by ``SearchContext`` before it computes anything more; the
+    search pass catches it and keeps the best network accepted so far."""
 
 
 @dataclass
@@ -101,6 +108,13 @@ class SearchContext:
     suffix_runs: int = 0
     influences: list = field(default_factory=list)  # every InfluenceResult computed, in order
     _icache: dict[tuple, Any] = field(default_factory=dict)
+    #: the result cache and this search's key in it (digest of everything an evaluation depends on
+    #: besides the bit widths); None: nothing is cached across compiles
+    store: ResultCache | None = None
+    fingerprint: str | None = None
+    #: ``time.monotonic()`` after which nothing more is computed (``TimeBudgetExceeded``)
+    deadline: float | None = None
+    _accepted: list[BitConfig] = field(default_factory=list)
 
     @property
     def layers(self) -> list[Node]:
@@ -117,11 +131,32 @@ class SearchContext:
         """Evaluation value of the network quantized with ``config`` (None: float)."""
         key = ("float",) if config is None else config.key(self.layers)
         if key not in self._cache:
-            out = self.sim.run(config, self.data.x, batch_size=self.batch_size,
-                               progress=None if self.quiet else "evaluate")[0]
-            self._cache[key] = self.score(out)
+            def compute() -> float:
+                if self._accepted:  # the starting network is always measured; then the budget counts
+                    self.check_budget()
+                out = self.sim.run(config, self.data.x, batch_size=self.batch_size,
+                                   progress=None if self.quiet else "evaluate")[0]
+                return float(self.score(out))
+            if self.store is not None and self.fingerprint is not None:
+                value = self.store.memo_json("evaluation", {"search": self.fingerprint, "config": key}, compute)
+            else:
+                value = compute()
+            self._cache[key] = value
             self.evaluations += 1
         return self._cache[key]
+
+    def check_budget(self) -> None:
+        """Raise ``TimeBudgetExceeded`` once the deadline has passed."""
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise TimeBudgetExceeded()
+
+    def best_accepted(self) -> BitConfig | None:
+        """The smallest network (weight bytes; the latest of equals) a step accepted, None before any."""
+        best = None
+        for c in self._accepted:
+            if best is None or self.weight_bytes(c) <= self.weight_bytes(best):
+                best = c
+        return best
 
     def known(self, config: BitConfig, value: float) -> None:
         """Remember an evaluation value obtained elsewhere (e.g. P_S of an influence sweep)."""
@@ -147,6 +182,8 @@ class SearchContext:
                        {n.name: list(config.bits[n]) for n in self.layers}, float(value), bool(accepted),
                        float(self.weight_bytes(config)), extra)
         self.trace.append(st)
+        if accepted:
+            self._accepted.append(config.copy())
         return st
 
     def lower(self, config: BitConfig, node: Node) -> tuple[int, int] | None:
@@ -159,9 +196,20 @@ class SearchContext:
         key = (config.key(self.layers), variant, tuple(id(n) for n in cands))
         res = self._icache.get(key)
         if res is None:
-            res = compute_influence(self.sim, self.target, config, self.data.x, self.score, variant=variant,
-                                    candidates=cands, min_bits=self.min_bits, batch_size=self.batch_size,
-                                    progress=not self.quiet)
+            def compute() -> InfluenceResult:
+                self.check_budget()
+                return compute_influence(self.sim, self.target, config, self.data.x, self.score,
+                                         variant=variant, candidates=cands, min_bits=self.min_bits,
+                                         batch_size=self.batch_size, progress=not self.quiet,
+                                         check=self.check_budget)
+            if self.store is not None and self.fingerprint is not None:
+                layers = self.layers
+                res = self.store.memo(
+                    "influence", {"search": self.fingerprint, "config": config.key(layers), "variant": variant,
+                                  "candidates": [n.name for n in cands], "min_bits": self.min_bits},
+                    compute, lambda r: (r.to_cache(), {}), lambda m, a: InfluenceResult.from_cache(m, layers, config))
+            else:
+                res = compute()
             self.add_influence(res, cands)
         return res
 
@@ -248,10 +296,21 @@ def missed_goal(ctx: SearchContext, start: BitConfig, strict: bool) -> dict | No
 class FloatReference(Analysis):
     """The float network's first output on a data split ("eval" or "calib")."""
     name = "float-reference"
+    persist = "float-reference"
+    float_only = True
 
     def __init__(self, split: str = "eval", **params):
         super().__init__(split=split, **params)
         self.split = split
+
+    def reads(self) -> tuple[str, ...]:
+        return (self.split,)
+
+    def encode(self, result: np.ndarray) -> tuple[dict, dict[str, np.ndarray]]:
+        return {}, {"out": result}
+
+    def decode(self, meta: dict, arrays: dict[str, np.ndarray], graph: Graph) -> np.ndarray:
+        return arrays["out"]
 
     def compute(self, graph: Graph, ctx) -> np.ndarray:
         data = getattr(ctx, self.split)
@@ -295,12 +354,21 @@ def search_context(graph: Graph, ctx, *, split: str | None = None, metric: str |
     bc = None
     if bias_correction:
         bc = bias_correction_for(graph, ctx).corrected_bias
+    store = ctx.store
+    fingerprint = None
+    if store is not None:  # everything an evaluation or a sweep depends on besides the bit widths
+        fingerprint = graph_digest(graph) + "/" + store.data_digest(data) + "/" + str(hash_json({
+            "base": None if base is graph else graph_digest(base), "target": ctx.target.to_json(),
+            "calib": None if ctx.calib is None else store.data_digest(ctx.calib), "split": split,
+            "metric": metric, "format_search": format_search, "bias_correction": bool(bias_correction),
+            "batch": ctx.batch_size}))
     sctx = SearchContext(graph=graph, plan=plan, table=table, sim=QuantSim(plan, table, bc), target=ctx.target,
                          data=data, metric=metric, reference=ref, float_value=float_value,
                          goal=resolve_goal(float_value, metric, max_drop, target_score),
                          batch_size=ctx.batch_size, quiet=ctx.quiet, seed=ctx.seed,
                          options=(options if options is not None else SearchOptions()).check(),
-                         min_bits=min_bits, candidates=pick_range(plan.layers, layer_range))
+                         min_bits=min_bits, candidates=pick_range(plan.layers, layer_range),
+                         store=store, fingerprint=fingerprint, deadline=ctx.deadline)
     sctx.options.split = split
     sctx.options.bias_correction = bool(bias_correction)
     if note and sctx.options.note is None:

@@ -22,7 +22,9 @@ from ..core.errors import DataError, OptionError
 from ..core.ir import Graph
 from ..runtime.executor import run_batched
 from .bdcnn import compile_bdcnn
+from .bitsearch import FloatReference
 from .bundle import bundle_bytes
+from .cache import ResultCache, graph_digest, open_cache
 from .data import Dataset, check_input, load_dataset, model_batch, parse_spec
 from .export import atomic_write_bytes, commit_files, to_onnx
 from .frontend import load_graph
@@ -52,6 +54,8 @@ class CompileResult:
     #: (npz, manifest JSON) of a bundle built by the compilation itself (the bdcnn target's); None:
     #: ``--emit-bundle`` lowers ``graph`` to the fixed-point program
     bundle: tuple[bytes, bytes] | None = None
+    #: what came from the result cache (``ResultCache.summary``; None without a cache)
+    cache: dict | None = None
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_bytes(path, to_onnx(self.graph).SerializeToString(deterministic=True))
@@ -114,6 +118,8 @@ class Outputs:
     depfile: str | os.PathLike | None = None
     #: the depfile rule's targets (``-MT``; default: every output above)
     dep_targets: tuple[str, ...] = ()
+    #: also a phony rule per dependency (``-MP``), so that make does not fail on a deleted input
+    dep_phony: bool = False
 
     def paths(self) -> list[str]:
         """Every file written besides the depfile (the bundle's manifest included), in order."""
@@ -138,15 +144,19 @@ def compile_model(model: str | os.PathLike | Graph, *, level: int = 1, target: s
                   calib=None, eval=None, train=None, metric: str | None = None,
                   passes: str | list[Pass] | None = None, options: CompileOptions | dict | None = None,
                   outputs: Outputs | None = None, diagnostics: Diagnostics | None = None,
-                  seed: int = 0, quiet: bool = True, batch_size: int = 64) -> CompileResult:
+                  seed: int = 0, quiet: bool = True, batch_size: int = 64,
+                  cache: ResultCache | str | os.PathLike | bool | None = None) -> CompileResult:
     """Compile ``model`` (a path or a Graph) and write ``outputs``.
 
     ``level``: -O level (ignored when ``passes`` is given: a pass list string or Pass instances);
     ``target``: a target name or ``Target``; ``calib``/``eval``/``train``: data (``FILE.npz[:SPLIT]``,
     an array, an ``(x, y)`` tuple or a ``Dataset``); ``metric``: evaluation value (default top1
     with labels, else agreement); ``options``: ``CompileOptions`` (or a dict of its fields);
-    ``seed``, ``quiet`` (no progress bars), ``batch_size``. See ``mpqc --help``."""
+    ``seed``, ``quiet`` (no progress bars), ``batch_size``; ``cache``: the result cache
+    (``compiler/cache.py``: a folder, True for the default one, a ``ResultCache``; None/False:
+    none). See ``mpqc --help``."""
     t0 = time.perf_counter()
+    t_start = time.monotonic()
     outputs = outputs or Outputs()
     diagnostics = diagnostics or Diagnostics()
     opts = CompileOptions.coerce(options)
@@ -180,7 +190,10 @@ def compile_model(model: str | os.PathLike | Graph, *, level: int = 1, target: s
     tgt = get_target(target) if isinstance(target, str) else target
     if graph.inputs:
         batch_size = model_batch(graph.inputs[0], batch_size)  # a fixed-batch model runs at its batch
-    ctx = PassContext(target=tgt, seed=seed, quiet=quiet, batch_size=batch_size, options=opts, metric=metric)
+    store = open_cache(cache)
+    ctx = PassContext(target=tgt, seed=seed, quiet=quiet, batch_size=batch_size, options=opts, metric=metric,
+                      store=store,
+                      deadline=None if opts.time_budget is None else t_start + float(opts.time_budget))
     ctx.calib = _as_dataset(calib, graph, "--calib", "calib")
     ctx.eval = _as_dataset(eval, graph, "--eval", "eval")
     ctx.train = _as_dataset(train, graph, "--train", "train")
@@ -209,6 +222,7 @@ def compile_model(model: str | os.PathLike | Graph, *, level: int = 1, target: s
     pm.run(graph, ctx)
     if bdcnn:
         result = _compile_bdcnn(graph, ctx, level, opts, pm.timings)
+        result.cache = _finish_cache(ctx, diagnostics)
         write_outputs(result, outputs, depends)
         return result
     # the float reference for later comparisons is the canonical float network
@@ -226,9 +240,28 @@ def compile_model(model: str | os.PathLike | Graph, *, level: int = 1, target: s
         ctx.report["timings"] = [{"pass": t.name, "seconds": round(t.seconds, 4), "modified": t.modified}
                                  for t in pm.timings]
         ctx.report["total_seconds"] = round(time.perf_counter() - t0, 3)
-    result = CompileResult(graph, ctx.float_graph or float_graph, ctx.report, ctx, pm.timings)
+    stopped = [sec["time_budget_exceeded"] for sec in (ctx.report.get("passes") or {}).values()
+               if isinstance(sec, dict) and isinstance(sec.get("time_budget_exceeded"), dict)]
+    if stopped:
+        ctx.report["time_budget_exceeded"] = stopped[-1]
+    result = CompileResult(graph, ctx.float_graph or float_graph, ctx.report, ctx, pm.timings,
+                           cache=_finish_cache(ctx, diagnostics))
     write_outputs(result, outputs, depends)
     return result
+
+
+def _finish_cache(ctx: PassContext, diagnostics: Diagnostics) -> dict | None:
+    """Bound the cache folder and return what came from the cache (``CompileResult.cache``: the
+    CLI's --json and its stderr line); with --time-passes, whose report is run-specific anyway,
+    also ``report["cache"]``. Other reports do not say it, so they stay byte-identical."""
+    if ctx.store is None:
+        return None
+    evicted = ctx.store.trim()
+    summary = ctx.store.summary()
+    summary["evicted"] = evicted
+    if diagnostics.time_passes:
+        ctx.report["cache"] = summary
+    return summary
 
 
 def measure_accuracy(graph: Graph, float_graph: Graph, ctx: PassContext) -> dict:
@@ -237,16 +270,23 @@ def measure_accuracy(graph: Graph, float_graph: Graph, ctx: PassContext) -> dict
     ds = ctx.eval
     metric = ctx.metric or ("top1" if ds.y is not None else "agreement")
     check_metric(metric, ds.y is not None)
-    ref = run_batched(float_graph, ds.x, batch_size=ctx.batch_size,
-                      progress=None if ctx.quiet else "eval float")[0]
+    ref = ctx.analyses.get(FloatReference, float_graph, split="eval")
     acc = ctx.report.setdefault("accuracy", {})
     acc["metric"] = metric
     acc["data"] = f"{ds.source} ({len(ds)} samples)"
     acc["float"] = evaluate(metric, ref, ds.y, ref)
     if is_quantized(graph):
-        out = run_emulator(graph, ds.x, batch_size=ctx.batch_size,
-                           progress=None if ctx.quiet else "eval emulator")
-        acc["quantized (emulator)"] = evaluate(metric, out, ds.y, ref if metric in NEEDS_REFERENCE else None)
+        def emulated() -> float:
+            out = run_emulator(graph, ds.x, batch_size=ctx.batch_size,
+                               progress=None if ctx.quiet else "eval emulator")
+            return float(evaluate(metric, out, ds.y, ref if metric in NEEDS_REFERENCE else None))
+        if ctx.store is None:
+            acc["quantized (emulator)"] = emulated()
+        else:
+            acc["quantized (emulator)"] = ctx.store.memo_json(
+                "emulator-accuracy", {"graph": graph_digest(graph), "float": graph_digest(float_graph),
+                                      "data": ctx.store.data_digest(ds), "metric": metric,
+                                      "batch": ctx.batch_size}, emulated)
     return acc
 
 
@@ -339,7 +379,8 @@ def write_outputs(result: CompileResult, outputs: Outputs, depends=()) -> None:
     if html is not None:
         blobs.append((html, render_html(rep).encode()))
     if outputs.depfile is not None:
-        blobs.append((outputs.depfile, depfile_bytes(outputs.dep_targets or outputs.paths(), depends)))
+        blobs.append((outputs.depfile, depfile_bytes(outputs.dep_targets or outputs.paths(), depends,
+                                                     phony=outputs.dep_phony)))
     commit_files(blobs)
 
 
@@ -419,10 +460,14 @@ def make_escape(path: str) -> str:
     return "".join(out)
 
 
-def depfile_bytes(targets, depends) -> bytes:
-    """A Make rule ``targets: depends`` in gcc's depfile format (one dependency a line)."""
+def depfile_bytes(targets, depends, *, phony: bool = False) -> bytes:
+    """A Make rule ``targets: depends`` in gcc's depfile format (one dependency a line); with
+    ``phony`` (``-MP``) an empty rule ``dep:`` after it for each dependency, as gcc writes."""
     head = " ".join(make_escape(os.fspath(t)) for t in targets) + ":"
-    return (" \\\n ".join([head] + [make_escape(d) for d in depends]) + "\n").encode()
+    text = " \\\n ".join([head] + [make_escape(d) for d in depends]) + "\n"
+    if phony:
+        text += "".join(f"\n{make_escape(d)}:\n" for d in depends)
+    return text.encode()
 
 
 def _version() -> str:

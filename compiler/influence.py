@@ -129,13 +129,14 @@ class SweepStats:
 
 def sweep(sim, x: np.ndarray, prefix: BitConfig | None, cuts: Sequence[tuple[int, BitConfig | None]], *,
           batch_size: int = 64, output: Value | None = None, progress: str | None = None,
-          stats: SweepStats | None = None) -> list[np.ndarray]:
+          stats: SweepStats | None = None, check: Callable[[], None] | None = None) -> list[np.ndarray]:
     """Outputs of the networks "``prefix`` up to cut c, then ``suffix`` from c" for each ``(c, suffix)``.
 
     ``c`` indexes ``stream_order(sim.plan)`` (``cut_positions`` gives the layer cuts).
     Returns, per entry of ``cuts``, the network's ``output`` (default: first graph
     output) over all of ``x``. The prefix runs once per batch; each suffix is a
-    partial run fed with the prefix's tensors crossing the cut.
+    partial run fed with the prefix's tensors crossing the cut. ``check`` is called before each
+    batch (``--time-budget``: it raises to stop the sweep).
     """
     plan = sim.plan
     graph = plan.graph
@@ -161,6 +162,8 @@ def sweep(sim, x: np.ndarray, prefix: BitConfig | None, cuts: Sequence[tuple[int
     chunks: list[list[np.ndarray]] = [[] for _ in cuts]
     st = stats if stats is not None else SweepStats()
     for sl in progress_iter(list(batches(len(x), batch_size)), desc=progress):
+        if check is not None:
+            check()
         env: dict[int, np.ndarray] = {id(graph.inputs[0]): x[sl]}
         vals: dict[int, Value] = {id(graph.inputs[0]): graph.inputs[0]}
         remaining = dict(reads)
@@ -215,6 +218,35 @@ class InfluenceResult:
                 "to_bits": {n.name: list(self.reduced.bits[n]) for n in self.candidates},
                 "suffix_runs": self.stats.suffix_runs}
 
+    def to_cache(self) -> dict:
+        """Everything but ``layers`` and ``config`` (the caller's), by layer name (the result cache)."""
+        return {"variant": self.variant, "candidates": [n.name for n in self.candidates],
+                "influence": [float(self.influence[n]) for n in self.candidates],
+                "values": [float(v) for v in self.values], "value_layers": list(self.value_layers),
+                "base_value": float(self.base_value),
+                "reduced_value": None if self.reduced_value is None else float(self.reduced_value),
+                "reduced": {"bits": [list(self.reduced.bits[n]) for n in self.layers],
+                            "input_bits": self.reduced.input_bits},
+                "stats": [self.stats.batches, self.stats.prefix_runs, self.stats.suffix_runs]}
+
+    @classmethod
+    def from_cache(cls, d: dict, layers: Sequence[Node], config: BitConfig) -> "InfluenceResult":
+        """The inverse of ``to_cache`` for the plan's ``layers`` and NN_T ``config``."""
+        by_name: dict[str, Node] = {}
+        for n in layers:
+            if n.name in by_name:
+                raise ValueError(f"two layers are named {n.name!r}")
+            by_name[n.name] = n
+        cands = [by_name[name] for name in d["candidates"]]
+        if len(d["reduced"]["bits"]) != len(layers):
+            raise ValueError("the entry's layers are not the plan's")
+        reduced = BitConfig({n: tuple(b) for n, b in zip(layers, d["reduced"]["bits"])},
+                            int(d["reduced"]["input_bits"]))
+        return cls(d["variant"], list(layers), cands, dict(zip(cands, (float(v) for v in d["influence"]))),
+                   [float(v) for v in d["values"]], list(d["value_layers"]), float(d["base_value"]),
+                   None if d["reduced_value"] is None else float(d["reduced_value"]), config, reduced,
+                   SweepStats(*(int(v) for v in d["stats"])))
+
 
 def mixed_config(layers: Sequence[Node], prefix: BitConfig, suffix: BitConfig, k: int) -> BitConfig:
     """Layers ``< k`` with ``prefix``'s widths, the others with ``suffix``'s."""
@@ -241,7 +273,8 @@ def layer_range(layers: Sequence[Node], rng: tuple[int, int] | None) -> list[Nod
 def compute_influence(sim, target: Target, config: BitConfig, x: np.ndarray,
                       score: Callable[[np.ndarray], float], *, variant: str = "chained",
                       candidates: Sequence[Node] | None = None, min_bits: int | None = None,
-                      batch_size: int = 64, progress: bool = False) -> InfluenceResult:
+                      batch_size: int = 64, progress: bool = False,
+                      check: Callable[[], None] | None = None) -> InfluenceResult:
     """Influence of each layer of ``candidates`` (default: all) under ``variant`` for NN_T = ``config``.
 
     ``score`` maps the network output over ``x`` to the evaluation value.
@@ -265,7 +298,7 @@ def compute_influence(sim, target: Target, config: BitConfig, x: np.ndarray,
         return InfluenceResult(variant, list(layers), [], {}, [], [], float("nan"), None, config, s_cfg, stats)
     if variant == "isolated":
         entries = [(cuts[0], config)] + [(cuts[idx[id(n)]], config.with_layer(n, s_cfg.bits[n])) for n in mov]
-        outs = sweep(sim, x, config, entries, batch_size=batch_size, progress=desc, stats=stats)
+        outs = sweep(sim, x, config, entries, batch_size=batch_size, progress=desc, stats=stats, check=check)
         vals = [score(o) for o in outs]
         base = vals[0]
         for n, v in zip(mov, vals[1:]):
@@ -282,7 +315,7 @@ def compute_influence(sim, target: Target, config: BitConfig, x: np.ndarray,
     # of the network they belong to
     pre, suf = (s_cfg, config) if variant == "chained" else (config, s_cfg)
     entries = [(cuts[k], mixed_config(layers, pre, suf, k)) for k in ks]
-    outs = sweep(sim, x, pre, entries, batch_size=batch_size, progress=desc, stats=stats)
+    outs = sweep(sim, x, pre, entries, batch_size=batch_size, progress=desc, stats=stats, check=check)
     vals = [score(o) for o in outs]
     for j, k in enumerate(ks[:-1]):
         n = layers[k]

@@ -81,7 +81,9 @@ class CompileOptions:
     or per layer), restarts [--restarts], iterations [--iterations] of the decomposition;
     planes [--planes]: one activation bit-plane count Q for every layer instead of the search.
     strict [--strict]: an accuracy goal that cannot be met is an error (nothing written); without
-    it the best network found is written and the report's ``goal_missed`` says by how much."""
+    it the best network found is written and the report's ``goal_missed`` says by how much.
+    time_budget [--time-budget]: seconds from the start of the compile after which the bit-width
+    search stops and keeps the best network accepted so far (None: no limit)."""
 
     max_drop: float | None = None
     target_score: float | None = None
@@ -97,6 +99,7 @@ class CompileOptions:
     iterations: int | None = None
     planes: int | None = None
     strict: bool = False
+    time_budget: float | None = None
 
     def check(self) -> "CompileOptions":
         """Refuse impossible values (one ``OptionError`` naming the flag); returns self."""
@@ -116,6 +119,8 @@ class CompileOptions:
             raise OptionError(f"--iterations must be >= 0, got {self.iterations}")
         if self.planes is not None and not 2 <= self.planes <= 8:
             raise OptionError(f"--planes (activation bit-planes Q) must be in 2..8, got {self.planes}")
+        if self.time_budget is not None and not (self.time_budget > 0 and self.time_budget < float("inf")):
+            raise OptionError(f"--time-budget is in seconds and must be a positive number, got {self.time_budget}")
         return self
 
     @classmethod

@@ -32,6 +32,7 @@ import numpy as np
 
 from ..core.errors import CompilerError, OptionError, PassError
 from ..core.ir import Graph
+from .cache import ResultCache, graph_digest
 from .data import Dataset
 from .options import CompileOptions
 from .targets import Target
@@ -48,9 +49,28 @@ class PassResult:
 
 
 class Analysis:
-    """Base class of analyses: recomputable facts about a graph, keyed by identity."""
+    """Base class of analyses: recomputable facts about a graph, keyed by identity.
+
+    An analysis worth keeping across compiles sets ``persist`` (its kind in the result cache,
+    ``compiler/cache.py``), lists the data splits it reads in ``reads`` and implements
+    ``encode(result) -> (meta, arrays)`` and ``decode(meta, arrays, graph) -> result``; the
+    manager then looks it up in ``ctx.store`` by the graph's digest, the splits' data, the batch
+    size and its parameters before computing it."""
 
     name: ClassVar[str] = "analysis"
+    persist: ClassVar[str | None] = None
+    #: a persistent result of the float network: its key leaves the quantization decisions out
+    float_only: ClassVar[bool] = False
+
+    def reads(self) -> tuple[str, ...]:
+        """The data splits the result depends on (persistent analyses)."""
+        return ()
+
+    def encode(self, result: Any) -> tuple[dict, dict[str, np.ndarray]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def decode(self, meta: dict, arrays: dict[str, np.ndarray], graph: Graph) -> Any:  # pragma: no cover
+        raise NotImplementedError
 
     def __init__(self, **params):
         self.params = params
@@ -76,7 +96,17 @@ class AnalysisManager:
         key = self._key(cls, graph, params)
         if key not in self._cache:
             t0 = time.perf_counter()
-            self._cache[key] = cls(**params).compute(graph, self.ctx)
+            ana = cls(**params)
+            store = self.ctx.store
+            if cls.persist is not None and store is not None:
+                splits = [s for s in ana.reads() if getattr(self.ctx, s, None) is not None]
+                pkey = {"graph": graph_digest(graph, decisions=not cls.float_only), "params": ana.params,
+                        "batch": self.ctx.batch_size,
+                        "data": {s: store.data_digest(getattr(self.ctx, s)) for s in splits}}
+                self._cache[key] = store.memo(cls.persist, pkey, lambda: ana.compute(graph, self.ctx),
+                                              ana.encode, lambda m, a: ana.decode(m, a, graph))
+            else:
+                self._cache[key] = ana.compute(graph, self.ctx)
             self.computed.append(cls.name)
             log.debug("analysis %s computed in %.3fs", cls.name, time.perf_counter() - t0)
         return self._cache[key]
@@ -120,6 +150,11 @@ class PassContext:
     batch_size: int = 64
     report: dict[str, Any] = field(default_factory=dict)
     float_graph: Graph | None = None  # the canonical float network NN_T, set by the driver
+    #: the result cache (``compiler.cache.ResultCache``; None: every result is computed)
+    store: ResultCache | None = None
+    #: ``time.monotonic()`` after which the bit-width search stops and keeps its best network
+    #: (``--time-budget``); None: no limit
+    deadline: float | None = None
     analyses: AnalysisManager = field(init=False)
 
     def __post_init__(self):

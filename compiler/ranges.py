@@ -80,10 +80,30 @@ class ActivationRanges(Analysis):
     """``{Value: TensorStats}`` for every non-constant tensor on the calibration data."""
 
     name = "activation-ranges"
+    persist = "activation-ranges"
+    float_only = True
 
     def __init__(self, sample_cap: int = 1 << 17, **params):
         super().__init__(sample_cap=sample_cap, **params)
         self.sample_cap = sample_cap
+
+    def reads(self) -> tuple[str, ...]:
+        return ("calib",)
+
+    def encode(self, result: dict[Value, TensorStats]) -> tuple[dict, dict[str, np.ndarray]]:
+        vals = list(result)
+        meta = {"names": [v.name for v in vals],
+                "stats": [[s.min, s.max, s.absmax, s.sum, s.count] for s in result.values()]}
+        return meta, {f"s{i}": s.sample for i, s in enumerate(result.values())}
+
+    def decode(self, meta: dict, arrays: dict[str, np.ndarray], graph: Graph) -> dict[Value, TensorStats]:
+        values = profiled_values(graph)
+        if [v.name for v in values] != meta["names"]:
+            raise ValueError("the entry's tensors are not the graph's")
+        out = {}
+        for i, (v, (mn, mx, am, sm, c)) in enumerate(zip(values, meta["stats"])):
+            out[v] = TensorStats(float(mn), float(mx), float(am), float(sm), int(c), _sample=arrays[f"s{i}"])
+        return out
 
     def compute(self, graph: Graph, ctx: PassContext) -> dict[Value, TensorStats]:
         data = ctx.calib
@@ -93,10 +113,14 @@ class ActivationRanges(Analysis):
                        quiet=ctx.quiet)
 
 
+def profiled_values(graph: Graph) -> list[Value]:
+    """The tensors ``profile`` records, in order: the graph inputs, then every node output."""
+    return list(graph.inputs) + [o for n in graph.nodes for o in n.outputs]
+
+
 def profile(graph: Graph, x: np.ndarray, *, batch_size: int = 64, sample_cap: int = 1 << 17,
             node_fn=None, quiet: bool = True) -> dict[Value, TensorStats]:
-    values = [v for v in graph.inputs] + [o for n in graph.nodes for o in n.outputs]
-    stats = {v: TensorStats() for v in values}
+    stats = {v: TensorStats() for v in profiled_values(graph)}
     n_batches = max(1, -(-len(x) // batch_size))
     per_batch = max(1, sample_cap // n_batches)
     inner = node_fn or float_node_fn

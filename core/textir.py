@@ -254,9 +254,9 @@ def _fmt_const_data(arr: np.ndarray, elide_above: int | None) -> str:
     return _fmt_dense(arr)
 
 
-def _fmt_value_def(sigil: str, v: Value) -> str:
+def _fmt_value_def(sigil: str, v: Value, decisions: bool = True) -> str:
     s = f"{_name(sigil, v.name)}: {_fmt_type(v.dtype, v.shape)}"
-    if v.qformat is not None:
+    if decisions and v.qformat is not None:
         s += " " + _fmt_qformat(v.qformat)
     return s
 
@@ -267,30 +267,31 @@ def _ref(v: Value | None) -> str:
     return _name("#" if v.is_const else "%", v.name)
 
 
-def print_graph(graph: Graph, *, elide_above: int | None = DEFAULT_ELIDE) -> str:
+def print_graph(graph: Graph, *, elide_above: int | None = DEFAULT_ELIDE, decisions: bool = True) -> str:
     """The textual IR of ``graph`` (ends with a newline). Constants with more than ``elide_above``
-    elements print as ``dense<seed=...>`` (``None``: every constant inline, exact)."""
+    elements print as ``dense<seed=...>`` (``None``: every constant inline, exact). ``decisions=False``
+    leaves out the quantization decisions (formats, bit widths): the float network only."""
     lines = [f"graph {_name('@', graph.name)} opset {int(graph.opset)} {{"]
     for k in sorted(graph.metadata):
         lines.append(f"  meta {json.dumps(k)} = {json.dumps(graph.metadata[k])}")
     for v in graph.inputs:
         if v.is_const:
-            lines.append(f"  input {_fmt_value_def('#', v)} = {_fmt_const_data(v.const, elide_above)}")
+            lines.append(f"  input {_fmt_value_def('#', v, decisions)} = {_fmt_const_data(v.const, elide_above)}")
         else:
-            lines.append(f"  input {_fmt_value_def('%', v)}")
+            lines.append(f"  input {_fmt_value_def('%', v, decisions)}")
     inputs = {id(v) for v in graph.inputs}
     for v in graph.values():
         if v.is_const and id(v) not in inputs:
-            lines.append(f"  const {_fmt_value_def('#', v)} = {_fmt_const_data(v.const, elide_above)}")
+            lines.append(f"  const {_fmt_value_def('#', v, decisions)} = {_fmt_const_data(v.const, elide_above)}")
     for n in graph.nodes:
-        outs = ", ".join(_fmt_value_def("%", v) for v in n.outputs)
+        outs = ", ".join(_fmt_value_def("%", v, decisions) for v in n.outputs)
         op = f"{n.domain}::{n.op_type}" if n.domain else n.op_type
         s = f"  {outs} = " if n.outputs else "  "
         s += f"{op} {json.dumps(n.name)}({', '.join(_ref(v) for v in n.inputs)})"
         if n.attrs:
             s += " {" + ", ".join(f"{k if _IDENT_RE.match(k) else json.dumps(k)} = {_fmt_attr(a, elide_above)}"
                                   for k, a in n.attrs.items()) + "}"
-        if n.qconfig is not None:
+        if decisions and n.qconfig is not None:
             s += " " + _fmt_qconfig(n.qconfig)
         if n.prune is not None:
             s += " " + _fmt_record("prune", n.prune)

@@ -78,6 +78,9 @@ def compile_parser() -> argparse.ArgumentParser:
     s.add_argument("--strict", action="store_true",
                    help="an accuracy goal that cannot be met is an error (exit 2, nothing written); by default "
                         "the best network found is written and mpqc exits with code 3")
+    s.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="stop the bit-width search this many seconds after the compile started and keep the "
+                        "best network accepted so far (the report's time_budget_exceeded says where it stopped)")
     s.add_argument("--strategy", help="bit-width search strategy: auto (default: influence-update unless too "
                                     "costly, then min-influence), influence-update, min-influence, threshold "
                                     "(US 2021/0201141 A1), weight-diff-bsearch, weight-diff-topk (US 12,393,828 B2)")
@@ -120,10 +123,22 @@ def compile_parser() -> argparse.ArgumentParser:
     o.add_argument("-MF", dest="mf", metavar="FILE", help="write the depfile to FILE (implies -MD)")
     o.add_argument("-MT", dest="mt", action="append", default=[], metavar="TARGET",
                    help="the depfile rule's target (repeatable; default: every output file)")
+    o.add_argument("-MP", dest="mp", action="store_true",
+                   help="add a phony target for each dependency (like gcc -MP), so that a deleted input "
+                        "does not break the build")
+    c = p.add_argument_group("result cache (calibration, influence sweeps, search evaluations)")
+    c.add_argument("--cache-dir", metavar="DIR",
+                   help="folder of the content-addressed result cache (default: $MPQC_CACHE_DIR, else "
+                        "$XDG_CACHE_HOME/mpqc, else ~/.cache/mpqc); safe to share between parallel builds")
+    c.add_argument("--no-cache", action="store_true", help="compute everything; read and write no cache")
+    c.add_argument("--cache-size", metavar="SIZE", default="2G",
+                   help="largest size of the cache folder; least recently used entries go first (default 2G)")
     x = p.add_argument_group("diagnostics")
     x.add_argument("--print-after", action="append", default=[], metavar="PASS",
                    help="print the IR after this pass ('all' for every pass); repeatable")
-    x.add_argument("--time-passes", action="store_true", help="print the time each pass took")
+    x.add_argument("--time-passes", action="store_true",
+                   help="print the time each pass took (the report then holds the timings and what came from "
+                        "the cache; otherwise reports are byte-identical run to run)")
     x.add_argument("--verify-each", action="store_true", help="verify the IR after every pass")
     x.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
     x.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
@@ -202,8 +217,14 @@ def cmd_compile(argv: list[str]) -> int:
                              cycles=args.cycles, finetune=args.finetune, finetune_epochs=args.finetune_epochs,
                              flops=args.flops, prune=args.prune, ratios=args.ratios, bases=args.bases,
                              restarts=args.restarts, iterations=args.iterations, planes=args.planes,
-                             strict=args.strict)
-    outputs = Outputs(args.output, args.report, args.html, args.emit_bundle, depfile, tuple(args.mt))
+                             strict=args.strict, time_budget=args.time_budget)
+    outputs = Outputs(args.output, args.report, args.html, args.emit_bundle, depfile, tuple(args.mt),
+                      dep_phony=args.mp)
+    from mpqc.compiler.cache import open_cache, parse_size  # start-up
+    if args.no_cache and args.cache_dir is not None:
+        raise OptionError("give either --cache-dir DIR or --no-cache, not both")
+    cache = None if args.no_cache else open_cache(args.cache_dir if args.cache_dir is not None else True,
+                                                  max_bytes=parse_size(args.cache_size))
     # with --json stdout holds the JSON object only: printed IR and pass times go to stderr
     printer = (lambda text: print(text, file=sys.stderr)) if args.json else None
     res = compile_model(args.model, level=level, target=args.target, calib=args.calib, eval=args.eval,
@@ -211,12 +232,20 @@ def cmd_compile(argv: list[str]) -> int:
                         outputs=outputs,
                         diagnostics=Diagnostics(args.verify_each, frozenset(args.print_after), args.time_passes,
                                                 printer=printer),
-                        seed=args.seed, quiet=args.quiet, batch_size=args.batch_size)
+                        seed=args.seed, quiet=args.quiet, batch_size=args.batch_size, cache=cache)
     if args.json:
         from mpqc.compiler.driver import json_default  # start-up
-        print(json.dumps(summary_json(res.report, outputs), indent=1, sort_keys=True, default=json_default))
+        summary = summary_json(res.report, outputs)
+        if res.cache is not None:
+            summary["cache"] = res.cache
+        print(json.dumps(summary, indent=1, sort_keys=True, default=json_default))
     elif not args.quiet:
         print(summary_text(res.report), file=sys.stderr)
+        if res.cache is not None:
+            print(cache_line(res.cache), file=sys.stderr)
+    stopped = res.report.get("time_budget_exceeded")
+    if stopped:
+        print(f"mpqc: note: {stopped['message']}", file=sys.stderr)
     missed = res.report.get("goal_missed")
     if missed:  # the outputs hold the best network found; say by how much the goal was missed
         print(f"mpqc: goal missed: {missed['message']}; wrote the best network found ({missed['metric']} "
@@ -224,6 +253,20 @@ def cmd_compile(argv: list[str]) -> int:
               "--strict writes nothing instead", file=sys.stderr)
         return 3
     return 0
+
+
+def cache_line(cache: dict) -> str:
+    """One line: what came from the result cache and what was computed."""
+    kinds = cache.get("kinds") or {}
+    hit = ", ".join(f"{v['hits']} {k}" for k, v in kinds.items() if v["hits"])
+    miss = ", ".join(f"{v['misses']} {k}" for k, v in kinds.items() if v["misses"])
+    text = f"cache {cache['dir']}: reused {hit or 'nothing'}; computed {miss or 'nothing'}"
+    rejected = sum(v.get("rejected", 0) for v in kinds.values())
+    if rejected:
+        text += f"; {rejected} damaged or foreign entr{'y' if rejected == 1 else 'ies'} ignored and recomputed"
+    if cache.get("disabled"):
+        text += f"; disabled: {cache['disabled']}"
+    return text
 
 
 def summary_json(report: dict, outputs) -> dict:
@@ -264,7 +307,7 @@ def _check_number_options(args) -> None:
     """Float options are finite and in range; counts are not negative (before any work)."""
     import math  # start-up
     ranges = {"max_drop": (None, None), "target_score": (None, None), "flops": (None, None),
-              "finetune_epochs": (0.0, 1e6)}  # the ranges of the others are CompileOptions' checks
+              "finetune_epochs": (0.0, 1e6), "time_budget": (None, None)}  # the ranges of the others are CompileOptions' checks
     for key, (lo, hi) in ranges.items():
         v = getattr(args, key, None)
         if v is None:

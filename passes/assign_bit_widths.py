@@ -32,6 +32,8 @@ weight-difference strategies (weight-diff-bsearch, weight-diff-topk: US 12,393,8
 ``--train``).
 Requires: choose-formats (formats and starting widths), data, a target.
 Preserves: activation ranges, quant plan, format table.
+``--time-budget`` stops the search (an influence sweep between batches, or before an
+evaluation) and keeps the smallest network a step accepted (``time_budget_exceeded``).
 Report: goal, float/start/final values, each layer's influence under each variant,
 the full search trace, final bits, weight bytes and estimated MAC cost.
 """
@@ -40,7 +42,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from mpqc.compiler.bitsearch import INFLUENCE_STRATEGIES, LayerInfluence, missed_goal, search_context, search_goal
+from mpqc.compiler.bitsearch import (INFLUENCE_STRATEGIES, LayerInfluence, TimeBudgetExceeded, missed_goal,
+                                     search_context, search_goal)
 from mpqc.compiler.influence import lower_rung
 from mpqc.compiler.info import layer_macs
 from mpqc.compiler.options import VARIANTS, SearchOptions
@@ -147,11 +150,20 @@ class AssignBitWidthsPass(Pass):
         ranked = self.rank == "influence" and strategy in INFLUENCE_STRATEGIES
         variants = (VARIANTS if self.report_variants else (self.variant,)) if ranked else ()
         initial = {}
-        for v in variants:
-            res = ctx.analyses.get(LayerInfluence, graph, variant=v, **ana)
-            initial[v] = res
-            sctx.add_influence(res)
-        final = fn(sctx, start)
+        stopped = None
+        try:
+            for v in variants:
+                res = ctx.analyses.get(LayerInfluence, graph, variant=v, **ana)
+                initial[v] = res
+                sctx.add_influence(res)
+            final = fn(sctx, start)
+        except TimeBudgetExceeded:  # --time-budget: the best network accepted so far
+            if not sctx.trace:  # stopped before the strategy began: the starting network (measured)
+                sctx.record("start", [], start, sctx.evaluate(start), True, goal=sctx.goal)
+            final = sctx.best_accepted() or start
+            stopped = {"seconds": ctx.options.time_budget, "steps": len(sctx.trace),
+                       "message": f"the --time-budget of {ctx.options.time_budget:g} s ran out after "
+                                  f"{len(sctx.trace)} search step(s); the best network accepted so far is kept"}
         modified = final.key(plan.layers) != start.key(plan.layers)
         if modified:
             apply_config(graph, plan, table, final, note=self.name)
@@ -160,6 +172,8 @@ class AssignBitWidthsPass(Pass):
                     check_bias_fits(n, n.bias.const, n.qconfig.bias_format)
         ctx.section(self.name).update(search_report(sctx, start, final, initial, strategy),
                                       strategy_choice=choice or "given")
+        if stopped is not None:
+            ctx.section(self.name)["time_budget_exceeded"] = stopped
         return PassResult(modified)
 
 

@@ -13,14 +13,16 @@ min_bits (b_m), metric, data (eval | calib; default eval when given), bias_corre
 (both networks carry the bias correction of the bias-correction pass).
 With ``--max-drop`` / ``--target-score`` given, a starting network that already misses the goal is a
 ``TargetError`` before any sweep. Skipped (nothing measured) when ``--strategy`` names a strategy that does not rank by
-influence (the weight-difference ones).
+influence (the weight-difference ones). When ``--time-budget`` runs out during a sweep the pass
+stops measuring (``time_budget_exceeded`` in its section) and the search keeps the starting network.
 Requires: choose-formats, data, a target. Preserves: everything (it does not modify the graph).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mpqc.compiler.bitsearch import INFLUENCE_STRATEGIES, LayerInfluence, missed_goal, search_context
+from mpqc.compiler.bitsearch import (INFLUENCE_STRATEGIES, LayerInfluence, TimeBudgetExceeded, missed_goal,
+                                     search_context)
 from mpqc.compiler.options import VARIANTS
 from mpqc.compiler.passes import Pass, PassContext, PassResult
 from mpqc.compiler.quant import config_from_ir
@@ -62,8 +64,12 @@ class LayerInfluencePass(Pass):
                 sec["skipped"] = "the starting network already misses the accuracy goal: no layer can be reduced"
                 return PassResult(False)
         for v in self.variants:
-            res = ctx.analyses.get(LayerInfluence, graph, variant=v, split=self.data, metric=self.metric,
-                                   layer_range=self.layers, min_bits=self.min_bits,
-                                   bias_correction=self.bias_correction)
+            try:
+                res = ctx.analyses.get(LayerInfluence, graph, variant=v, split=self.data, metric=self.metric,
+                                       layer_range=self.layers, min_bits=self.min_bits,
+                                       bias_correction=self.bias_correction)
+            except TimeBudgetExceeded:
+                sec["time_budget_exceeded"] = f"the --time-budget ran out during the {v} sweep"
+                break
             sec[v] = res.to_json()
         return PassResult(False)

@@ -27,3 +27,10 @@ def bench() -> Path:
     if not BENCH.is_dir():
         pytest.skip(f"benchmark folder {BENCH} is absent (set MPQC_BENCH to the folder holding it)")
     return BENCH
+
+
+@pytest.fixture(autouse=True)
+def _own_cache_dir(tmp_path_factory, monkeypatch):
+    """Every test gets an empty result cache of its own: the CLI's default cache folder
+    ($MPQC_CACHE_DIR) never leaks results between tests or into the user's ~/.cache."""
+    monkeypatch.setenv("MPQC_CACHE_DIR", str(tmp_path_factory.mktemp("mpqc-cache")))

@@ -380,6 +380,11 @@ def test_depfile_md_mf_mt_and_escaping(resnet, digits, tmp_path):
     res = mpqc(model, "-O0", "-o", out, "-MF", tmp_path / "deps.mk", "-MT", "model", "-MT", "all models", "-q")
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "deps.mk").read_text() == f"model all\\ models: \\\n {esc}/m.onnx\n"
+    # -MP: a phony rule per dependency, as gcc writes them
+    res = mpqc(model, "-O1", "--calib", f"{data}:calib", "-o", out, "-MD", "-MP", "-q")
+    assert res.returncode == 0, res.stderr
+    assert (d / "q.onnx.d").read_text() == (f"{esc}/q.onnx: \\\n {esc}/m.onnx \\\n {esc}/d\\ 1.npz\n"
+                                            f"\n{esc}/m.onnx:\n\n{esc}/d\\ 1.npz:\n")
 
 
 def test_depfile_names_external_data(resnet, tmp_path):
