@@ -3,6 +3,7 @@ with a warm cache, and a compile that changes only ``--max-drop``; seconds, the 
 compile, whether the outputs are byte-identical, and what came from the cache.
 
     .venv/bin/python bench/bench_cache.py [--models digits_resnet,efficientnet_lite0] [--no-cache-baseline]
+        [--report-only]
 
 Each compile is the ``mpqc`` command in its own process (one BLAS thread, as in the tests), writing
 the QDQ model, the JSON report and the target bundle; the cache folder starts empty. Writes
@@ -104,7 +105,7 @@ def table(results: dict) -> str:
             lines.append(f"| {model} | {name} | {r['seconds']:.1f} | {r['seconds'] / cold['seconds']:.1%} | {same} "
                          f"| {acc} | {kinds(r['cache'], 'hits')} | {kinds(r['cache'], 'misses')} |")
         lines.append(f"| {model} | (cache folder after the three compiles) | | | | | {res['cache_bytes'] / 1e6:.1f} MB | |")
-    lines += ["", "`emulator on eval`: the compiled network in the fixed-point emulator on the eval split (the search.s "
+    lines += ["", "`emulator on eval`: the compiled network in the fixed-point emulator on the eval split (the search's "
               "own data). The `--max-drop` row is a different network by design; it reuses the calibration "
               "statistics, the layer input means, the float references and the starting network's influence "
               "sweeps, and computes only the evaluations and sweeps the new goal reaches.", ""]
@@ -114,19 +115,23 @@ def table(results: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="digits_resnet,efficientnet_lite0")
+    ap.add_argument("--report-only", action="store_true", help="rebuild the table from bench/out/cache.json")
     ap.add_argument("--no-cache-baseline", action="store_true",
                     help="also time the compile with --no-cache (the cold compile's overhead of writing entries)")
     args = ap.parse_args(argv)
     results = {}
     OUT.mkdir(parents=True, exist_ok=True)
-    for m in [s.strip() for s in args.models.split(",") if s.strip()]:
+    if args.report_only:
+        results = json.loads((OUT / "cache.json").read_text())
+    for m in [] if args.report_only else [s.strip() for s in args.models.split(",") if s.strip()]:
         if m not in CONFIGS:
             ap.error(f"unknown model {m!r}; choose from {', '.join(CONFIGS)}")
         print(f"== {m}", flush=True)
         results[m] = run_model(m, args.no_cache_baseline)
         for name, r in results[m]["rows"].items():
             print(f"   {name}: {r['seconds']:.1f} s", flush=True)
-    (OUT / "cache.json").write_text(json.dumps(results, indent=1, sort_keys=True))
+    if not args.report_only:
+        (OUT / "cache.json").write_text(json.dumps(results, indent=1, sort_keys=True))
     text = table(results)
     RESULT.parent.mkdir(parents=True, exist_ok=True)
     RESULT.write_text(text)

@@ -22,10 +22,12 @@ SCRIPTS = {
     "finetune": "bench_finetune.py",
     "prune": "bench_prune.py",
     "bdcnn": "bench_bdcnn.py",
+    "cache": "bench_cache.py",
 }
 #: arguments of each script (default: --write, which rewrites its section of RESULTS.md); the
 #: pruning and bdcnn scripts write bench/results/*.md, which merge_results() copies in
-ARGS = {"prune": ["--part", "all"], "bdcnn": ["--models", "digits_alexnet,efficientnet_lite0"]}
+ARGS = {"prune": ["--part", "all"], "bdcnn": ["--models", "digits_alexnet,efficientnet_lite0"],
+        "cache": ["--models", "digits_resnet,efficientnet_lite0"]}
 
 
 def main(argv=None) -> int:

@@ -58,7 +58,8 @@ def compile(model, *, output=None, report=None, html=None, bundle=None, verify_e
     ``--emit-bundle``); ``verify_each``/``print_after``/``time_passes``: diagnostics; every other
     keyword is ``compiler.driver.compile_model``'s (``level``, ``target``, ``calib``, ``eval``,
     ``train``, ``metric``, ``passes``, ``options`` -- a ``CompileOptions`` or a dict of its fields
-    such as ``{"max_drop": 0.01}`` --, ``seed``, ``quiet``, ``batch_size``)."""
+    such as ``{"max_drop": 0.01}`` --, ``seed``, ``quiet``, ``batch_size``, ``cache`` -- a folder
+    for the result cache, True for the CLI's default one; none by default; docs/BUILD.md)."""
     from mpqc.compiler.driver import Diagnostics, Outputs, compile_model  # start-up: see _LAZY
     return compile_model(model, outputs=Outputs(output, report, html, bundle),
                          diagnostics=Diagnostics(verify_each, frozenset(print_after), time_passes), **kwargs)

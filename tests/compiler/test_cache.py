@@ -366,3 +366,16 @@ def test_time_budget_mid_search_keeps_the_last_accepted_step(small_data, tmp_pat
     best = min(accepted, key=lambda s: (s["weight_bytes"], -s["step"]))
     assert sec["final_bits"] == best["bits"] and best["weight_bytes"] < trace[0]["weight_bytes"]
     assert sec["final_value"] == best["value"]
+
+
+def test_cli_time_budget_note(small_data, tmp_path, capsys):
+    from mpqc.cli import main
+    out = tmp_path / "m.onnx"
+    rc = main([str(MODEL), "-O2", "--target", "npu4", "--calib", f"{small_data}:calib", "--eval",
+               f"{small_data}:eval", "--max-drop", "0.2", "--time-budget", "1e-6", "-o", str(out), "--no-cache"])
+    err = capsys.readouterr().err
+    assert rc == 0 and out.exists()
+    assert "mpqc: note: the --time-budget of 1e-06 s ran out after 1 search step(s)" in err
+    assert main([str(MODEL), "-O2", "--target", "npu4", "--calib", f"{small_data}:calib", "--eval",
+                 f"{small_data}:eval", "--time-budget", "inf", "-o", str(out)]) == 2
+    assert "--time-budget must be a finite number" in capsys.readouterr().err
