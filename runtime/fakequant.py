@@ -38,7 +38,8 @@ def fake_quant_act(x: np.ndarray, fmt: QFormat, rounding: str = "half-up") -> np
     s = np.ldexp(np.float32(1.0), f).astype(np.float32)
     q = np.rint(np.asarray(x, np.float32) * s)
     np.clip(q, lo, hi, out=q)
-    return (q / s).astype(np.float32)
+    np.divide(q, s, out=q)  # float32 throughout: no copy
+    return q
 
 
 def fake_quant_node_fn(in_formats: dict, out_formats: dict, params=None, rounding: str = "half-up",

@@ -10,6 +10,9 @@ import numpy as np
 
 @numba.njit(cache=True, fastmath=False)
 def _depthwise2d(xp, w, out, mg, sh, sw, dh, dw):
+    # tap by tap over whole output rows (the inner loop runs along a row: contiguous at stride 1,
+    # vectorized by LLVM); each output element still sums its taps in the order (a, b) starting from
+    # 0, so the result is bit for bit the per-element loop's
     N, C, _, _ = xp.shape
     M, _, kh, kw = w.shape
     oh, ow = out.shape[2], out.shape[3]
@@ -17,13 +20,19 @@ def _depthwise2d(xp, w, out, mg, sh, sw, dh, dw):
         n = nm // M
         m = nm % M
         c = m // mg
+        o = out[n, m]
         for i in range(oh):
             for j in range(ow):
-                acc = out.dtype.type(0)
-                for a in range(kh):
-                    for b in range(kw):
-                        acc += xp[n, c, i * sh + a * dh, j * sw + b * dw] * w[m, 0, a, b]
-                out[n, m, i, j] = acc
+                o[i, j] = 0
+        for a in range(kh):
+            for b in range(kw):
+                wv = w[m, 0, a, b]
+                off = b * dw
+                for i in range(oh):
+                    row = xp[n, c, i * sh + a * dh]
+                    orow = o[i]
+                    for j in range(ow):
+                        orow[j] += row[j * sw + off] * wv
 
 
 def depthwise_conv2d(xp: np.ndarray, w: np.ndarray, mg: int, strides, dilations, out_sp) -> np.ndarray:
