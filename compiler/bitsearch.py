@@ -114,6 +114,8 @@ class SearchContext:
     fingerprint: str | None = None
     #: ``time.monotonic()`` after which nothing more is computed (``TimeBudgetExceeded``)
     deadline: float | None = None
+    #: worker processes for the batches of evaluations and sweeps (``--jobs``; identical results)
+    jobs: int = 1
     _accepted: list[BitConfig] = field(default_factory=list)
 
     @property
@@ -135,7 +137,7 @@ class SearchContext:
                 if self._accepted:  # the starting network is always measured; then the budget counts
                     self.check_budget()
                 out = self.sim.run(config, self.data.x, batch_size=self.batch_size,
-                                   progress=None if self.quiet else "evaluate")[0]
+                                   progress=None if self.quiet else "evaluate", jobs=self.jobs)[0]
                 return float(self.score(out))
             if self.store is not None and self.fingerprint is not None:
                 value = self.store.memo_json("evaluation", {"search": self.fingerprint, "config": key}, compute)
@@ -201,7 +203,7 @@ class SearchContext:
                 return compute_influence(self.sim, self.target, config, self.data.x, self.score,
                                          variant=variant, candidates=cands, min_bits=self.min_bits,
                                          batch_size=self.batch_size, progress=not self.quiet,
-                                         check=self.check_budget)
+                                         check=self.check_budget, jobs=self.jobs)
             if self.store is not None and self.fingerprint is not None:
                 layers = self.layers
                 res = self.store.memo(
@@ -315,7 +317,7 @@ class FloatReference(Analysis):
     def compute(self, graph: Graph, ctx) -> np.ndarray:
         data = getattr(ctx, self.split)
         return run_batched(graph, data.x, batch_size=ctx.batch_size,
-                           progress=None if ctx.quiet else f"float reference ({self.split})")[0]
+                           progress=None if ctx.quiet else f"float reference ({self.split})", jobs=ctx.jobs)[0]
 
 
 def search_data(ctx, split: str | None, metric: str | None) -> tuple[str, Dataset, str, str | None]:
@@ -368,7 +370,7 @@ def search_context(graph: Graph, ctx, *, split: str | None = None, metric: str |
                          batch_size=ctx.batch_size, quiet=ctx.quiet, seed=ctx.seed,
                          options=(options if options is not None else SearchOptions()).check(),
                          min_bits=min_bits, candidates=pick_range(plan.layers, layer_range),
-                         store=store, fingerprint=fingerprint, deadline=ctx.deadline)
+                         store=store, fingerprint=fingerprint, deadline=ctx.deadline, jobs=ctx.jobs)
     sctx.options.split = split
     sctx.options.bias_correction = bool(bias_correction)
     if note and sctx.options.note is None:

@@ -145,7 +145,7 @@ def compile_model(model: str | os.PathLike | Graph, *, level: int = 1, target: s
                   passes: str | list[Pass] | None = None, options: CompileOptions | dict | None = None,
                   outputs: Outputs | None = None, diagnostics: Diagnostics | None = None,
                   seed: int = 0, quiet: bool = True, batch_size: int = 64,
-                  cache: ResultCache | str | os.PathLike | bool | None = None) -> CompileResult:
+                  cache: ResultCache | str | os.PathLike | bool | None = None, jobs: int = 1) -> CompileResult:
     """Compile ``model`` (a path or a Graph) and write ``outputs``.
 
     ``level``: -O level (ignored when ``passes`` is given: a pass list string or Pass instances);
@@ -154,7 +154,8 @@ def compile_model(model: str | os.PathLike | Graph, *, level: int = 1, target: s
     with labels, else agreement); ``options``: ``CompileOptions`` (or a dict of its fields);
     ``seed``, ``quiet`` (no progress bars), ``batch_size``; ``cache``: the result cache
     (``compiler/cache.py``: a folder, True for the default one, a ``ResultCache``; None/False:
-    none). See ``mpqc --help``."""
+    none); ``jobs``: worker processes for the search's evaluations and influence sweeps (results
+    identical for any number). See ``mpqc --help``."""
     t0 = time.perf_counter()
     t_start = time.monotonic()
     outputs = outputs or Outputs()
@@ -162,6 +163,8 @@ def compile_model(model: str | os.PathLike | Graph, *, level: int = 1, target: s
     opts = CompileOptions.coerce(options)
     if batch_size < 1:
         raise OptionError(f"--batch-size must be at least 1, got {batch_size}")
+    if not isinstance(jobs, int) or jobs < 1:
+        raise OptionError(f"--jobs must be a whole number of at least 1, got {jobs}")
     if passes is not None and opts.finetune is not None:
         raise OptionError("--finetune/--no-finetune choose a level's pipeline; with --passes list 'finetune' "
                           "in the pass list instead")
@@ -192,7 +195,7 @@ def compile_model(model: str | os.PathLike | Graph, *, level: int = 1, target: s
         batch_size = model_batch(graph.inputs[0], batch_size)  # a fixed-batch model runs at its batch
     store = open_cache(cache)
     ctx = PassContext(target=tgt, seed=seed, quiet=quiet, batch_size=batch_size, options=opts, metric=metric,
-                      store=store,
+                      store=store, jobs=jobs,
                       deadline=None if opts.time_budget is None else t_start + float(opts.time_budget))
     ctx.calib = _as_dataset(calib, graph, "--calib", "calib")
     ctx.eval = _as_dataset(eval, graph, "--eval", "eval")

@@ -42,8 +42,8 @@ import numpy as np
 
 from ..core.errors import OptionError
 from ..core.ir import Graph, Node, Value
-from ..core.progress import progress_iter
 from ..runtime.executor import Executor, batches
+from ..runtime.parallel import map_batches
 from .options import VARIANTS
 from .quant import BitConfig, QuantPlan
 from .targets import Target
@@ -129,14 +129,16 @@ class SweepStats:
 
 def sweep(sim, x: np.ndarray, prefix: BitConfig | None, cuts: Sequence[tuple[int, BitConfig | None]], *,
           batch_size: int = 64, output: Value | None = None, progress: str | None = None,
-          stats: SweepStats | None = None, check: Callable[[], None] | None = None) -> list[np.ndarray]:
+          stats: SweepStats | None = None, check: Callable[[], None] | None = None,
+          jobs: int = 1) -> list[np.ndarray]:
     """Outputs of the networks "``prefix`` up to cut c, then ``suffix`` from c" for each ``(c, suffix)``.
 
     ``c`` indexes ``stream_order(sim.plan)`` (``cut_positions`` gives the layer cuts).
     Returns, per entry of ``cuts``, the network's ``output`` (default: first graph
     output) over all of ``x``. The prefix runs once per batch; each suffix is a
     partial run fed with the prefix's tensors crossing the cut. ``check`` is called before each
-    batch (``--time-budget``: it raises to stop the sweep).
+    batch (``--time-budget``: it raises to stop the sweep). ``jobs > 1``: the batches run in
+    worker processes (``runtime/parallel.py``), with identical results.
     """
     plan = sim.plan
     graph = plan.graph
@@ -159,22 +161,18 @@ def sweep(sim, x: np.ndarray, prefix: BitConfig | None, cuts: Sequence[tuple[int
             if v is not None and not v.is_const:
                 reads[id(v)] = reads.get(id(v), 0) + 1
     pinned = {id(v) for v in graph.outputs}
-    chunks: list[list[np.ndarray]] = [[] for _ in cuts]
-    st = stats if stats is not None else SweepStats()
-    for sl in progress_iter(list(batches(len(x), batch_size)), desc=progress):
+
+    def one_batch(sl: slice) -> list[np.ndarray | None]:
         if check is not None:
             check()
+        outs: list[np.ndarray | None] = [None] * len(cuts)
         env: dict[int, np.ndarray] = {id(graph.inputs[0]): x[sl]}
         vals: dict[int, Value] = {id(graph.inputs[0]): graph.inputs[0]}
         remaining = dict(reads)
-        st.batches += 1
-        st.prefix_runs += 1
         for pos in range(last_cut + 1):
             for i in by_pos.get(pos, ()):
                 feeds = {vals[k]: a for k, a in env.items()}
-                res = suffix_ex[i].run(feeds, [out_v])
-                chunks[i].append(res[out_v])
-                st.suffix_runs += 1
+                outs[i] = suffix_ex[i].run(feeds, [out_v])[out_v]
             if pos == len(order) or pos == last_cut:
                 continue
             node = order[pos]
@@ -190,7 +188,14 @@ def sweep(sim, x: np.ndarray, prefix: BitConfig | None, cuts: Sequence[tuple[int
             for v in node.outputs:  # produced but never read (and not an output): drop now
                 if reads.get(id(v), 0) == 0 and id(v) not in pinned:
                     env.pop(id(v), None)
-    return [np.concatenate(c, axis=0) for c in chunks]
+        return outs
+
+    per = map_batches(one_batch, list(batches(len(x), batch_size)), jobs=jobs, progress=progress)
+    st = stats if stats is not None else SweepStats()
+    st.batches += len(per)
+    st.prefix_runs += len(per)  # one per batch
+    st.suffix_runs += len(per) * len(cuts)
+    return [np.concatenate([b[i] for b in per], axis=0) for i in range(len(cuts))]
 
 
 # ---------------------------------------------------------------------------- the analysis
@@ -274,7 +279,7 @@ def compute_influence(sim, target: Target, config: BitConfig, x: np.ndarray,
                       score: Callable[[np.ndarray], float], *, variant: str = "chained",
                       candidates: Sequence[Node] | None = None, min_bits: int | None = None,
                       batch_size: int = 64, progress: bool = False,
-                      check: Callable[[], None] | None = None) -> InfluenceResult:
+                      check: Callable[[], None] | None = None, jobs: int = 1) -> InfluenceResult:
     """Influence of each layer of ``candidates`` (default: all) under ``variant`` for NN_T = ``config``.
 
     ``score`` maps the network output over ``x`` to the evaluation value.
@@ -298,7 +303,8 @@ def compute_influence(sim, target: Target, config: BitConfig, x: np.ndarray,
         return InfluenceResult(variant, list(layers), [], {}, [], [], float("nan"), None, config, s_cfg, stats)
     if variant == "isolated":
         entries = [(cuts[0], config)] + [(cuts[idx[id(n)]], config.with_layer(n, s_cfg.bits[n])) for n in mov]
-        outs = sweep(sim, x, config, entries, batch_size=batch_size, progress=desc, stats=stats, check=check)
+        outs = sweep(sim, x, config, entries, batch_size=batch_size, progress=desc, stats=stats, check=check,
+                     jobs=jobs)
         vals = [score(o) for o in outs]
         base = vals[0]
         for n, v in zip(mov, vals[1:]):
@@ -315,7 +321,8 @@ def compute_influence(sim, target: Target, config: BitConfig, x: np.ndarray,
     # of the network they belong to
     pre, suf = (s_cfg, config) if variant == "chained" else (config, s_cfg)
     entries = [(cuts[k], mixed_config(layers, pre, suf, k)) for k in ks]
-    outs = sweep(sim, x, pre, entries, batch_size=batch_size, progress=desc, stats=stats, check=check)
+    outs = sweep(sim, x, pre, entries, batch_size=batch_size, progress=desc, stats=stats, check=check,
+                 jobs=jobs)
     vals = [score(o) for o in outs]
     for j, k in enumerate(ks[:-1]):
         n = layers[k]

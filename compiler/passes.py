@@ -155,6 +155,8 @@ class PassContext:
     #: ``time.monotonic()`` after which the bit-width search stops and keeps its best network
     #: (``--time-budget``); None: no limit
     deadline: float | None = None
+    #: worker processes for batched runs that give identical results in parallel (``--jobs``)
+    jobs: int = 1
     analyses: AnalysisManager = field(init=False)
 
     def __post_init__(self):

@@ -83,9 +83,9 @@ class QuantSim:
         return fake_quant_node_fn(in_formats, out_formats, params, self.rounding)
 
     def run(self, config: BitConfig | None, x: np.ndarray, *, batch_size: int = 64, outputs=None,
-            progress: str | None = None) -> list[np.ndarray]:
+            progress: str | None = None, jobs: int = 1) -> list[np.ndarray]:
         return run_batched(self.plan.graph, x, batch_size=batch_size, outputs=outputs,
-                           node_fn=self.node_fn(config), progress=progress)
+                           node_fn=self.node_fn(config), progress=progress, jobs=jobs)
 
     def executor(self, config: BitConfig | None) -> Executor:
         return Executor(self.plan.graph, self.node_fn(config))

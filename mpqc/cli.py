@@ -71,6 +71,9 @@ def compile_parser() -> argparse.ArgumentParser:
     d.add_argument("--metric", help="evaluation value: top1, top5, mean-score, agreement, mse, psnr "
                                     "(default top1 with labels, else agreement)")
     d.add_argument("--batch-size", type=int, default=64, help="batch size of every run (default 64)")
+    d.add_argument("--jobs", "-j", type=int, default=None, metavar="N",
+                   help="worker processes for the search's evaluations and influence sweeps, one BLAS thread "
+                        "each (default: $MPQC_JOBS, else the number of cores; results are identical for any N)")
     s = p.add_argument_group("accuracy target (-O2 and above)")
     s.add_argument("--max-drop", type=float, help="largest allowed drop of the evaluation value relative to "
                                                   "the float model (e.g. 0.01)")
@@ -232,7 +235,8 @@ def cmd_compile(argv: list[str]) -> int:
                         outputs=outputs,
                         diagnostics=Diagnostics(args.verify_each, frozenset(args.print_after), args.time_passes,
                                                 printer=printer),
-                        seed=args.seed, quiet=args.quiet, batch_size=args.batch_size, cache=cache)
+                        seed=args.seed, quiet=args.quiet, batch_size=args.batch_size, cache=cache,
+                        jobs=_jobs(args.jobs))
     if args.json:
         from mpqc.compiler.driver import json_default  # start-up
         summary = summary_json(res.report, outputs)
@@ -253,6 +257,24 @@ def cmd_compile(argv: list[str]) -> int:
               "--strict writes nothing instead", file=sys.stderr)
         return 3
     return 0
+
+
+def _jobs(n: int | None) -> int:
+    """--jobs N, else $MPQC_JOBS, else the number of cores."""
+    if n is None:
+        import os  # start-up
+        env = os.environ.get("MPQC_JOBS", "").strip()
+        if env:
+            try:
+                n = int(env)
+            except ValueError:
+                raise OptionError(f"MPQC_JOBS={env!r} is not a number of worker processes") from None
+        else:
+            from mpqc.runtime.parallel import default_jobs  # start-up
+            return default_jobs()
+    if n < 1:
+        raise OptionError(f"--jobs must be at least 1, got {n}")
+    return n
 
 
 def cache_line(cache: dict) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..core.errors import CompilerError, DataError, UnsupportedOpError
 from ..core.ir import Graph, Node, Value
-from ..core.progress import progress_iter
+from .parallel import map_batches
 from .ops import KERNELS
 
 NodeFn = Callable[[Node, list], Sequence[np.ndarray]]
@@ -129,19 +129,21 @@ def batches(n: int, batch_size: int) -> Iterable[slice]:
 
 
 def run_batched(graph: Graph, x: np.ndarray | Mapping, *, batch_size: int = 64, outputs=None,
-                node_fn: NodeFn | None = None, progress: str | None = None) -> list[np.ndarray]:
+                node_fn: NodeFn | None = None, progress: str | None = None, jobs: int = 1) -> list[np.ndarray]:
     """Run ``graph`` on ``x`` (array for the single input, or {input: array}) in batches.
 
-    Returns one concatenated array per requested output (default: graph outputs).
+    Returns one concatenated array per requested output (default: graph outputs). ``jobs > 1``
+    runs the batches in worker processes (``runtime/parallel.py``; identical results).
     """
     ex = Executor(graph, node_fn)
     feeds = x if isinstance(x, Mapping) else {graph.inputs[0]: x}
     feeds = {ex._resolve(k): v for k, v in feeds.items()}
     n = len(next(iter(feeds.values())))
     outs = [ex._resolve(o) for o in (outputs or graph.outputs)]
-    chunks: list[list[np.ndarray]] = [[] for _ in outs]
-    for sl in progress_iter(list(batches(n, batch_size)), desc=progress):
+
+    def one(sl: slice) -> list[np.ndarray]:
         res = ex.run({k: v[sl] for k, v in feeds.items()}, outs)
-        for i, o in enumerate(outs):
-            chunks[i].append(res[o])
-    return [np.concatenate(c, axis=0) for c in chunks]
+        return [res[o] for o in outs]
+
+    per = map_batches(one, list(batches(n, batch_size)), jobs=jobs, progress=progress)
+    return [np.concatenate([b[i] for b in per], axis=0) for i in range(len(outs))]

@@ -32,5 +32,9 @@ def bench() -> Path:
 @pytest.fixture(autouse=True)
 def _own_cache_dir(tmp_path_factory, monkeypatch):
     """Every test gets an empty result cache of its own: the CLI's default cache folder
-    ($MPQC_CACHE_DIR) never leaks results between tests or into the user's ~/.cache."""
+    ($MPQC_CACHE_DIR) never leaks results between tests or into the user's ~/.cache; and the CLI
+    runs serially ($MPQC_JOBS=1) unless a test asks for workers."""
     monkeypatch.setenv("MPQC_CACHE_DIR", str(tmp_path_factory.mktemp("mpqc-cache")))
+    # the CLI's default --jobs is the number of cores; the suite already runs one test per core, and
+    # the tests of --jobs ask for workers explicitly
+    monkeypatch.setenv("MPQC_JOBS", "1")

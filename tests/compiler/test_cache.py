@@ -304,8 +304,8 @@ def test_parallel_compiles_share_one_cache(small_data, reference, tmp_path):
     outs = [tmp_path / "a", tmp_path / "b"]
     for o in outs:
         o.mkdir()
-    procs = [subprocess.Popen(_cli(small_data, o, cache), env=ENV, stderr=subprocess.PIPE, text=True)
-             for o in outs]
+    procs = [subprocess.Popen(_cli(small_data, o, cache, extra), env=ENV, stderr=subprocess.PIPE, text=True)
+             for o, extra in zip(outs, (["--jobs", "2"], []))]  # one of them with two worker processes
     errs = [p.communicate()[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs
     assert _md5s(outs[0]) == _md5s(outs[1]) == reference
@@ -379,3 +379,17 @@ def test_cli_time_budget_note(small_data, tmp_path, capsys):
     assert main([str(MODEL), "-O2", "--target", "npu4", "--calib", f"{small_data}:calib", "--eval",
                  f"{small_data}:eval", "--time-budget", "inf", "-o", str(out)]) == 2
     assert "--time-budget must be a finite number" in capsys.readouterr().err
+
+
+def test_jobs_give_identical_outputs(small_data, reference, tmp_path):
+    """--jobs 1 and --jobs 3 (more workers than batches of the calibration split) write the same bytes."""
+    from mpqc.compiler.driver import Diagnostics
+    for jobs in (1, 3):
+        out = tmp_path / f"j{jobs}"
+        out.mkdir()
+        compile_model(str(MODEL), level=2, target="npu4", calib=f"{small_data}:calib", eval=f"{small_data}:eval",
+                      options={"max_drop": 0.02}, outputs=Outputs(out / "m.onnx", out / "r.json", None, out / "b.npz"),
+                      diagnostics=Diagnostics(), jobs=jobs)
+        assert _md5s(out) == reference
+    with pytest.raises(OptionError, match="--jobs"):
+        compile_model(str(MODEL), level=0, jobs=0)
