@@ -357,14 +357,16 @@ def search_context(graph: Graph, ctx, *, split: str | None = None, metric: str |
     if bias_correction:
         bc = bias_correction_for(graph, ctx).corrected_bias
     store = ctx.store
+    sim_engine = ctx.options.sim
     fingerprint = None
     if store is not None:  # everything an evaluation or a sweep depends on besides the bit widths
         fingerprint = graph_digest(graph) + "/" + store.data_digest(data) + "/" + str(hash_json({
             "base": None if base is graph else graph_digest(base), "target": ctx.target.to_json(),
             "calib": None if ctx.calib is None else store.data_digest(ctx.calib), "split": split,
             "metric": metric, "format_search": format_search, "bias_correction": bool(bias_correction),
-            "batch": ctx.batch_size}))
-    sctx = SearchContext(graph=graph, plan=plan, table=table, sim=QuantSim(plan, table, bc), target=ctx.target,
+            "batch": ctx.batch_size, "sim": sim_engine}))
+    sctx = SearchContext(graph=graph, plan=plan, table=table, sim=QuantSim(plan, table, bc, engine=sim_engine),
+                         target=ctx.target,
                          data=data, metric=metric, reference=ref, float_value=float_value,
                          goal=resolve_goal(float_value, metric, max_drop, target_score),
                          batch_size=ctx.batch_size, quiet=ctx.quiet, seed=ctx.seed,

@@ -83,7 +83,10 @@ class CompileOptions:
     strict [--strict]: an accuracy goal that cannot be met is an error (nothing written); without
     it the best network found is written and the report's ``goal_missed`` says by how much.
     time_budget [--time-budget]: seconds from the start of the compile after which the bit-width
-    search stops and keeps the best network accepted so far (None: no limit)."""
+    search stops and keeps the best network accepted so far (None: no limit).
+    sim [--sim]: the engine that simulates candidate networks in the search: "onnxruntime"
+    (default: the fake-quantized network as an ONNX model, ``compiler/ortsim.py``) or "numpy"
+    (mpqc's own runtime); both compute the same integer network up to float32 summation order."""
 
     max_drop: float | None = None
     target_score: float | None = None
@@ -100,6 +103,7 @@ class CompileOptions:
     planes: int | None = None
     strict: bool = False
     time_budget: float | None = None
+    sim: str = "onnxruntime"
 
     def check(self) -> "CompileOptions":
         """Refuse impossible values (one ``OptionError`` naming the flag); returns self."""
@@ -121,6 +125,8 @@ class CompileOptions:
             raise OptionError(f"--planes (activation bit-planes Q) must be in 2..8, got {self.planes}")
         if self.time_budget is not None and not (self.time_budget > 0 and self.time_budget < float("inf")):
             raise OptionError(f"--time-budget is in seconds and must be a positive number, got {self.time_budget}")
+        if self.sim not in ("onnxruntime", "numpy"):
+            raise OptionError(f"--sim must be onnxruntime or numpy, got {self.sim!r}")
         return self
 
     @classmethod

@@ -14,11 +14,17 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..core.errors import OptionError
 from ..core.ir import Node
+from ..core.progress import progress_iter
 from ..core.qformat import QFormat, fake_quant
-from ..runtime.executor import Executor, float_node_fn, run_batched
+from ..runtime.executor import Executor, batches, float_node_fn, run_batched
 from ..runtime.fakequant import fake_quant_node_fn
+from . import ortsim
 from .quant import BitConfig, FormatTable, QuantPlan
+
+#: simulation engines (``--sim``)
+ENGINES = ("onnxruntime", "numpy")
 
 
 class QuantSim:
@@ -27,7 +33,13 @@ class QuantSim:
     bias to quantize instead of the layer's own (``compiler.bias_correction.BiasCorrection.corrected_bias``);
     a layer without a bias input gets one when it returns an array."""
 
-    def __init__(self, plan: QuantPlan, table: FormatTable, bias_correction=None):
+    def __init__(self, plan: QuantPlan, table: FormatTable, bias_correction=None, engine: str = "onnxruntime"):
+        if engine not in ENGINES:
+            raise OptionError(f"unknown simulation engine {engine!r}", hint=f"use one of {', '.join(ENGINES)}")
+        #: "onnxruntime": whole-network and suffix runs as ONNX models in onnxruntime (``compiler/ortsim.py``);
+        #: "numpy": mpqc's own float runtime with fake-quantizing node functions
+        self.engine = engine
+        self._ort: ortsim.OrtSim | None = None
         self.plan = plan
         self.table = table
         self.bias_correction = bias_correction
@@ -55,10 +67,9 @@ class QuantSim:
             self._bcache[key] = None if b is None else fake_quant(b, b_fmt)
         return self._bcache[key]
 
-    def node_fn(self, config: BitConfig | None, *, float_layers: set | None = None):
-        """Node function for ``config`` (None: plain float). Layers in ``float_layers`` stay float."""
-        if config is None:
-            return float_node_fn
+    def spec(self, config: BitConfig, *, float_layers: set | None = None):
+        """``(in_formats, out_formats, params)`` of ``config``: what ``fake_quant_node_fn`` applies (and
+        ``OrtSim`` builds as ONNX operators)."""
         fmts = self.table.formats(config)
         wf = self.table.weight_formats(config)
         points = self.plan.points
@@ -80,12 +91,46 @@ class QuantSim:
                     p[2] = b
             return p
 
-        return fake_quant_node_fn(in_formats, out_formats, params, self.rounding)
+        return in_formats, out_formats, params
+
+    def node_fn(self, config: BitConfig | None, *, float_layers: set | None = None):
+        """Node function for ``config`` (None: plain float). Layers in ``float_layers`` stay float."""
+        if config is None:
+            return float_node_fn
+        return fake_quant_node_fn(*self.spec(config, float_layers=float_layers), self.rounding)
+
+    # ------------------------------------------------------------------ the onnxruntime engine
+    def ort_session(self, config: BitConfig | None, *, inputs=None, outputs=None, jobs: int = 1):
+        """An onnxruntime session of ``config``'s network from ``inputs`` to ``outputs`` (Values;
+        defaults: the graph's), or None when ``engine`` is "numpy" or a format has no ONNX chain."""
+        if self.engine != "onnxruntime":
+            return None
+        g = self.plan.graph
+        if config is None:
+            spec = ({}, {}, None)
+        else:
+            spec = self.spec(config)
+            if not all(ortsim.supported(f) for f in (*spec[0].values(), *spec[1].values())):
+                return None
+        if self._ort is None or self._ort.threads != max(1, jobs):
+            self._ort = ortsim.OrtSim(g, threads=jobs)
+        ins = tuple(inputs if inputs is not None else g.inputs)
+        outs = tuple(outputs if outputs is not None else g.outputs)
+        key = (None if config is None else config.key(self.plan.layers), tuple(id(v) for v in ins),
+               tuple(id(v) for v in outs))
+        return self._ort.session(key, lambda: self._ort.build(*spec, self.rounding, inputs=ins, outputs=outs))
 
     def run(self, config: BitConfig | None, x: np.ndarray, *, batch_size: int = 64, outputs=None,
             progress: str | None = None, jobs: int = 1) -> list[np.ndarray]:
-        return run_batched(self.plan.graph, x, batch_size=batch_size, outputs=outputs,
-                           node_fn=self.node_fn(config), progress=progress, jobs=jobs)
+        g = self.plan.graph
+        outs = [g.value_by_name(o) if isinstance(o, str) else o for o in (outputs or g.outputs)]
+        sess = self.ort_session(config, outputs=outs, jobs=jobs)
+        if sess is None:
+            return run_batched(g, x, batch_size=batch_size, outputs=outputs,
+                               node_fn=self.node_fn(config), progress=progress, jobs=jobs)
+        per = [self._ort.run(sess, {g.inputs[0]: x[sl]}, outs)
+               for sl in progress_iter(list(batches(len(x), batch_size)), desc=progress)]
+        return [np.concatenate([b[i] for b in per], axis=0) for i in range(len(outs))]
 
     def executor(self, config: BitConfig | None) -> Executor:
         return Executor(self.plan.graph, self.node_fn(config))

@@ -84,6 +84,9 @@ def compile_parser() -> argparse.ArgumentParser:
     s.add_argument("--time-budget", type=float, metavar="SECONDS",
                    help="stop the bit-width search this many seconds after the compile started and keep the "
                         "best network accepted so far (the report's time_budget_exceeded says where it stopped)")
+    s.add_argument("--sim", choices=("onnxruntime", "numpy"), default="onnxruntime",
+                   help="engine that simulates the candidate networks during the search: onnxruntime (default; "
+                        "the fake-quantized network as an ONNX model) or numpy (mpqc's own runtime)")
     s.add_argument("--strategy", help="bit-width search strategy: auto (default: influence-update unless too "
                                     "costly, then min-influence), influence-update, min-influence, threshold "
                                     "(US 2021/0201141 A1), weight-diff-bsearch, weight-diff-topk (US 12,393,828 B2)")
@@ -220,7 +223,7 @@ def cmd_compile(argv: list[str]) -> int:
                              cycles=args.cycles, finetune=args.finetune, finetune_epochs=args.finetune_epochs,
                              flops=args.flops, prune=args.prune, ratios=args.ratios, bases=args.bases,
                              restarts=args.restarts, iterations=args.iterations, planes=args.planes,
-                             strict=args.strict, time_budget=args.time_budget)
+                             strict=args.strict, time_budget=args.time_budget, sim=args.sim)
     outputs = Outputs(args.output, args.report, args.html, args.emit_bundle, depfile, tuple(args.mt),
                       dep_phony=args.mp)
     from mpqc.compiler.cache import open_cache, parse_size  # start-up
