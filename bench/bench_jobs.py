@@ -1,6 +1,6 @@
 """Compile time against --jobs, and the simulation engine's throughput against onnxruntime.
 
-    .venv/bin/python bench/bench_jobs.py [--models efficientnet_lite0] [--jobs 1,2] [--throughput-only]
+    .venv/bin/python bench/bench_jobs.py [--models efficientnet_lite0] [--runs onnxruntime:1,onnxruntime:2,numpy:2] [--throughput-only]
 
 Part 1: whole ``mpqc -O2`` compiles (own process each, ``--no-cache``, one BLAS thread per
 process) at each ``--jobs``; seconds, speed-up over ``--jobs 1``, and whether every output file
@@ -32,21 +32,25 @@ SECTION = "## Parallel compiles and simulation speed"
 CONFIGS = {"digits_resnet": ("npu4", 0.01, 64), "efficientnet_lite0": ("npu8", 0.1, 16)}
 
 
-def compile_time(model: str, jobs: int, out: Path) -> dict:
+def compile_time(model: str, jobs: int, out: Path, sim: str = "onnxruntime") -> dict:
     target, drop, bs = CONFIGS[model]
     d = BENCH / ("photos.npz" if model.startswith("efficientnet") else "digits.npz")
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "mpqc", str(model_path(model)), "-O2", "--target", target, "--calib",
            f"{d}:calib", "--eval", f"{d}:eval", "--max-drop", str(drop), "--batch-size", str(bs), "-o",
            str(out / "m.onnx"), "--report", str(out / "r.json"), "--emit-bundle", str(out / "b.npz"),
-           "--no-cache", "--jobs", str(jobs), "-q"]
+           "--no-cache", "--jobs", str(jobs), "--sim", sim, "-q"]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, env=dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1"),
                        capture_output=True, text=True)
     secs = time.perf_counter() - t0
     if r.returncode not in (0, 3):
         raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr}")
-    return {"seconds": secs, "md5": {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())}}
+    rep = json.loads((out / "r.json").read_text())
+    sec = rep["passes"]["assign-bit-widths"]
+    return {"seconds": secs, "md5": {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())},
+            "final_value": sec.get("final_value"), "bits": sec.get("final_bits"),
+            "weight_bytes": sec.get("weight_bytes"), "evaluations": sec.get("evaluations")}
 
 
 def throughput(model: str, n: int = 32) -> dict:
@@ -71,6 +75,10 @@ def throughput(model: str, n: int = 32) -> dict:
     sctx = search_context(g, ctx, metric="agreement", bias_correction=True)
     cfg = config_from_ir(sctx.plan)
     sess = ort_session(model_path(model), threads=1)
+    sim_ort = sctx.sim
+    import copy
+    sim_np = copy.copy(sctx.sim)
+    sim_np.engine = "numpy"
 
     def best(fn, repeat=3):
         fn()
@@ -83,26 +91,34 @@ def throughput(model: str, n: int = 32) -> dict:
     with threadpool_limits(1):
         return {"images": n, "batch": bs,
                 "mpqc float": best(lambda: run_batched(g, xe, batch_size=bs)),
-                "mpqc fake-quant (search)": best(lambda: sctx.sim.run(cfg, xe, batch_size=bs)),
+                "mpqc fake-quant (numpy engine)": best(lambda: sim_np.run(cfg, xe, batch_size=bs)),
+                "mpqc fake-quant (onnxruntime engine)": best(lambda: sim_ort.run(cfg, xe, batch_size=bs)),
                 "onnxruntime float": best(lambda: ort_run(sess, xe, bs))}
 
 
 def table(res: dict) -> str:
     lines = [SECTION, "", f"{platform.machine()}, {os.cpu_count()} cores; every row measured in one run of "
              f"`bench/bench_jobs.py --models {','.join(res)}`.", "",
-             "| model | compile (-O2, --no-cache) | seconds | speed-up | outputs identical to --jobs 1 |",
-             "|---|---|---|---|---|"]
+             "| model | compile (-O2, --no-cache) | seconds | of the first row | eval value | weight bytes | "
+             "evaluations | same network as the first row | outputs identical to the same --sim at the lowest --jobs |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for m, r in res.items():
         c = r.get("compile") or {}
-        if "1" in c:
-            for j, v in c.items():
-                lines.append(f"| {m} | --jobs {j} | {v['seconds']:.1f} | {c['1']['seconds'] / v['seconds']:.2f}x | "
-                             f"{'yes' if v['md5'] == c['1']['md5'] else '**no**'} |")
+        if c:
+            first = next(iter(c.values()))
+            for k, v in c.items():
+                sim, j = k.split(":")
+                same = [w for kk, w in c.items() if kk.split(":")[0] == sim][0]
+                lines.append(f"| {m} | --sim {sim} --jobs {j} | {v['seconds']:.1f} | {v['seconds'] / first['seconds']:.2f}x | "
+                             f"{v['final_value']:.4f} | {v['weight_bytes']} | {v['evaluations']} | "
+                             f"{'yes' if v['bits'] == first['bits'] else 'no'} | "
+                             f"{'yes' if v['md5'] == same['md5'] else '**no**'} |")
     lines += ["", "| model | engine | images/s | of onnxruntime float |", "|---|---|---|---|"]
     for m, r in res.items():
         t = r.get("throughput")
         if t:
-            for k in ("mpqc float", "mpqc fake-quant (search)", "onnxruntime float"):
+            for k in ("mpqc float", "mpqc fake-quant (numpy engine)", "mpqc fake-quant (onnxruntime engine)",
+                      "onnxruntime float"):
                 lines.append(f"| {m} | {k} (batch {t['batch']}, 1 thread) | {t[k]:.1f} | "
                              f"{t[k] / t['onnxruntime float']:.2f}x |")
     return "\n".join(lines) + "\n"
@@ -111,7 +127,8 @@ def table(res: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="efficientnet_lite0")
-    ap.add_argument("--jobs", default="1,2")
+    ap.add_argument("--runs", default="onnxruntime:1,onnxruntime:2,numpy:2",
+                    help="compiles to time, as SIM:JOBS (--sim and --jobs)")
     ap.add_argument("--throughput-only", action="store_true")
     args = ap.parse_args(argv)
     res = {}
@@ -121,9 +138,10 @@ def main(argv=None) -> int:
         if not args.throughput_only:
             res[m]["compile"] = {}
             with tempfile.TemporaryDirectory() as tmp:
-                for j in [s.strip() for s in args.jobs.split(",")]:
-                    res[m]["compile"][j] = compile_time(m, int(j), Path(tmp) / f"j{j}")
-                    print(m, "jobs", j, f"{res[m]['compile'][j]['seconds']:.1f} s", flush=True)
+                for k in [s.strip() for s in args.runs.split(",")]:
+                    sim, j = k.split(":")
+                    res[m]["compile"][k] = compile_time(m, int(j), Path(tmp) / f"{sim}-j{j}", sim)
+                    print(m, k, f"{res[m]['compile'][k]['seconds']:.1f} s", flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "jobs.json").write_text(json.dumps(res, indent=1, sort_keys=True))
     RESULT.parent.mkdir(parents=True, exist_ok=True)
