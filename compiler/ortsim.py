@@ -210,22 +210,12 @@ class OrtSim:
 
     # ------------------------------------------------------------------ sessions
     def session(self, key, make_model: Callable[[], onnx.ModelProto]):
+        """The session of ``key`` (kept, LRU of ``max_sessions``), built from ``make_model()`` on a miss."""
         s = self._sessions.get(key)
         if s is not None:
             self._sessions.move_to_end(key)
             return s
-        import onnxruntime as ort  # start-up: loaded only when a simulation runs
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = self.threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.log_severity_level = 3
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        try:
-            s = ort.InferenceSession(make_model().SerializeToString(), so, providers=["CPUExecutionProvider"])
-        except Exception as e:  # an mpqc bug, not the user's: say which engine to fall back to
-            raise CompilerError(f"onnxruntime refused the simulated network: {str(e).splitlines()[0][:300]}",
-                                hint="run with --sim numpy and report this") from None
+        s = make_session(make_model(), self.threads)
         self.built += 1
         self._sessions[key] = s
         while len(self._sessions) > self.max_sessions:
@@ -235,3 +225,22 @@ class OrtSim:
     def run(self, sess, feeds: Mapping[Value, np.ndarray], outputs: Sequence[Value]) -> list[np.ndarray]:
         res = sess.run([v.name for v in outputs], {v.name: np.ascontiguousarray(a) for v, a in feeds.items()})
         return list(res)
+
+
+def make_session(model: onnx.ModelProto, threads: int = 1, *, arena: bool = True):
+    """An onnxruntime CPU session of ``model`` with every graph optimization (they do not change the
+    chains' rounding: see the module docstring). ``arena=False`` frees activations after each run
+    (for the many small suffix sessions of a sweep)."""
+    import onnxruntime as ort  # start-up: loaded only when a simulation runs
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = max(1, int(threads))
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    so.enable_cpu_mem_arena = arena
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # an mpqc bug, not the user's: say which engine to fall back to
+        raise CompilerError(f"onnxruntime refused the simulated network: {str(e).splitlines()[0][:300]}",
+                            hint="run with --sim numpy and report this") from None

@@ -100,25 +100,33 @@ class QuantSim:
         return fake_quant_node_fn(*self.spec(config, float_layers=float_layers), self.rounding)
 
     # ------------------------------------------------------------------ the onnxruntime engine
-    def ort_session(self, config: BitConfig | None, *, inputs=None, outputs=None, jobs: int = 1):
-        """An onnxruntime session of ``config``'s network from ``inputs`` to ``outputs`` (Values;
-        defaults: the graph's), or None when ``engine`` is "numpy" or a format has no ONNX chain."""
+    def ort_model(self, config: BitConfig | None, *, inputs=None, outputs=None):
+        """The ONNX model of ``config``'s network from ``inputs`` to ``outputs`` (Values; defaults: the
+        graph's), or None when ``engine`` is "numpy" or a format has no ONNX chain."""
         if self.engine != "onnxruntime":
             return None
-        g = self.plan.graph
         if config is None:
             spec = ({}, {}, None)
         else:
             spec = self.spec(config)
             if not all(ortsim.supported(f) for f in (*spec[0].values(), *spec[1].values())):
                 return None
-        if self._ort is None or self._ort.threads != max(1, jobs):
-            self._ort = ortsim.OrtSim(g, threads=jobs)
+        if self._ort is None:
+            self._ort = ortsim.OrtSim(self.plan.graph)
+        return lambda: self._ort.build(*spec, self.rounding, inputs=inputs, outputs=outputs)
+
+    def ort_session(self, config: BitConfig | None, *, inputs=None, outputs=None, jobs: int = 1):
+        """A kept onnxruntime session of ``ort_model(config, inputs=, outputs=)`` (None where that is)."""
+        g = self.plan.graph
         ins = tuple(inputs if inputs is not None else g.inputs)
         outs = tuple(outputs if outputs is not None else g.outputs)
+        make = self.ort_model(config, inputs=ins, outputs=outs)
+        if make is None:
+            return None
+        self._ort.threads = max(1, jobs)
         key = (None if config is None else config.key(self.plan.layers), tuple(id(v) for v in ins),
-               tuple(id(v) for v in outs))
-        return self._ort.session(key, lambda: self._ort.build(*spec, self.rounding, inputs=ins, outputs=outs))
+               tuple(id(v) for v in outs), self._ort.threads)
+        return self._ort.session(key, make)
 
     def run(self, config: BitConfig | None, x: np.ndarray, *, batch_size: int = 64, outputs=None,
             progress: str | None = None, jobs: int = 1) -> list[np.ndarray]:

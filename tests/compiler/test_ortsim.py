@@ -196,3 +196,20 @@ def test_o2_score_is_the_emulators_with_the_onnxruntime_engine():
     emu = run_emulator(res.graph, d["x_eval"][:120])
     acc = float(np.mean(np.argmax(emu, 1) == d["y_eval"][:120]))
     assert acc == pytest.approx(sec["final_value"], abs=1e-9)
+
+
+def test_sweep_suffixes_on_onnxruntime_equal_the_numpy_engine():
+    """The influence sweep's suffix runs (fed the prefix's tensors at each cut) on both engines."""
+    from mpqc.compiler.influence import cut_positions, stream_order, sweep
+    g, x, sctx = tiny_search()
+    sim = sctx.sim
+    hi = BitConfig.uniform(sim.plan.layers, 8, 8)
+    lo = BitConfig.uniform(sim.plan.layers, 2, 4)
+    cuts = [(c, hi) for c in cut_positions(sim.plan, stream_order(sim.plan))]
+    got = sweep(sim, x, lo, cuts, batch_size=16)
+    assert np.array_equal(got[0], sweep(sim, x, lo, cuts, batch_size=16, jobs=2)[0])
+    sim.engine = "numpy"
+    ref = sweep(sim, x, lo, cuts, batch_size=16)
+    lsb = 2.0 ** -np.max(sctx.table.formats(hi)[g.outputs[0]].frac_array())
+    for a, b in zip(got, ref):
+        assert np.max(np.abs(a - b)) <= lsb
