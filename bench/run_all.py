@@ -23,11 +23,12 @@ SCRIPTS = {
     "prune": "bench_prune.py",
     "bdcnn": "bench_bdcnn.py",
     "cache": "bench_cache.py",
+    "jobs": "bench_jobs.py",
 }
 #: arguments of each script (default: --write, which rewrites its section of RESULTS.md); the
 #: pruning and bdcnn scripts write bench/results/*.md, which merge_results() copies in
 ARGS = {"prune": ["--part", "all"], "bdcnn": ["--models", "digits_alexnet,efficientnet_lite0"],
-        "cache": ["--models", "digits_resnet,efficientnet_lite0"]}
+        "cache": ["--models", "digits_resnet,efficientnet_lite0"], "jobs": ["--models", "efficientnet_lite0"]}
 
 
 def main(argv=None) -> int:
