@@ -45,7 +45,7 @@ from ..core.ir import Graph, Node, Value
 from ..runtime.executor import Executor, batches
 from ..runtime.parallel import map_batches
 from .options import VARIANTS
-from .ortsim import make_session
+from .ortsim import crossing_inputs, make_session, run_session
 from .quant import BitConfig, QuantPlan
 from .targets import Target
 
@@ -151,28 +151,22 @@ def sweep(sim, x: np.ndarray, prefix: BitConfig | None, cuts: Sequence[tuple[int
         suffix_ex[i] = Executor(graph, sim.node_fn(cfg))
     # the onnxruntime engine (``QuantSim.engine``): each suffix as its own ONNX model from the tensors
     # crossing its cut, built on the first batch (in each worker) and kept for the sweep
-    ort_suffix: dict[int, tuple] = {}
-    use_ort = getattr(sim, "engine", "numpy") == "onnxruntime"
+    # (None: this suffix runs on the numpy engine)
+    ort_suffix: dict[int, tuple | None] = {}
 
     def run_suffix(i: int, feeds: dict) -> np.ndarray:
-        if use_ort:
-            hit = ort_suffix.get(i)
-            if hit is None:
-                needed = suffix_ex[i].plan([out_v], list(feeds))
-                produced = {id(o) for n in needed for o in n.outputs}
-                crossing, seen = [], set()
-                for n in needed:
-                    for v in n.inputs:
-                        if v is not None and not v.is_const and id(v) not in produced and id(v) not in seen:
-                            seen.add(id(v))
-                            crossing.append(v)
-                if not needed:
-                    crossing = [out_v]
-                make = sim.ort_model(cuts[i][1], inputs=crossing, outputs=[out_v]) if needed else None
-                hit = ort_suffix[i] = (None if make is None else make_session(make(), 1, arena=False), crossing)
+        if sim.engine == "onnxruntime" and i not in ort_suffix:
+            ort_suffix[i] = None
+            needed = suffix_ex[i].plan([out_v], list(feeds))
+            if needed:  # (nothing to run when the cut is at the output)
+                crossing = crossing_inputs(needed)
+                make = sim.ort_model(cuts[i][1], inputs=crossing, outputs=[out_v])
+                if make is not None:
+                    ort_suffix[i] = (make_session(make(), 1, arena=False), crossing)
+        hit = ort_suffix.get(i)
+        if hit is not None:
             sess, crossing = hit
-            if sess is not None:
-                return sess.run([out_v.name], {v.name: np.ascontiguousarray(feeds[v]) for v in crossing})[0]
+            return run_session(sess, {v: feeds[v] for v in crossing}, [out_v])[0]
         return suffix_ex[i].run(feeds, [out_v])[out_v]
     by_pos: dict[int, list[int]] = {}
     for i, (c, _) in enumerate(cuts):

@@ -19,6 +19,9 @@ from typing import Any
 
 from ..core.errors import OptionError
 
+#: simulation engines of the search (``--sim``; the first is the default)
+SIM_ENGINES = ("onnxruntime", "numpy")
+
 STATISTICS = ("mean-square", "mean", "variance", "std")
 WEIGHT_DIFF_MODES = ("binary", "halving")
 VARIANTS = ("chained", "isolated", "reversed")
@@ -125,8 +128,8 @@ class CompileOptions:
             raise OptionError(f"--planes (activation bit-planes Q) must be in 2..8, got {self.planes}")
         if self.time_budget is not None and not (self.time_budget > 0 and self.time_budget < float("inf")):
             raise OptionError(f"--time-budget is in seconds and must be a positive number, got {self.time_budget}")
-        if self.sim not in ("onnxruntime", "numpy"):
-            raise OptionError(f"--sim must be onnxruntime or numpy, got {self.sim!r}")
+        if self.sim not in SIM_ENGINES:
+            raise OptionError(f"--sim must be one of {', '.join(SIM_ENGINES)}, got {self.sim!r}")
         return self
 
     @classmethod

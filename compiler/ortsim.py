@@ -23,9 +23,9 @@ tolerance, and the integer network the emulator runs is the same (tests compare 
 engines and the emulator). ``supported(fmt)`` says which formats have a chain; a bit
 assignment with any other format runs on the numpy engine.
 
-A model is built per ``(config, inputs, outputs)`` and its session kept (LRU of a few), so
-the influence sweeps' suffix runs (inputs: the tensors crossing a cut) and whole-network
-evaluations both use it.
+A model is built per ``(config, inputs, outputs)``: whole-network evaluations keep their
+sessions in ``OrtSim`` (LRU of a few); an influence sweep builds one model per suffix, whose
+inputs are the tensors crossing its cut (``crossing_inputs``), and keeps it for the sweep.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..core.errors import CompilerError
 from ..core.ir import Graph, Node, Value
-from ..core.qformat import QFormat, qrange
+from ..core.qformat import QFormat
 from ..runtime.executor import Executor
 from .export import to_onnx
 
@@ -89,7 +89,6 @@ class _Builder:
         """Nodes computing ``out`` = fake quantization of ``x`` exactly as the numpy engine does."""
         lo, hi = np.float32(fmt.qmin), np.float32(fmt.qmax)
         if fmt.fscale is not None:
-            lo, hi = (np.float32(v) for v in qrange(fmt.bits, fmt.signed))
             s = _bshape(np.asarray(fmt.fscale, np.float32), fmt.axis if fmt.axis is not None else 0, ndim)
             zp = np.float32(fmt.zero_point)
             t = self.op("Div", [x, self.const(s)], "q")
@@ -125,16 +124,15 @@ def _value_info(v: Value) -> onnx.ValueInfoProto:
 class OrtSim:
     """Runs fake-quantized variants of ``graph`` in onnxruntime (see the module docstring).
 
-    ``threads``: onnxruntime's intra-op threads (``--jobs``); its kernels split work over
-    output elements, so results do not depend on it (tested)."""
+    Sessions run with a number of intra-op threads (``--jobs``); onnxruntime's kernels split
+    work over output elements, so results do not depend on it (tested)."""
 
-    def __init__(self, graph: Graph, *, threads: int = 1, max_sessions: int = 4):
+    def __init__(self, graph: Graph, *, max_sessions: int = 4):
         self.graph = graph
-        self.threads = max(1, int(threads))
         self.max_sessions = max_sessions
         self._base: onnx.ModelProto | None = None
         self._sessions: OrderedDict = OrderedDict()
-        self.built = 0  # sessions created (for the trace)
+        self.built = 0  # sessions created
 
     # ------------------------------------------------------------------ model
     def _base_model(self) -> onnx.ModelProto:
@@ -209,22 +207,40 @@ class OrtSim:
         return m
 
     # ------------------------------------------------------------------ sessions
-    def session(self, key, make_model: Callable[[], onnx.ModelProto]):
-        """The session of ``key`` (kept, LRU of ``max_sessions``), built from ``make_model()`` on a miss."""
+    def session(self, key, make_model: Callable[[], onnx.ModelProto], threads: int = 1):
+        """The session of ``(key, threads)`` (kept, LRU of ``max_sessions``), built from ``make_model()``
+        on a miss."""
+        key = (key, threads)
         s = self._sessions.get(key)
         if s is not None:
             self._sessions.move_to_end(key)
             return s
-        s = make_session(make_model(), self.threads)
+        s = make_session(make_model(), threads)
         self.built += 1
         self._sessions[key] = s
         while len(self._sessions) > self.max_sessions:
             self._sessions.popitem(last=False)
         return s
 
-    def run(self, sess, feeds: Mapping[Value, np.ndarray], outputs: Sequence[Value]) -> list[np.ndarray]:
-        res = sess.run([v.name for v in outputs], {v.name: np.ascontiguousarray(a) for v, a in feeds.items()})
-        return list(res)
+
+
+def run_session(sess, feeds: Mapping[Value, np.ndarray], outputs: Sequence[Value]) -> list[np.ndarray]:
+    """``outputs`` of ``sess`` fed ``{Value: array}`` (the IR's value names are the model's)."""
+    return list(sess.run([v.name for v in outputs], {v.name: np.ascontiguousarray(a) for v, a in feeds.items()}))
+
+
+def crossing_inputs(nodes: Sequence[Node]) -> list[Value]:
+    """The non-constant values ``nodes`` read but do not produce (the inputs of a partial model), in
+    order of first read."""
+    produced = {id(o) for n in nodes for o in n.outputs}
+    seen: set[int] = set()
+    out: list[Value] = []
+    for n in nodes:
+        for v in n.inputs:
+            if v is not None and not v.is_const and id(v) not in produced and id(v) not in seen:
+                seen.add(id(v))
+                out.append(v)
+    return out
 
 
 def make_session(model: onnx.ModelProto, threads: int = 1, *, arena: bool = True):

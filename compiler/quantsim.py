@@ -21,10 +21,8 @@ from ..core.qformat import QFormat, fake_quant
 from ..runtime.executor import Executor, batches, float_node_fn, run_batched
 from ..runtime.fakequant import fake_quant_node_fn
 from . import ortsim
+from .options import SIM_ENGINES
 from .quant import BitConfig, FormatTable, QuantPlan
-
-#: simulation engines (``--sim``)
-ENGINES = ("onnxruntime", "numpy")
 
 
 class QuantSim:
@@ -34,8 +32,8 @@ class QuantSim:
     a layer without a bias input gets one when it returns an array."""
 
     def __init__(self, plan: QuantPlan, table: FormatTable, bias_correction=None, engine: str = "onnxruntime"):
-        if engine not in ENGINES:
-            raise OptionError(f"unknown simulation engine {engine!r}", hint=f"use one of {', '.join(ENGINES)}")
+        if engine not in SIM_ENGINES:
+            raise OptionError(f"unknown simulation engine {engine!r}", hint=f"use one of {', '.join(SIM_ENGINES)}")
         #: "onnxruntime": whole-network and suffix runs as ONNX models in onnxruntime (``compiler/ortsim.py``);
         #: "numpy": mpqc's own float runtime with fake-quantizing node functions
         self.engine = engine
@@ -123,10 +121,9 @@ class QuantSim:
         make = self.ort_model(config, inputs=ins, outputs=outs)
         if make is None:
             return None
-        self._ort.threads = max(1, jobs)
         key = (None if config is None else config.key(self.plan.layers), tuple(id(v) for v in ins),
-               tuple(id(v) for v in outs), self._ort.threads)
-        return self._ort.session(key, make)
+               tuple(id(v) for v in outs))
+        return self._ort.session(key, make, max(1, jobs))
 
     def run(self, config: BitConfig | None, x: np.ndarray, *, batch_size: int = 64, outputs=None,
             progress: str | None = None, jobs: int = 1) -> list[np.ndarray]:
@@ -136,7 +133,7 @@ class QuantSim:
         if sess is None:
             return run_batched(g, x, batch_size=batch_size, outputs=outputs,
                                node_fn=self.node_fn(config), progress=progress, jobs=jobs)
-        per = [self._ort.run(sess, {g.inputs[0]: x[sl]}, outs)
+        per = [ortsim.run_session(sess, {g.inputs[0]: x[sl]}, outs)
                for sl in progress_iter(list(batches(len(x), batch_size)), desc=progress)]
         return [np.concatenate([b[i] for b in per], axis=0) for i in range(len(outs))]
 

@@ -84,7 +84,8 @@ def compile_parser() -> argparse.ArgumentParser:
     s.add_argument("--time-budget", type=float, metavar="SECONDS",
                    help="stop the bit-width search this many seconds after the compile started and keep the "
                         "best network accepted so far (the report's time_budget_exceeded says where it stopped)")
-    s.add_argument("--sim", choices=("onnxruntime", "numpy"), default="onnxruntime",
+    from mpqc.compiler.options import SIM_ENGINES  # start-up: options.py imports only the core's errors
+    s.add_argument("--sim", choices=SIM_ENGINES, default=SIM_ENGINES[0],
                    help="engine that simulates the candidate networks during the search: onnxruntime (default; "
                         "the fake-quantized network as an ONNX model) or numpy (mpqc's own runtime)")
     s.add_argument("--strategy", help="bit-width search strategy: auto (default: influence-update unless too "

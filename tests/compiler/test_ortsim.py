@@ -13,7 +13,7 @@ from mpqc.compiler.bitsearch import search_context
 from mpqc.compiler.data import Dataset
 from mpqc.compiler.frontend import load_graph
 from mpqc.compiler.lowering import run_emulator
-from mpqc.compiler.ortsim import OrtSim, _Builder, supported
+from mpqc.compiler.ortsim import _Builder, run_session, supported
 from mpqc.compiler.passes import PassContext, PassManager
 from mpqc.compiler.pipelines import build_pipeline, parse_pipeline
 from mpqc.compiler.quant import BitConfig, config_from_ir
@@ -118,7 +118,7 @@ def test_partial_run_from_a_cut_equals_the_numpy_suffix():
     mid = sim.executor(cfg).run({g.inputs[0]: x}, [relu_out])[relu_out]
     ref = sim.executor(cfg).run({relu_out: mid}, [g.outputs[0]])[g.outputs[0]]
     sess = sim.ort_session(cfg, inputs=[relu_out], outputs=[g.outputs[0]])
-    got = sim._ort.run(sess, {relu_out: mid}, [g.outputs[0]])[0]
+    got = run_session(sess, {relu_out: mid}, [g.outputs[0]])[0]
     assert np.max(np.abs(got - ref)) <= 2.0 ** -np.max(sctx.table.formats(cfg)[g.outputs[0]].frac_array())
     # the suffix model holds only the nodes after the cut
     m = sim._ort.build(*sim.spec(cfg), sim.rounding, inputs=[relu_out], outputs=[g.outputs[0]])
