@@ -60,7 +60,7 @@ def bench_model(name: str, targets: list[str], log) -> dict:
     from mpqc.compiler.bundle import bundle_bytes
     from mpqc.compiler.driver import compile_model
     from mpqc.compiler.lowering import lower, run_emulator
-from mpqc.runtime.emulator import Emulator
+    from mpqc.runtime.emulator import Emulator
     xc, _ = load_split(name, "calib")
     xt, yt = load_split(name, "test")
     batch = 16 if name.startswith("efficientnet") else 64
