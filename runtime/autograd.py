@@ -43,7 +43,7 @@ from ..core.ir import Graph, Node, Value
 from ..core.qformat import QFormat
 from .executor import Executor
 from .grad_kernels import col2im, fake_quant_ste
-from .ops import KERNELS, _out_size, _pad_spatial, _windows, conv_pads, conv_params
+from .ops import KERNELS, _pad_spatial, _windows, conv_pads, conv_params, out_size
 
 FORWARD: dict[str, Callable] = {}
 BACKWARD: dict[str, Callable] = {}
@@ -117,7 +117,7 @@ def f_conv(node, args):
     dt = np.result_type(x.dtype, w.dtype)
     xp = _pad_spatial(x.astype(dt, copy=False), pads)
     kernel = tuple(int(k) for k in w.shape[2:])
-    out_sp = [_out_size(x.shape[2 + i], kernel[i], strides[i], dil[i], pads[i], pads[i + nd]) for i in range(nd)]
+    out_sp = [out_size(x.shape[2 + i], kernel[i], strides[i], dil[i], pads[i], pads[i + nd]) for i in range(nd)]
     N, C = x.shape[:2]
     M = w.shape[0]
     cg, mg = C // group, M // group
@@ -387,7 +387,7 @@ def _pool_geometry(node, x_shape):
     dil = [int(d) for d in node.attr("dilations", [1] * nd)]
     ceil = bool(node.attr("ceil_mode", 0))
     pads = conv_pads(node, list(x_shape[2:]), kernel, strides, dil)
-    out_sp = [_out_size(x_shape[2 + i], kernel[i], strides[i], dil[i], pads[i], pads[i + nd], ceil)
+    out_sp = [out_size(x_shape[2 + i], kernel[i], strides[i], dil[i], pads[i], pads[i + nd], ceil)
               for i in range(nd)]
     extra = [max(0, (out_sp[i] - 1) * strides[i] + (kernel[i] - 1) * dil[i] + 1
                  - (x_shape[2 + i] + pads[i] + pads[i + nd])) for i in range(nd)]
