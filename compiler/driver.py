@@ -7,6 +7,7 @@ written only after the whole pipeline succeeded, so a failure leaves nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ import numpy as np
 from ..core.errors import DataError, OptionError
 from ..core.ir import Graph
 from ..runtime.executor import run_batched
+from ..runtime.parallel import dask_scheduler
 from .bdcnn import compile_bdcnn
 from .bitsearch import FloatReference
 from .bundle import bundle_bytes
@@ -145,7 +147,8 @@ def compile_model(model: str | os.PathLike | Graph, *, level: int = 1, target: s
                   passes: str | list[Pass] | None = None, options: CompileOptions | dict | None = None,
                   outputs: Outputs | None = None, diagnostics: Diagnostics | None = None,
                   seed: int = 0, quiet: bool = True, batch_size: int = 64,
-                  cache: ResultCache | str | os.PathLike | bool | None = None, jobs: int = 1) -> CompileResult:
+                  cache: ResultCache | str | os.PathLike | bool | None = None, jobs: int = 1,
+                  scheduler: str | None = None) -> CompileResult:
     """Compile ``model`` (a path or a Graph) and write ``outputs``.
 
     ``level``: -O level (ignored when ``passes`` is given: a pass list string or Pass instances);
@@ -155,7 +158,9 @@ def compile_model(model: str | os.PathLike | Graph, *, level: int = 1, target: s
     ``seed``, ``quiet`` (no progress bars), ``batch_size``; ``cache``: the result cache
     (``compiler/cache.py``: a folder, True for the default one, a ``ResultCache``; None/False:
     none); ``jobs``: worker processes for the search's evaluations and influence sweeps (results
-    identical for any number). See ``mpqc --help``."""
+    identical for any number); ``scheduler``: run those on a Dask distributed cluster instead
+    (``"tcp://HOST:PORT"``, or ``"local"`` for a LocalCluster of ``jobs`` workers; needs the optional
+    ``dask[distributed]``; same results). See ``mpqc --help``."""
     t0 = time.perf_counter()
     t_start = time.monotonic()
     outputs = outputs or Outputs()
@@ -165,6 +170,8 @@ def compile_model(model: str | os.PathLike | Graph, *, level: int = 1, target: s
         raise OptionError(f"--batch-size must be at least 1, got {batch_size}")
     if not isinstance(jobs, int) or jobs < 1:
         raise OptionError(f"--jobs must be a whole number of at least 1, got {jobs}")
+    if scheduler is not None and (not isinstance(scheduler, str) or not scheduler.strip()):
+        raise OptionError(f"--scheduler must be a scheduler address (tcp://HOST:PORT) or 'local', got {scheduler!r}")
     if passes is not None and opts.finetune is not None:
         raise OptionError("--finetune/--no-finetune choose a level's pipeline; with --passes list 'finetune' "
                           "in the pass list instead")
@@ -188,69 +195,75 @@ def compile_model(model: str | os.PathLike | Graph, *, level: int = 1, target: s
                          inputs=[(o, d) for o, d in (("model", None if isinstance(model, Graph) else model),
                                                      ("--calib", calib), ("--eval", eval), ("--train", train))
                                  if isinstance(d, (str, os.PathLike))])
-    graph = model if isinstance(model, Graph) else load_graph(model)
-    depends = [] if outputs.depfile is None else dependencies(model, calib, eval, train)
-    tgt = get_target(target) if isinstance(target, str) else target
-    if graph.inputs:
-        batch_size = model_batch(graph.inputs[0], batch_size)  # a fixed-batch model runs at its batch
-    store = open_cache(cache)
-    ctx = PassContext(target=tgt, seed=seed, quiet=quiet, batch_size=batch_size, options=opts, metric=metric,
-                      store=store, jobs=jobs,
-                      deadline=None if opts.time_budget is None else t_start + float(opts.time_budget))
-    ctx.calib = _as_dataset(calib, graph, "--calib", "calib")
-    ctx.eval = _as_dataset(eval, graph, "--eval", "eval")
-    ctx.train = _as_dataset(train, graph, "--train", "train")
-    if bdcnn:
-        pipeline = build_pipeline(0)  # canonicalize; then compile_bdcnn decomposes and searches Q
-    elif passes is None:
-        pipeline = build_pipeline(level, tgt, finetune=opts.finetune)
-    elif isinstance(passes, str):
-        pipeline = parse_pipeline(passes)
-    else:
-        pipeline = list(passes)
-    ctx.report.update({
-        "mpqc_version": _version(),
-        "model": graph.name,
-        "level": level if passes is None else None,
-        "target": tgt.to_json() if tgt is not None else None,
-        "pipeline": [p.spec() for p in pipeline] + (["binary-decomposition (compile_bdcnn)"] if bdcnn else []),
-        "data": {k: (None if d is None else {"source": d.source, "samples": len(d), "labels": d.y is not None})
-                 for k, d in (("calib", ctx.calib), ("eval", ctx.eval), ("train", ctx.train))},
-        "float_model": model_info(graph),
-    })
-    float_graph = graph.copy()
-    ctx.float_graph = float_graph
-    pm = PassManager(pipeline, verify_each=diagnostics.verify_each, print_after=set(diagnostics.print_after),
-                     time_passes=diagnostics.time_passes, printer=diagnostics.printer)
-    pm.run(graph, ctx)
-    if bdcnn:
-        result = _compile_bdcnn(graph, ctx, level, opts, pm.timings)
-        result.cache = _finish_cache(ctx, diagnostics)
+    with _scheduler(scheduler, jobs):
+        graph = model if isinstance(model, Graph) else load_graph(model)
+        depends = [] if outputs.depfile is None else dependencies(model, calib, eval, train)
+        tgt = get_target(target) if isinstance(target, str) else target
+        if graph.inputs:
+            batch_size = model_batch(graph.inputs[0], batch_size)  # a fixed-batch model runs at its batch
+        store = open_cache(cache)
+        ctx = PassContext(target=tgt, seed=seed, quiet=quiet, batch_size=batch_size, options=opts, metric=metric,
+                          store=store, jobs=jobs,
+                          deadline=None if opts.time_budget is None else t_start + float(opts.time_budget))
+        ctx.calib = _as_dataset(calib, graph, "--calib", "calib")
+        ctx.eval = _as_dataset(eval, graph, "--eval", "eval")
+        ctx.train = _as_dataset(train, graph, "--train", "train")
+        if bdcnn:
+            pipeline = build_pipeline(0)  # canonicalize; then compile_bdcnn decomposes and searches Q
+        elif passes is None:
+            pipeline = build_pipeline(level, tgt, finetune=opts.finetune)
+        elif isinstance(passes, str):
+            pipeline = parse_pipeline(passes)
+        else:
+            pipeline = list(passes)
+        ctx.report.update({
+            "mpqc_version": _version(),
+            "model": graph.name,
+            "level": level if passes is None else None,
+            "target": tgt.to_json() if tgt is not None else None,
+            "pipeline": [p.spec() for p in pipeline] + (["binary-decomposition (compile_bdcnn)"] if bdcnn else []),
+            "data": {k: (None if d is None else {"source": d.source, "samples": len(d), "labels": d.y is not None})
+                     for k, d in (("calib", ctx.calib), ("eval", ctx.eval), ("train", ctx.train))},
+            "float_model": model_info(graph),
+        })
+        float_graph = graph.copy()
+        ctx.float_graph = float_graph
+        pm = PassManager(pipeline, verify_each=diagnostics.verify_each, print_after=set(diagnostics.print_after),
+                         time_passes=diagnostics.time_passes, printer=diagnostics.printer)
+        pm.run(graph, ctx)
+        if bdcnn:
+            result = _compile_bdcnn(graph, ctx, level, opts, pm.timings)
+            result.cache = _finish_cache(ctx, diagnostics)
+            write_outputs(result, outputs, depends)
+            return result
+        # the float reference for later comparisons is the canonical float network
+        ctx.report["compiled_model"] = model_info(dequantized_view(graph))
+        if ctx.eval is not None:
+            measure_accuracy(graph, ctx.float_graph or float_graph, ctx)
+        missed = [sec["goal_missed"] for sec in (ctx.report.get("passes") or {}).values()
+                  if isinstance(sec, dict) and "goal_missed" in sec]
+        if missed:
+            ctx.report["goal_missed"] = missed[-1]  # the last word: the bit-width search's, after pruning's
+        stages = stage_table(ctx.report)
+        if stages:
+            ctx.report["stages"] = stages
+        if diagnostics.time_passes:  # timings vary run to run: only on request, so reports stay byte-identical
+            ctx.report["timings"] = [{"pass": t.name, "seconds": round(t.seconds, 4), "modified": t.modified}
+                                     for t in pm.timings]
+            ctx.report["total_seconds"] = round(time.perf_counter() - t0, 3)
+        stopped = [sec["time_budget_exceeded"] for sec in (ctx.report.get("passes") or {}).values()
+                   if isinstance(sec, dict) and isinstance(sec.get("time_budget_exceeded"), dict)]
+        if stopped:
+            ctx.report["time_budget_exceeded"] = stopped[-1]
+        result = CompileResult(graph, ctx.float_graph or float_graph, ctx.report, ctx, pm.timings,
+                               cache=_finish_cache(ctx, diagnostics))
         write_outputs(result, outputs, depends)
         return result
-    # the float reference for later comparisons is the canonical float network
-    ctx.report["compiled_model"] = model_info(dequantized_view(graph))
-    if ctx.eval is not None:
-        measure_accuracy(graph, ctx.float_graph or float_graph, ctx)
-    missed = [sec["goal_missed"] for sec in (ctx.report.get("passes") or {}).values()
-              if isinstance(sec, dict) and "goal_missed" in sec]
-    if missed:
-        ctx.report["goal_missed"] = missed[-1]  # the last word: the bit-width search's, after pruning's
-    stages = stage_table(ctx.report)
-    if stages:
-        ctx.report["stages"] = stages
-    if diagnostics.time_passes:  # timings vary run to run: only on request, so reports stay byte-identical
-        ctx.report["timings"] = [{"pass": t.name, "seconds": round(t.seconds, 4), "modified": t.modified}
-                                 for t in pm.timings]
-        ctx.report["total_seconds"] = round(time.perf_counter() - t0, 3)
-    stopped = [sec["time_budget_exceeded"] for sec in (ctx.report.get("passes") or {}).values()
-               if isinstance(sec, dict) and isinstance(sec.get("time_budget_exceeded"), dict)]
-    if stopped:
-        ctx.report["time_budget_exceeded"] = stopped[-1]
-    result = CompileResult(graph, ctx.float_graph or float_graph, ctx.report, ctx, pm.timings,
-                           cache=_finish_cache(ctx, diagnostics))
-    write_outputs(result, outputs, depends)
-    return result
+
+
+def _scheduler(address: str | None, jobs: int):
+    """The Dask cluster of ``--scheduler`` for the block (runtime/parallel.py), or nothing."""
+    return contextlib.nullcontext() if address is None else dask_scheduler(address, jobs)
 
 
 def _finish_cache(ctx: PassContext, diagnostics: Diagnostics) -> dict | None:

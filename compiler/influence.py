@@ -175,39 +175,37 @@ def sweep(sim, x: np.ndarray, prefix: BitConfig | None, cuts: Sequence[tuple[int
         by_pos.setdefault(c, []).append(i)
     last_cut = max((c for c, _ in cuts), default=0)
     # reads of every value by nodes of the stream, to drop dead tensors as the prefix advances
-    reads: dict[int, int] = {}
+    # (keyed by the Values themselves, not id(): the closure may be pickled to another process)
+    reads: dict[Value, int] = {}
     for n in order:
         for v in n.inputs:
             if v is not None and not v.is_const:
-                reads[id(v)] = reads.get(id(v), 0) + 1
-    pinned = {id(v) for v in graph.outputs}
+                reads[v] = reads.get(v, 0) + 1
+    pinned = set(graph.outputs)
 
     def one_batch(sl: slice) -> list[np.ndarray | None]:
         if check is not None:
             check()
         outs: list[np.ndarray | None] = [None] * len(cuts)
-        env: dict[int, np.ndarray] = {id(graph.inputs[0]): x[sl]}
-        vals: dict[int, Value] = {id(graph.inputs[0]): graph.inputs[0]}
+        env: dict[Value, np.ndarray] = {graph.inputs[0]: x[sl]}
         remaining = dict(reads)
         for pos in range(last_cut + 1):
             for i in by_pos.get(pos, ()):
-                feeds = {vals[k]: a for k, a in env.items()}
-                outs[i] = run_suffix(i, feeds)
+                outs[i] = run_suffix(i, dict(env))
             if pos == len(order) or pos == last_cut:
                 continue
             node = order[pos]
-            args = [None if v is None else (v.const if v.is_const else env[id(v)]) for v in node.inputs]
+            args = [None if v is None else (v.const if v.is_const else env[v]) for v in node.inputs]
             for v, a in zip(node.outputs, pre_fn(node, args)):
-                env[id(v)] = a
-                vals[id(v)] = v
+                env[v] = a
             for v in node.inputs:
                 if v is not None and not v.is_const:
-                    remaining[id(v)] -= 1
-                    if remaining[id(v)] == 0 and id(v) not in pinned:
-                        env.pop(id(v), None)
+                    remaining[v] -= 1
+                    if remaining[v] == 0 and v not in pinned:
+                        env.pop(v, None)
             for v in node.outputs:  # produced but never read (and not an output): drop now
-                if reads.get(id(v), 0) == 0 and id(v) not in pinned:
-                    env.pop(id(v), None)
+                if reads.get(v, 0) == 0 and v not in pinned:
+                    env.pop(v, None)
         return outs
 
     per = map_batches(one_batch, list(batches(len(x), batch_size)), jobs=jobs, progress=progress)

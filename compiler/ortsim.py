@@ -134,6 +134,12 @@ class OrtSim:
         self._sessions: OrderedDict = OrderedDict()
         self.built = 0  # sessions created
 
+    def __getstate__(self) -> dict:
+        # onnxruntime sessions do not pickle (a Dask worker gets this object): they are rebuilt there
+        state = dict(self.__dict__)
+        state["_sessions"] = OrderedDict()
+        return state
+
     # ------------------------------------------------------------------ model
     def _base_model(self) -> onnx.ModelProto:
         if self._base is None:

@@ -47,7 +47,7 @@ class QuantSim:
         self._bcache: dict[tuple, np.ndarray] = {}
 
     def _qweight(self, node: Node, fmt: QFormat) -> np.ndarray:
-        key = (id(node), fmt.bits)
+        key = (node, fmt.bits)  # the Node itself (identity), not id(): survives pickling
         w = self._wcache.get(key)
         if w is None:
             w = fake_quant(node.weight.const, fmt)
@@ -55,7 +55,7 @@ class QuantSim:
         return w
 
     def _qbias(self, node: Node, in_fmt: QFormat, w_fmt: QFormat) -> np.ndarray | None:
-        key = (id(node), in_fmt.bits, w_fmt.bits)
+        key = (node, in_fmt.bits, w_fmt.bits)
         if key not in self._bcache:
             b = node.bias.const if node.bias is not None else None
             b_fmt = self.table.bias_format(node, in_fmt, w_fmt)
@@ -121,8 +121,7 @@ class QuantSim:
         make = self.ort_model(config, inputs=ins, outputs=outs)
         if make is None:
             return None
-        key = (None if config is None else config.key(self.plan.layers), tuple(id(v) for v in ins),
-               tuple(id(v) for v in outs))
+        key = (None if config is None else config.key(self.plan.layers), ins, outs)
         return self._ort.session(key, make, max(1, jobs))
 
     def run(self, config: BitConfig | None, x: np.ndarray, *, batch_size: int = 64, outputs=None,

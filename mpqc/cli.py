@@ -74,6 +74,11 @@ def compile_parser() -> argparse.ArgumentParser:
     d.add_argument("--jobs", "-j", type=int, default=None, metavar="N",
                    help="worker processes for the search's evaluations and influence sweeps, one BLAS thread "
                         "each (default: $MPQC_JOBS, else the number of cores; results are identical for any N)")
+    d.add_argument("--scheduler", metavar="ADDRESS",
+                   help="run those evaluations and sweeps on a Dask distributed cluster instead: tcp://HOST:PORT "
+                        "of a running scheduler, or 'local' for a LocalCluster of --jobs worker processes on "
+                        "this machine (needs the optional dask[distributed]: pip install 'mpqc[dask]'; results "
+                        "are identical to a serial run)")
     s = p.add_argument_group("accuracy target (-O2 and above)")
     s.add_argument("--max-drop", type=float, help="largest allowed drop of the evaluation value relative to "
                                                   "the float model (e.g. 0.01)")
@@ -240,7 +245,7 @@ def cmd_compile(argv: list[str]) -> int:
                         diagnostics=Diagnostics(args.verify_each, frozenset(args.print_after), args.time_passes,
                                                 printer=printer),
                         seed=args.seed, quiet=args.quiet, batch_size=args.batch_size, cache=cache,
-                        jobs=_jobs(args.jobs))
+                        jobs=_jobs(args.jobs), scheduler=args.scheduler)
     if args.json:
         from mpqc.compiler.driver import json_default  # start-up
         summary = summary_json(res.report, outputs)

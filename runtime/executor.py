@@ -52,7 +52,8 @@ class Executor:
     def plan(self, outputs: Sequence[Value], known: Iterable[Value]) -> list[Node]:
         """Nodes (in graph order) needed to compute ``outputs`` from ``known`` values."""
         known_ids = frozenset(id(v) for v in known)
-        key = (tuple(id(v) for v in outputs), known_ids)
+        # keyed by the Values (identity), not their id(): an Executor may be pickled to a worker
+        key = (tuple(outputs), frozenset(known))
         hit = self._plans.get(key)
         if hit is not None:
             return hit

@@ -6,18 +6,33 @@ inherit the caller's state (graph, formats, data: nothing is pickled but the sli
 results), each limited to one BLAS thread so that N workers use N cores. Every batch is
 computed exactly as the serial loop computes it, so the results are identical for any N.
 Where ``fork`` does not exist the work runs serially.
+
+Scale-out: inside ``with dask_scheduler(address, workers):`` the same calls run on a Dask
+distributed cluster instead (``--scheduler tcp://HOST:PORT``, or ``local`` for a ``LocalCluster``
+of ``workers`` processes on 127.0.0.1). The function, with everything it closes over (graph,
+formats, data), is scattered once per call, one copy per worker, and each batch is a task that
+receives it and one slice; each task runs with one BLAS thread, so results are identical to the
+serial run. ``dask[distributed]`` is an optional dependency (``pip install 'mpqc[dask]'``); the
+default path never imports it.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import logging
 import multiprocessing as mp
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from threadpoolctl import threadpool_limits
 
+from ..core.errors import OptionError
 from ..core.progress import progress_iter
 
 _FN: Callable[[Any], Any] | None = None
+#: the Dask client of the enclosing ``dask_scheduler`` block (None: local processes)
+_CLIENT: contextvars.ContextVar = contextvars.ContextVar("mpqc_dask_client", default=None)
+_IN_TASK = False
 
 
 def default_jobs() -> int:
@@ -36,10 +51,78 @@ def _call(item):
     return _FN(item)
 
 
+def _dask_task(item, fn):
+    global _IN_TASK
+    _IN_TASK = True  # nested maps inside a task run serially
+    with threadpool_limits(1):
+        return fn(item)
+
+
+def _dask_map(client, fn: Callable[[Any], Any], items: list, progress: str | None) -> list:
+    from distributed import as_completed  # optional: only inside dask_scheduler
+    fn_future = client.scatter(fn, broadcast=True, hash=False)
+    futures = client.map(_dask_task, items, fn=fn_future, pure=False)
+    try:
+        for _ in progress_iter(as_completed(futures), desc=progress, total=len(futures)):
+            pass
+        return client.gather(futures)
+    except BaseException:
+        client.cancel(futures + [fn_future])
+        raise
+
+
+@contextlib.contextmanager
+def dask_scheduler(address: str, workers: int = 1, *, timeout: float = 30) -> Iterator[Any]:
+    """Run the ``map_batches`` calls of the block on a Dask cluster: ``address`` is a scheduler
+    (``tcp://HOST:PORT``) or ``"local"`` (a ``LocalCluster`` of ``workers`` single-threaded
+    processes on 127.0.0.1, closed at the end); ``timeout``: seconds to wait for a scheduler.
+    Yields the client."""
+    try:
+        from distributed import Client, LocalCluster  # optional dependency
+    except ImportError:
+        raise OptionError("--scheduler needs Dask's distributed scheduler, which is not installed",
+                          hint="pip install 'mpqc[dask]' (or dask[distributed]), or leave --scheduler out") from None
+    cluster = None
+    # Dask's own INFO lines (scheduler and worker start, task cancels) are not mpqc's messages
+    log = logging.getLogger("distributed")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        if address == "local":
+            cluster = LocalCluster(n_workers=max(1, workers), threads_per_worker=1, processes=True,
+                                   host="127.0.0.1", dashboard_address="127.0.0.1:0",
+                                   silence_logs=logging.ERROR)
+            client = Client(cluster)
+        else:
+            client = Client(address, timeout=f"{timeout}s")
+    except (OSError, TimeoutError) as e:
+        if cluster is not None:
+            cluster.close()
+        log.setLevel(level)
+        raise OptionError(f"--scheduler {address}: cannot connect ({e})",
+                          hint="start a scheduler with `dask scheduler` and workers with `dask worker ADDRESS`, "
+                               "or use --scheduler local") from None
+    token = _CLIENT.set(client)
+    try:
+        yield client
+    finally:
+        _CLIENT.reset(token)
+        client.close()
+        if cluster is not None:
+            cluster.close()
+        log.setLevel(level)
+
+
 def map_batches(fn: Callable[[Any], Any], items: Sequence, *, jobs: int = 1, progress: str | None = None) -> list:
-    """``[fn(i) for i in items]`` in order, in ``jobs`` forked worker processes when that can help."""
+    """``[fn(i) for i in items]`` in order, in ``jobs`` forked worker processes when that can help
+    (on the Dask cluster of an enclosing ``dask_scheduler`` block, whatever ``jobs`` is)."""
     global _FN
     items = list(items)
+    client = _CLIENT.get()
+    if client is not None and len(items) > 1 and _FN is None and not _IN_TASK:
+        return _dask_map(client, fn, items, progress)
+    if _IN_TASK:
+        return [fn(i) for i in items]
     if jobs <= 1 or len(items) < 2 or "fork" not in mp.get_all_start_methods() or _FN is not None:
         return [fn(i) for i in progress_iter(items, desc=progress)]  # (_FN set: already inside a map)
     _FN = fn

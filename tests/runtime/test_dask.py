@@ -1,0 +1,98 @@
+"""--scheduler: the search's batches on a Dask distributed cluster (a LocalCluster on 127.0.0.1)
+give exactly the serial results; missing Dask and an unreachable scheduler are clear errors."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from mpqc.core.errors import OptionError
+from mpqc.runtime.executor import run_batched
+from mpqc.runtime.parallel import dask_scheduler, map_batches
+from mpqc.testing import randn
+from tests.runtime.test_parallel import _boom, _nested, _net, _square
+
+distributed = pytest.importorskip("distributed")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with dask_scheduler("local", 2) as client:
+        yield client
+
+
+def test_local_cluster_has_the_workers_asked_for(cluster):
+    assert len(cluster.scheduler_info()["workers"]) == 2
+    assert all(w.startswith("tcp://127.0.0.1:") for w in cluster.scheduler_info()["workers"])
+
+
+def test_map_batches_on_the_cluster_order_errors_and_nesting(cluster):
+    with dask_scheduler(cluster.scheduler.address, 1):  # a running scheduler by address
+        assert map_batches(_square, range(10)) == [i * i for i in range(10)]
+        with pytest.raises(ValueError, match="batch 3 failed"):
+            map_batches(_boom, range(6))
+        assert map_batches(_nested, range(5), jobs=2) == [sum(j * j for j in range(i)) for i in range(5)]
+
+
+def test_run_batched_on_the_cluster_is_the_serial_run(cluster):
+    g = _net()
+    x = randn(37, 3, 8, 8, seed=4)
+    ref = run_batched(g, x, batch_size=5)[0]
+    with dask_scheduler(cluster.scheduler.address, 1):
+        out = run_batched(g, x, batch_size=5)[0]
+    assert out.tobytes() == ref.tobytes()
+
+
+def test_sweep_on_the_cluster_is_the_serial_sweep(cluster):
+    """An influence sweep's closure (graph, formats, onnxruntime engine, data) pickled to workers."""
+    from mpqc.compiler.influence import cut_positions, stream_order, sweep
+    from mpqc.compiler.quant import BitConfig
+    from tests.compiler.test_ortsim import tiny_search
+    g, x, sctx = tiny_search()
+    sim = sctx.sim
+    sim.run(None, x, batch_size=16)  # sessions exist in this process: they must not travel
+    hi = BitConfig.uniform(sim.plan.layers, 8, 8)
+    lo = BitConfig.uniform(sim.plan.layers, 2, 4)
+    cuts = [(c, hi) for c in cut_positions(sim.plan, stream_order(sim.plan))]
+    ref = sweep(sim, x, lo, cuts, batch_size=16)
+    with dask_scheduler(cluster.scheduler.address, 1):
+        got = sweep(sim, x, lo, cuts, batch_size=16)
+    assert len(got) == len(ref)
+    for a, b in zip(got, ref):
+        assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.slow
+def test_o2_compile_on_a_local_cluster_is_byte_identical(tmp_path):
+    from mpqc.compiler.driver import compile_model
+    from tests.conftest import bench_path
+    d = np.load(bench_path("digits.npz"))
+    kw = dict(level=2, target="npu8", calib=(d["x_calib"][:64], None), eval=(d["x_eval"][:96], d["y_eval"][:96]),
+              options={"max_drop": 0.02}, batch_size=32, cache=False)
+    serial = compile_model(bench_path("digits_resnet.onnx"), **kw)
+    dask = compile_model(bench_path("digits_resnet.onnx"), scheduler="local", jobs=2, **kw)
+    assert dask.onnx_bytes() == serial.onnx_bytes()
+    assert dask.report["passes"]["assign-bit-widths"] == serial.report["passes"]["assign-bit-widths"]
+
+
+def test_missing_dask_is_an_option_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "distributed", None)  # import fails
+    with pytest.raises(OptionError, match="not installed") as e:
+        with dask_scheduler("local", 1):
+            pass
+    assert "mpqc[dask]" in str(e.value)
+
+
+def test_unreachable_scheduler_is_an_option_error():
+    with pytest.raises(OptionError, match="cannot connect") as e:
+        with dask_scheduler("tcp://127.0.0.1:9", 1, timeout=1):
+            pass
+    assert "dask scheduler" in str(e.value)
+
+
+def test_cli_scheduler_option(tmp_path, capsys):
+    from mpqc.cli import main
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "--scheduler" in capsys.readouterr().out
