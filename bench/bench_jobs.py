@@ -1,13 +1,22 @@
-"""Compile time against --jobs, and the simulation engine's throughput against onnxruntime.
+"""Compile time against --jobs, a Dask cluster and the eval size; simulation and emulator speed.
 
-    .venv/bin/python bench/bench_jobs.py [--models efficientnet_lite0] [--runs onnxruntime:1,onnxruntime:2,numpy:2] [--throughput-only]
+    .venv/bin/python bench/bench_jobs.py [--models efficientnet_lite0]
+        [--runs onnxruntime:1,onnxruntime:2,numpy:2,onnxruntime:2:dask,onnxruntime:2:x2] [--throughput-only]
+        [--emulator digits_resnet,digits_vgg,digits_alexnet,efficientnet_lite0] [--nncf]
 
 Part 1: whole ``mpqc -O2`` compiles (own process each, ``--no-cache``, one BLAS thread per
-process) at each ``--jobs``; seconds, speed-up over ``--jobs 1``, and whether every output file
-(model, report, bundle) has the same bytes. Part 2 (in this process, one thread everywhere,
+process), one per ``--runs`` entry ``SIM:JOBS[:dask][:x2]``: ``--sim SIM --jobs JOBS``; ``dask``:
+``--scheduler local`` (a LocalCluster of JOBS worker processes); ``x2``: the eval split doubled with
+its horizontal flips (labels: the float model's top-1 of each image, EfficientNet only). Seconds,
+ratio to the first row, and whether every output file (model, report, bundle) has the same bytes
+as the same engine's first run on the same data. Part 2 (in this process, one thread everywhere,
 batch 16 on the eval split): images per second of mpqc's float runtime and of the fake-quant
 simulation the search evaluates (the -O2 starting network, bias-corrected), against
-onnxruntime's float session. Writes bench/results/jobs.md and bench/out/jobs.json.
+onnxruntime's float session. Part 3 (``--emulator``): the fixed-point emulator's images per second
+(-O1 npu8, one thread) against onnxruntime running the float model and quantize_static's
+per-channel int8 model. Part 4 (``--nncf``, needs the optional ``nncf``): NNCF's
+``quantize_with_accuracy_control`` (ONNX backend) on the same eval split and drop, timed as the
+anchor. Writes bench/results/jobs.md and bench/out/jobs.json.
 """
 from __future__ import annotations
 
@@ -32,14 +41,28 @@ SECTION = "## Parallel compiles and simulation speed"
 CONFIGS = {"digits_resnet": ("npu4", 0.01, 64), "efficientnet_lite0": ("npu8", 0.1, 16)}
 
 
-def compile_time(model: str, jobs: int, out: Path, sim: str = "onnxruntime") -> dict:
+def doubled_eval(model: str, folder: Path) -> Path:
+    """An .npz with the calib split and the eval split doubled by horizontal flips (labels of the
+    flipped photos: the float model's top-1, as for the originals)."""
+    xc, yc = load_split(model, "calib")
+    xe, ye = load_split(model, "eval")
+    flipped = np.ascontiguousarray(xe[..., ::-1])
+    yf = np.argmax(ort_run(ort_session(model_path(model)), flipped, 16).reshape(len(flipped), -1), 1)
+    path = folder / f"{model}_x2.npz"
+    np.savez(path, x_calib=xc, y_calib=yc, x_eval=np.concatenate([xe, flipped]),
+             y_eval=np.concatenate([np.asarray(ye).reshape(-1), yf]))
+    return path
+
+
+def compile_time(model: str, jobs: int, out: Path, sim: str = "onnxruntime", *, dask: bool = False,
+                 data: Path | None = None) -> dict:
     target, drop, bs = CONFIGS[model]
-    d = BENCH / ("photos.npz" if model.startswith("efficientnet") else "digits.npz")
+    d = data or BENCH / ("photos.npz" if model.startswith("efficientnet") else "digits.npz")
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "mpqc", str(model_path(model)), "-O2", "--target", target, "--calib",
            f"{d}:calib", "--eval", f"{d}:eval", "--max-drop", str(drop), "--batch-size", str(bs), "-o",
            str(out / "m.onnx"), "--report", str(out / "r.json"), "--emit-bundle", str(out / "b.npz"),
-           "--no-cache", "--jobs", str(jobs), "--sim", sim, "-q"]
+           "--no-cache", "--jobs", str(jobs), "--sim", sim, "-q"] + (["--scheduler", "local"] if dask else [])
     t0 = time.perf_counter()
     r = subprocess.run(cmd, env=dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1"),
                        capture_output=True, text=True)
@@ -50,7 +73,65 @@ def compile_time(model: str, jobs: int, out: Path, sim: str = "onnxruntime") -> 
     sec = rep["passes"]["assign-bit-widths"]
     return {"seconds": secs, "md5": {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())},
             "final_value": sec.get("final_value"), "bits": sec.get("final_bits"),
-            "weight_bytes": sec.get("weight_bytes"), "evaluations": sec.get("evaluations")}
+            "weight_bytes": sec.get("weight_bytes"), "evaluations": sec.get("evaluations"),
+            "eval_samples": rep["data"]["eval"]["samples"], "layers": len(sec.get("final_bits") or {})}
+
+
+def emulator_speed(model: str) -> dict:
+    """Images/s of the emulator (-O1 npu8) against onnxruntime float and int8, one thread, one batch."""
+    from bench_o1 import quantize_ort
+    from common import throughput as best_rate
+    from mpqc.compiler.driver import compile_model
+    from mpqc.compiler.lowering import lower
+    from mpqc.runtime.emulator import Emulator
+    from threadpoolctl import threadpool_limits
+    xc, _ = load_split(model, "calib")
+    xt, _ = load_split(model, "test")
+    batch = 16 if model.startswith("efficientnet") else 64
+    res = compile_model(model_path(model), level=1, target="npu8", calib=(xc, None), batch_size=batch)
+    prog = lower(res.graph)
+    fast, slow = Emulator(prog), Emulator(prog, int8_kernels=False)
+    xb = xt[:batch]
+    a, b = fast.run(xb), slow.run(xb)
+    identical = all(np.array_equal(a[k], b[k]) for k in a)
+    int8, _ = quantize_ort(model, xc, True)
+    s_f, s_8 = ort_session(model_path(model), threads=1), ort_session(int8, threads=1)
+    with threadpool_limits(1):
+        r = {"batch": batch, "emulator": best_rate(lambda: fast.run(xb), batch),
+             "emulator (float BLAS only)": best_rate(lambda: slow.run(xb), batch),
+             "onnxruntime float": best_rate(lambda: ort_run(s_f, xb, batch), batch),
+             "onnxruntime int8": best_rate(lambda: ort_run(s_8, xb, batch), batch)}
+    r["int8 layers"] = sum(1 for g in fast._gemms.values() if g is not None)
+    r["layers"] = sum(1 for st in prog.steps if st.kind == "layer")
+    r["identical"] = identical
+    return r
+
+
+def nncf_anchor(model: str) -> dict:
+    """NNCF quantize_with_accuracy_control (ONNX backend) on the eval split, same drop, timed."""
+    try:
+        import nncf  # optional bench dependency
+    except ImportError:
+        return {"error": "nncf is not installed (pip install nncf)"}
+    import onnx
+    target, drop, bs = CONFIGS[model]
+    xc, _ = load_split(model, "calib")
+    xe, ye = load_split(model, "eval")
+    ye = np.asarray(ye).reshape(-1)
+    name = ort_session(model_path(model)).get_inputs()[0].name
+
+    def validate(m, items) -> float:
+        sess = ort_session(m.SerializeToString(), threads=1)
+        hits = [int(np.argmax(sess.run(None, {name: x[None]})[0]) == y) for x, y in items]
+        return float(np.mean(hits))
+    calib = nncf.Dataset([xc[i:i + 1] for i in range(len(xc))], lambda x: {name: x})
+    val = nncf.Dataset(list(zip(xe, ye)), lambda item: {name: item[0][None]})
+    t = time.perf_counter()
+    q = nncf.quantize_with_accuracy_control(onnx.load(str(model_path(model))), calib, val, validation_fn=validate,
+                                            max_drop=drop, drop_type=nncf.DropType.ABSOLUTE,
+                                            subset_size=len(xc))
+    secs = time.perf_counter() - t
+    return {"seconds": secs, "value": validate(q, list(zip(xe, ye))), "version": nncf.__version__}
 
 
 def throughput(model: str, n: int = 32) -> dict:
@@ -96,24 +177,46 @@ def throughput(model: str, n: int = 32) -> dict:
                 "onnxruntime float": best(lambda: ort_run(sess, xe, bs))}
 
 
-def table(res: dict) -> str:
+def _label(k: str) -> str:
+    sim, j, *mods = k.split(":")
+    txt = f"--sim {sim} --jobs {j}"
+    if "dask" in mods:
+        txt = f"--sim {sim} --scheduler local ({j} Dask workers)"
+    if "x2" in mods:
+        txt += ", eval x2 (flips)"
+    return txt
+
+
+def _data(k: str) -> str:
+    return "x2" if "x2" in k.split(":")[2:] else "x1"
+
+
+def table(res: dict, argv: str = "") -> str:
     lines = [SECTION, "", f"{platform.machine()}, {os.cpu_count()} cores; every row measured in one run of "
-             f"`bench/bench_jobs.py --models {','.join(res)}`.", "",
-             "| model | compile (-O2, --no-cache) | seconds | of the first row | eval value | weight bytes | "
-             "evaluations | same network as the first row | outputs identical to the same --sim at the lowest --jobs |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"`bench/bench_jobs.py {argv}`.", "",
+             "| model | compile (-O2, --no-cache) | eval samples | layers searched | seconds | of the first row | "
+             "eval value | weight bytes | evaluations | same network as the first row | outputs identical to "
+             "the same --sim's first run on the same data |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m, r in res.items():
         c = r.get("compile") or {}
         if c:
             first = next(iter(c.values()))
             for k, v in c.items():
-                sim, j = k.split(":")
-                same = [w for kk, w in c.items() if kk.split(":")[0] == sim][0]
-                lines.append(f"| {m} | --sim {sim} --jobs {j} | {v['seconds']:.1f} | {v['seconds'] / first['seconds']:.2f}x | "
-                             f"{v['final_value']:.4f} | {v['weight_bytes']} | {v['evaluations']} | "
-                             f"{'yes' if v['bits'] == first['bits'] else 'no'} | "
+                same = [w for kk, w in c.items() if kk.split(":")[0] == k.split(":")[0] and _data(kk) == _data(k)][0]
+                lines.append(f"| {m} | {_label(k)} | {v['eval_samples']} | {v['layers']} | {v['seconds']:.1f} | "
+                             f"{v['seconds'] / first['seconds']:.2f}x | {v['final_value']:.4f} | {v['weight_bytes']} | "
+                             f"{v['evaluations']} | {'yes' if v['bits'] == first['bits'] else 'no'} | "
                              f"{'yes' if v['md5'] == same['md5'] else '**no**'} |")
-    lines += ["", "| model | engine | images/s | of onnxruntime float |", "|---|---|---|---|"]
+        n = r.get("nncf")
+        if n and "seconds" in n and c:
+            lines.append(f"| {m} | NNCF {n['version']} quantize_with_accuracy_control (ONNX backend, same eval "
+                         f"split and drop) | {first['eval_samples']} | - | {n['seconds']:.1f} | "
+                         f"{n['seconds'] / first['seconds']:.2f}x | {n['value']:.4f} | - | - | - | - |")
+        elif n:
+            lines.append(f"| {m} | NNCF: {n.get('error')} | | | | | | | | | |")
+    if any(r.get("throughput") for r in res.values()):
+        lines += ["", "| model | engine | images/s | of onnxruntime float |", "|---|---|---|---|"]
     for m, r in res.items():
         t = r.get("throughput")
         if t:
@@ -121,6 +224,19 @@ def table(res: dict) -> str:
                       "onnxruntime float"):
                 lines.append(f"| {m} | {k} (batch {t['batch']}, 1 thread) | {t[k]:.1f} | "
                              f"{t[k] / t['onnxruntime float']:.2f}x |")
+    emu = {m: r["emulator"] for m, r in res.items() if r.get("emulator")}
+    if emu:
+        lines += ["", "Fixed-point emulator (-O1 npu8, integer program lowered, one thread, one batch; images/s). "
+                  "`int8 layers`: layers that ran on the 8-bit integer kernels (runtime/intgemm.py); `identical`: "
+                  "same integers as the float-BLAS path.", "",
+                  "| model | batch | emulator | float BLAS only | onnxruntime float | onnxruntime int8 (quantize_static "
+                  "per-channel) | emulator / ORT int8 | emulator / ORT float | int8 layers | identical |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for m, e in emu.items():
+            lines.append(f"| {m} | {e['batch']} | {e['emulator']:.0f} | {e['emulator (float BLAS only)']:.0f} | "
+                         f"{e['onnxruntime float']:.0f} | {e['onnxruntime int8']:.0f} | "
+                         f"{e['emulator'] / e['onnxruntime int8']:.2f}x | {e['emulator'] / e['onnxruntime float']:.2f}x | "
+                         f"{e['int8 layers']}/{e['layers']} | {'yes' if e['identical'] else '**no**'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -128,25 +244,39 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="efficientnet_lite0")
     ap.add_argument("--runs", default="onnxruntime:1,onnxruntime:2,numpy:2",
-                    help="compiles to time, as SIM:JOBS (--sim and --jobs)")
+                    help="compiles to time, as SIM:JOBS[:dask][:x2] (see the module docstring)")
     ap.add_argument("--throughput-only", action="store_true")
+    ap.add_argument("--no-throughput", action="store_true", help="skip part 2")
+    ap.add_argument("--emulator", default="", help="models whose emulator speed to measure (comma-separated)")
+    ap.add_argument("--nncf", action="store_true", help="time NNCF's quantize_with_accuracy_control as the anchor")
     args = ap.parse_args(argv)
     res = {}
     for m in [s.strip() for s in args.models.split(",") if s.strip()]:
-        res[m] = {"throughput": throughput(m)}
-        print(m, res[m]["throughput"], flush=True)
+        res[m] = {"throughput": throughput(m)} if not args.no_throughput else {}
+        print(m, res[m].get("throughput"), flush=True)
         if not args.throughput_only:
             res[m]["compile"] = {}
             with tempfile.TemporaryDirectory() as tmp:
                 for k in [s.strip() for s in args.runs.split(",")]:
-                    sim, j = k.split(":")
-                    res[m]["compile"][k] = compile_time(m, int(j), Path(tmp) / f"{sim}-j{j}", sim)
+                    sim, j, *mods = k.split(":")
+                    if "x2" in mods and not m.startswith("efficientnet"):
+                        continue  # flipped digits are other digits: no labels to double with
+                    data = doubled_eval(m, Path(tmp)) if "x2" in mods else None
+                    res[m]["compile"][k] = compile_time(m, int(j), Path(tmp) / k.replace(":", "-"), sim,
+                                                        dask="dask" in mods, data=data)
                     print(m, k, f"{res[m]['compile'][k]['seconds']:.1f} s", flush=True)
+        if args.nncf:
+            res[m]["nncf"] = nncf_anchor(m)
+            print(m, "nncf", res[m]["nncf"], flush=True)
+    for m in [s.strip() for s in (args.emulator or "").split(",") if s.strip()]:
+        res.setdefault(m, {})["emulator"] = emulator_speed(m)
+        print(m, "emulator", res[m]["emulator"], flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "jobs.json").write_text(json.dumps(res, indent=1, sort_keys=True))
     RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(table(res))
-    print(table(res))
+    text = table(res, " ".join(argv if argv is not None else sys.argv[1:]))
+    RESULT.write_text(text)
+    print(text)
     return 0
 
 

@@ -114,7 +114,7 @@ class BiasCorrection:
         self._cache: dict[tuple, np.ndarray | None] = {}
 
     def __call__(self, node: Node, w_fmt: QFormat) -> np.ndarray | None:
-        key = (id(node), w_fmt)
+        key = (node, w_fmt)  # the Node itself (identity), not id(): this object may be pickled
         if key not in self._cache:
             self._cache[key] = self._compute(node, w_fmt)
         return self._cache[key]

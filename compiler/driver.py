@@ -195,7 +195,9 @@ def compile_model(model: str | os.PathLike | Graph, *, level: int = 1, target: s
                          inputs=[(o, d) for o, d in (("model", None if isinstance(model, Graph) else model),
                                                      ("--calib", calib), ("--eval", eval), ("--train", train))
                                  if isinstance(d, (str, os.PathLike))])
-    with _scheduler(scheduler, jobs):
+    with _scheduler(scheduler, jobs) as client:
+        if client is not None:  # the calls made with jobs > 1 go to the cluster: at least one per worker
+            jobs = max(jobs, 2, len(client.scheduler_info().get("workers", {})))
         graph = model if isinstance(model, Graph) else load_graph(model)
         depends = [] if outputs.depfile is None else dependencies(model, calib, eval, train)
         tgt = get_target(target) if isinstance(target, str) else target

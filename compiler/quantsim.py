@@ -71,14 +71,14 @@ class QuantSim:
         fmts = self.table.formats(config)
         wf = self.table.weight_formats(config)
         points = self.plan.points
-        layer_ids = {id(n) for n in self.plan.layers}
+        layer_set = set(self.plan.layers)  # the Nodes (identity), not id(): ``params`` may be pickled
         float_layers = float_layers or set()
         in_formats = {v: fmts[v] for v, p in points.items() if p.kind == "input"}
         out_formats = {v: fmts[v] for v, p in points.items() if p.kind in ("layer", "arith") and not (
             p.kind == "layer" and p.layer in float_layers)}
 
         def params(node: Node):
-            if id(node) not in layer_ids or node in float_layers:
+            if node not in layer_set or node in float_layers:
                 return None
             p = {1: self._qweight(node, wf[node])}
             if node.bias is not None and len(node.inputs) > 2:

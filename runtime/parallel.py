@@ -12,7 +12,8 @@ distributed cluster instead (``--scheduler tcp://HOST:PORT``, or ``local`` for a
 of ``workers`` processes on 127.0.0.1). The function, with everything it closes over (graph,
 formats, data), is scattered once per call, one copy per worker, and each batch is a task that
 receives it and one slice; each task runs with one BLAS thread, so results are identical to the
-serial run. ``dask[distributed]`` is an optional dependency (``pip install 'mpqc[dask]'``); the
+serial run. As with local processes, only calls made with ``jobs > 1`` are distributed (the
+driver raises ``jobs`` to at least the cluster's worker count). ``dask[distributed]`` is an optional dependency (``pip install 'mpqc[dask]'``); the
 default path never imports it.
 """
 from __future__ import annotations
@@ -115,11 +116,13 @@ def dask_scheduler(address: str, workers: int = 1, *, timeout: float = 30) -> It
 
 def map_batches(fn: Callable[[Any], Any], items: Sequence, *, jobs: int = 1, progress: str | None = None) -> list:
     """``[fn(i) for i in items]`` in order, in ``jobs`` forked worker processes when that can help
-    (on the Dask cluster of an enclosing ``dask_scheduler`` block, whatever ``jobs`` is)."""
+    (on the Dask cluster of an enclosing ``dask_scheduler`` block instead, whatever its size). Only
+    ``jobs > 1`` distributes: a caller passes it for work whose ``fn`` has no side effects (with
+    ``jobs=1`` a ``fn`` may record into the caller's objects, as calibration does)."""
     global _FN
     items = list(items)
     client = _CLIENT.get()
-    if client is not None and len(items) > 1 and _FN is None and not _IN_TASK:
+    if client is not None and jobs > 1 and len(items) > 1 and _FN is None and not _IN_TASK:
         return _dask_map(client, fn, items, progress)
     if _IN_TASK:
         return [fn(i) for i in items]
