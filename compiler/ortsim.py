@@ -229,7 +229,6 @@ class OrtSim:
         return s
 
 
-
 def run_session(sess, feeds: Mapping[Value, np.ndarray], outputs: Sequence[Value]) -> list[np.ndarray]:
     """``outputs`` of ``sess`` fed ``{Value: array}`` (the IR's value names are the model's)."""
     return list(sess.run([v.name for v in outputs], {v.name: np.ascontiguousarray(a) for v, a in feeds.items()}))

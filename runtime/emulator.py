@@ -174,28 +174,26 @@ class Emulator:
         wc = self.p.consts[s.inputs[1]]
         if s.op == "Conv" and x.ndim == 4 and int(node.attr("group", 1)) == 1 and _int8_conv_pays(x.shape, wc.shape):
             g = self._int_gemm(i, s, lambda: weights_channels_last(np.asarray(wc)))
-            if g is None:
+            shift = None if g is None else uint8_zero_point(x)
+            if shift is None:
                 return None
-            z = uint8_zero_point(x)
-            if z is None:
-                return None
+            z, a_max = shift
             strides, pads, dil = conv_params(node, x.shape, wc.shape)
             out_sp = [out_size(x.shape[2 + k], wc.shape[2 + k], strides[k], dil[k], pads[k], pads[k + 2])
                       for k in range(2)]
             a = im2col_channels_last(x + np.float32(z), wc.shape[2:], pads, strides, dil, out_sp,
                                      pad_value=z, dtype=np.uint8)
-            y = g(a, z)
+            y = g(a, z, a_max)
             N, M = x.shape[0], wc.shape[0]
             return y.reshape(N, -1, M).transpose(0, 2, 1).reshape(N, M, *out_sp).astype(dt)
         if s.op == "Gemm" and x.ndim == 2 and not node.attr("transA", 0):
             trans_b = bool(node.attr("transB", 0))
             g = self._int_gemm(i, s, lambda: np.ascontiguousarray(np.asarray(wc).T if trans_b else wc))
-            if g is None:
+            shift = None if g is None else uint8_zero_point(x)
+            if shift is None:
                 return None
-            z = uint8_zero_point(x)
-            if z is None:
-                return None
-            return g((x + np.float32(z)).astype(np.uint8), z).astype(dt)
+            z, a_max = shift
+            return g((x + np.float32(z)).astype(np.uint8), z, a_max).astype(dt)
         return None
 
     def _layer(self, i: int, s: Step, env: dict) -> np.ndarray:

@@ -76,9 +76,11 @@ class IntGemm:
         """``"u8s8"`` when the saturating kernel is exact for activations up to ``a_max``, else ``"u8u8"``."""
         return "u8s8" if a_max * self.pair <= _PAIR_LIMIT else "u8u8"
 
-    def __call__(self, a: np.ndarray, zero_point: int) -> np.ndarray:
-        """``a``: uint8 (R, K); returns the int32 (R, M) product of ``a - zero_point`` and ``W``."""
-        a_max = int(a.max()) if a.size else 0
+    def __call__(self, a: np.ndarray, zero_point: int, a_max: int | None = None) -> np.ndarray:
+        """``a``: uint8 (R, K); returns the int32 (R, M) product of ``a - zero_point`` and ``W``.
+        ``a_max``: a bound on ``a`` the caller already knows (default: read from ``a``)."""
+        if a_max is None:
+            a_max = int(a.max()) if a.size else 0
         if self.kernel_for(a_max) == "u8s8":
             if self._signed is None:
                 self._signed = _session(self.w, 0)
@@ -90,14 +92,15 @@ class IntGemm:
         return sess.run(None, {"a": a, "a_zp": np.array(zero_point, np.uint8)})[0]
 
 
-def uint8_zero_point(x: np.ndarray) -> int | None:
-    """The zero point ``z`` in [0, 255] with ``x + z`` in [0, 255] (so that 0, a convolution's
-    padding, maps to ``z``) for an integer-valued array spanning at most 256 values around 0;
-    None when there is none."""
+def uint8_zero_point(x: np.ndarray) -> tuple[int, int] | None:
+    """``(z, a_max)``: the zero point ``z`` in [0, 255] with ``x + z`` in [0, 255] (so that 0, a
+    convolution's padding, maps to ``z``) for an integer-valued array spanning at most 256 values
+    around 0, and the largest shifted value ``max(x, 0) + z``; None when there is no such ``z``."""
     if x.size == 0:
         return None
     lo, hi = float(x.min()), float(x.max())
     z = int(-min(lo, 0.0))
-    if z > 255 or max(hi, 0.0) + z > 255:
+    a_max = int(max(hi, 0.0)) + z
+    if z > 255 or a_max > 255:
         return None
-    return z
+    return z, a_max

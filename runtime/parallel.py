@@ -13,8 +13,8 @@ of ``workers`` processes on 127.0.0.1). The function, with everything it closes 
 formats, data), is scattered once per call, one copy per worker, and each batch is a task that
 receives it and one slice; each task runs with one BLAS thread, so results are identical to the
 serial run. As with local processes, only calls made with ``jobs > 1`` are distributed (the
-driver raises ``jobs`` to at least the cluster's worker count). ``dask[distributed]`` is an optional dependency (``pip install 'mpqc[dask]'``); the
-default path never imports it.
+driver raises ``jobs`` to at least the cluster's worker count). ``dask[distributed]`` is an
+optional dependency (``pip install 'mpqc[dask]'``); the default path never imports it.
 """
 from __future__ import annotations
 
@@ -83,35 +83,29 @@ def dask_scheduler(address: str, workers: int = 1, *, timeout: float = 30) -> It
     except ImportError:
         raise OptionError("--scheduler needs Dask's distributed scheduler, which is not installed",
                           hint="pip install 'mpqc[dask]' (or dask[distributed]), or leave --scheduler out") from None
-    cluster = None
     # Dask's own INFO lines (scheduler and worker start, task cancels) are not mpqc's messages
     log = logging.getLogger("distributed")
     level = log.level
     log.setLevel(logging.ERROR)
-    try:
-        if address == "local":
-            cluster = LocalCluster(n_workers=max(1, workers), threads_per_worker=1, processes=True,
-                                   host="127.0.0.1", dashboard_address="127.0.0.1:0",
-                                   silence_logs=logging.ERROR)
-            client = Client(cluster)
-        else:
-            client = Client(address, timeout=f"{timeout}s")
-    except (OSError, TimeoutError) as e:
-        if cluster is not None:
-            cluster.close()
-        log.setLevel(level)
-        raise OptionError(f"--scheduler {address}: cannot connect ({e})",
-                          hint="start a scheduler with `dask scheduler` and workers with `dask worker ADDRESS`, "
-                               "or use --scheduler local") from None
-    token = _CLIENT.set(client)
-    try:
-        yield client
-    finally:
-        _CLIENT.reset(token)
-        client.close()
-        if cluster is not None:
-            cluster.close()
-        log.setLevel(level)
+    with contextlib.ExitStack() as stack:
+        stack.callback(log.setLevel, level)
+        try:
+            if address == "local":
+                cluster = stack.enter_context(LocalCluster(
+                    n_workers=max(1, workers), threads_per_worker=1, processes=True, host="127.0.0.1",
+                    dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR))
+                client = stack.enter_context(Client(cluster))
+            else:
+                client = stack.enter_context(Client(address, timeout=f"{timeout}s"))
+        except (OSError, TimeoutError) as e:
+            raise OptionError(f"--scheduler {address}: cannot connect ({e})",
+                              hint="start a scheduler with `dask scheduler` and workers with `dask worker ADDRESS`, "
+                                   "or use --scheduler local") from None
+        token = _CLIENT.set(client)
+        try:
+            yield client
+        finally:
+            _CLIENT.reset(token)
 
 
 def map_batches(fn: Callable[[Any], Any], items: Sequence, *, jobs: int = 1, progress: str | None = None) -> list:
@@ -124,10 +118,9 @@ def map_batches(fn: Callable[[Any], Any], items: Sequence, *, jobs: int = 1, pro
     client = _CLIENT.get()
     if client is not None and jobs > 1 and len(items) > 1 and _FN is None and not _IN_TASK:
         return _dask_map(client, fn, items, progress)
-    if _IN_TASK:
-        return [fn(i) for i in items]
-    if jobs <= 1 or len(items) < 2 or "fork" not in mp.get_all_start_methods() or _FN is not None:
-        return [fn(i) for i in progress_iter(items, desc=progress)]  # (_FN set: already inside a map)
+    if jobs <= 1 or len(items) < 2 or "fork" not in mp.get_all_start_methods() or _FN is not None or _IN_TASK:
+        # (_FN set or _IN_TASK: already inside a map's worker or a Dask task)
+        return [fn(i) for i in progress_iter(items, desc=progress)]
     _FN = fn
     try:
         with mp.get_context("fork").Pool(min(jobs, len(items)), initializer=_init) as pool:

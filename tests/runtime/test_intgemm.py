@@ -48,8 +48,9 @@ def test_supports_only_8bit_integers(w, ok):
     assert IntGemm.supports(np.array(w)) is ok
 
 
-@pytest.mark.parametrize("x,z", [([-3, 5], 3), ([0, 255], 0), ([1, 200], 0), ([-128, 127], 128),
-                                 ([-1, 255], None), ([-256, 0], None), ([300], None), ([], None)])
+@pytest.mark.parametrize("x,z", [([-3, 5], (3, 8)), ([0, 255], (0, 255)), ([1, 200], (0, 200)),
+                                 ([-128, 127], (128, 255)), ([-7, -2], (7, 7)), ([-1, 255], None),
+                                 ([-256, 0], None), ([300], None), ([], None)])
 def test_uint8_zero_point(x, z):
     assert uint8_zero_point(np.array(x, np.float32)) == z
 
