@@ -29,11 +29,14 @@ demo: $(STAMP)
 # two test workers, one BLAS thread each: more threads than cores only fight
 TESTENV := OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
+# the Dask tests (marker dask) run after the rest, in a pytest process of their own
 test: $(STAMP)
-	$(TESTENV) $(PY) -m pytest -q -n 2 -p no:cacheprovider
+	$(TESTENV) $(PY) -m pytest -q -n 2 -m "not dask" -p no:cacheprovider
+	$(TESTENV) $(PY) -m pytest -q -m dask -p no:cacheprovider -rs
 
 test-fast: $(STAMP)
-	$(TESTENV) $(PY) -m pytest -q -n 2 -m "not slow" -p no:cacheprovider
+	$(TESTENV) $(PY) -m pytest -q -n 2 -m "not slow and not dask" -p no:cacheprovider
+	$(TESTENV) $(PY) -m pytest -q -m "dask and not slow" -p no:cacheprovider -rs
 
 # make fuzz: the long seeded fuzz run of hostile input (MPQC_FUZZ=N rounds of other seeds; default 10)
 fuzz: $(STAMP)

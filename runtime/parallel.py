@@ -19,10 +19,14 @@ optional dependency (``pip install 'mpqc[dask]'``); the default path never impor
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import contextvars
 import logging
 import multiprocessing as mp
 import os
+import signal
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Iterator, Sequence
 
 from threadpoolctl import threadpool_limits
@@ -44,7 +48,20 @@ def default_jobs() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _init() -> None:
+def _die_with_parent(parent: int) -> None:
+    """Linux: this worker is killed when the process that forked it dies (a compile killed with
+    SIGKILL would otherwise leave its workers waiting for batches forever)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        return
+    if os.getppid() != parent:  # the parent died before prctl
+        os._exit(1)
+
+
+def _init(parent: int) -> None:
+    _die_with_parent(parent)
     threadpool_limits(1)
 
 
@@ -64,7 +81,9 @@ def _dask_map(client, fn: Callable[[Any], Any], items: list, progress: str | Non
     fn_future = client.scatter(fn, broadcast=True, hash=False)
     futures = client.map(_dask_task, items, fn=fn_future, pure=False)
     try:
-        for _ in progress_iter(as_completed(futures), desc=progress, total=len(futures)):
+        # loop=: as_completed would otherwise wait on the loop of Dask's *default* client, which need
+        # not be this one (another client in the process): its futures never complete on that loop
+        for _ in progress_iter(as_completed(futures, loop=client.loop), desc=progress, total=len(futures)):
             pass
         return client.gather(futures)
     except BaseException:
@@ -79,6 +98,7 @@ def dask_scheduler(address: str, workers: int = 1, *, timeout: float = 30) -> It
     processes on 127.0.0.1, closed at the end); ``timeout``: seconds to wait for a scheduler.
     Yields the client."""
     try:
+        import dask  # optional dependency
         from distributed import Client, LocalCluster  # optional dependency
     except ImportError:
         raise OptionError("--scheduler needs Dask's distributed scheduler, which is not installed",
@@ -89,15 +109,27 @@ def dask_scheduler(address: str, workers: int = 1, *, timeout: float = 30) -> It
     log.setLevel(logging.ERROR)
     with contextlib.ExitStack() as stack:
         stack.callback(log.setLevel, level)
+        # every connection attempt (client, workers) gives up after ``timeout`` seconds
+        # no work stealing on the local scheduler: the batches are alike, and with stealing on, tasks
+        # were seen to stay "processing" on idle workers for good now and then (distributed 2026.8)
+        stack.enter_context(dask.config.set({"distributed.comm.timeouts.connect": f"{timeout}s",
+                                             "distributed.scheduler.work-stealing": False}))
         try:
             if address == "local":
+                # death_timeout: a worker that cannot reach the scheduler gives up instead of retrying
                 cluster = stack.enter_context(LocalCluster(
                     n_workers=max(1, workers), threads_per_worker=1, processes=True, host="127.0.0.1",
-                    dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR))
-                client = stack.enter_context(Client(cluster))
+                    dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR, death_timeout=timeout))
+                client = stack.enter_context(Client(cluster, timeout=f"{timeout}s", set_as_default=False))
+                client.wait_for_workers(max(1, workers), timeout=timeout)
             else:
-                client = stack.enter_context(Client(address, timeout=f"{timeout}s"))
-        except (OSError, TimeoutError) as e:
+                client = stack.enter_context(Client(address, timeout=f"{timeout}s", set_as_default=False))
+        except (OSError, TimeoutError, RuntimeError) as e:
+            # RuntimeError: "Cluster failed to start" (no loopback network, workers that died at start)
+            if address == "local":
+                raise OptionError(f"--scheduler local: cannot start a Dask cluster on 127.0.0.1 ({e})",
+                                  hint="this machine must let processes listen on 127.0.0.1; or leave --scheduler "
+                                       "out (--jobs N runs local processes)") from None
             raise OptionError(f"--scheduler {address}: cannot connect ({e})",
                               hint="start a scheduler with `dask scheduler` and workers with `dask worker ADDRESS`, "
                                    "or use --scheduler local") from None
@@ -122,8 +154,16 @@ def map_batches(fn: Callable[[Any], Any], items: Sequence, *, jobs: int = 1, pro
         # (_FN set or _IN_TASK: already inside a map's worker or a Dask task)
         return [fn(i) for i in progress_iter(items, desc=progress)]
     _FN = fn
+    # concurrent.futures, not multiprocessing.Pool: a worker that dies (killed for memory, a crash
+    # in native code) breaks the pool with an error, where Pool would wait for its result forever
+    # (with fork, all workers start before the executor's own thread, so none inherits its locks)
+    pool = ProcessPoolExecutor(min(jobs, len(items)), mp_context=mp.get_context("fork"), initializer=_init,
+                               initargs=(os.getpid(),))
     try:
-        with mp.get_context("fork").Pool(min(jobs, len(items)), initializer=_init) as pool:
-            return list(progress_iter(pool.imap(_call, items), desc=progress, total=len(items)))
+        return list(progress_iter(pool.map(_call, items), desc=progress, total=len(items)))
+    except BrokenProcessPool:
+        raise OptionError(f"--jobs {jobs}: a worker process died before finishing its batch (the system may "
+                          "have killed it for memory)", hint="use fewer --jobs or a smaller --batch-size") from None
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         _FN = None

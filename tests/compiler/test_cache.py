@@ -275,6 +275,20 @@ ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
 
 @pytest.mark.slow
+def _processes_naming(path) -> list[int]:
+    """Live processes whose command line names ``path`` (a compile and its forked workers)."""
+    found = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (d / "cmdline").read_bytes()
+            state = next((ln for ln in (d / "status").read_text().splitlines() if ln.startswith("State:")), "")
+        except OSError:
+            continue
+        if str(path).encode() in cmd and "zombie" not in state:
+            found.append(int(d.name))
+    return found
+
+
 def test_killed_compile_leaves_nothing_and_a_usable_cache(small_data, reference, tmp_path):
     cache, out = tmp_path / "cache", tmp_path / "out"
     out.mkdir()
@@ -291,6 +305,10 @@ def test_killed_compile_leaves_nothing_and_a_usable_cache(small_data, reference,
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert list(out.iterdir()) == []  # no output, no temporary file beside the outputs
+    deadline = time.time() + 20  # its --jobs workers die with it instead of waiting for batches forever
+    while _processes_naming(out) and time.time() < deadline:
+        time.sleep(0.1)
+    assert _processes_naming(out) == []
     r = subprocess.run(_cli(small_data, out, cache, ["--json"]), env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)

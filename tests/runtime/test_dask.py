@@ -2,6 +2,7 @@
 give exactly the serial results; missing Dask and an unreachable scheduler are clear errors."""
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import numpy as np
@@ -14,12 +15,46 @@ from mpqc.testing import randn
 from tests.runtime.test_parallel import _boom, _nested, _net, _square
 
 distributed = pytest.importorskip("distributed")
+# Dask's clusters, threads and spawned workers stay out of the processes that run the rest of the
+# suite (whose --jobs tests fork): `make test` runs these in a pytest process of their own
+pytestmark = pytest.mark.dask
 
 
 @pytest.fixture(scope="module")
 def cluster():
     with dask_scheduler("local", 2) as client:
         yield client
+
+
+def _can_unshare_network() -> bool:
+    try:
+        return subprocess.run(["unshare", "-n", "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+_NO_LOOPBACK = """
+from mpqc.core.errors import OptionError
+from mpqc.runtime.parallel import dask_scheduler
+if __name__ == "__main__":  # Dask's nannies spawn their workers: they import this file
+    try:
+        with dask_scheduler("local", 2, timeout=2):
+            print("started")
+    except OptionError as e:
+        print("OptionError:", e)
+"""
+
+
+@pytest.mark.skipif(not _can_unshare_network(), reason="needs `unshare -n` (a network namespace, as root)")
+def test_local_cluster_without_a_network_is_an_option_error_in_seconds(tmp_path):
+    """In a network namespace whose loopback is down, Dask's workers can never reach the scheduler:
+    the block gives up after its timeout with one clear error instead of waiting forever."""
+    script = tmp_path / "no_loopback.py"
+    script.write_text(_NO_LOOPBACK)
+    r = subprocess.run(["unshare", "-n", sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "OptionError: --scheduler local: cannot start a Dask cluster on 127.0.0.1" in r.stdout
+    assert "leave --scheduler out" in r.stdout
 
 
 def test_local_cluster_has_the_workers_asked_for(cluster):
@@ -39,6 +74,17 @@ def test_map_batches_on_the_cluster_order_errors_and_nesting(cluster):
             map_batches(_boom, range(6), jobs=2)
         assert map_batches(_nested, range(5), jobs=2) == [sum(j * j for j in range(i)) for i in range(5)]
         assert set(map_batches(_on_worker, range(8), jobs=2)) <= set(cluster.scheduler_info()["workers"])
+
+
+def test_another_default_client_in_the_process_does_not_stall_the_map(cluster):
+    """A user's own Dask client (the process's default) next to the block's: the map waits on its
+    own client's loop. (Waiting on the default client's loop hung the search now and then.)"""
+    with distributed.Client(cluster.scheduler.address, timeout="10s") as theirs:  # set as the default
+        assert distributed.default_client() is theirs
+        with dask_scheduler("local", 2, timeout=20) as ours:
+            assert ours is not theirs and distributed.default_client() is theirs
+            assert map_batches(_square, range(12), jobs=2) == [i * i for i in range(12)]
+        assert distributed.default_client() is theirs  # ours never replaced it
 
 
 def test_run_batched_on_the_cluster_is_the_serial_run(cluster):

@@ -1,9 +1,13 @@
 """--jobs: batches in forked worker processes give exactly the serial results."""
 from __future__ import annotations
 
+import os
+import signal
+
 import numpy as np
 import pytest
 
+from mpqc.core.errors import OptionError
 from mpqc.runtime.executor import run_batched
 from mpqc.runtime.parallel import default_jobs, map_batches
 from mpqc.testing import GraphBuilder, randn
@@ -51,3 +55,16 @@ def test_map_batches_order_errors_and_nesting():
         map_batches(_boom, range(6), jobs=2)
     assert map_batches(_nested, range(5), jobs=2) == [sum(j * j for j in range(i)) for i in range(5)]
     assert default_jobs() >= 1
+
+
+def _dies(i):
+    if i == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's out-of-memory killer would
+    return i
+
+
+def test_a_worker_killed_mid_batch_is_a_clear_error_not_a_hang():
+    with pytest.raises(OptionError, match="--jobs 2: a worker process died") as e:
+        map_batches(_dies, range(6), jobs=2)
+    assert "fewer --jobs" in e.value.hint
+    assert map_batches(_square, range(4), jobs=2) == [0, 1, 4, 9]  # the next map starts fresh workers
