@@ -24,7 +24,9 @@ import contextvars
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import signal
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Iterator, Sequence
@@ -69,8 +71,29 @@ def _call(item):
     return _FN(item)
 
 
-def _dask_task(item, fn):
+#: a linked graph pickles depth first, one level per node: EfficientNet-Lite0's needs more than the
+#: default 1000 levels (unpickling is not recursive)
+_PICKLE_DEPTH = 20000
+#: the function a worker last unpickled, by its pickle (one call's tasks share one scattered blob)
+_UNPICKLED: dict[bytes, Callable[[Any], Any]] = {}
+
+
+def _pickle_function(fn: Callable[[Any], Any]) -> bytes:
+    import cloudpickle  # optional: a dependency of distributed, only inside dask_scheduler
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, _PICKLE_DEPTH))
+    try:
+        return cloudpickle.dumps(fn)
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+def _dask_task(item, blob: bytes):
     global _IN_TASK
+    fn = _UNPICKLED.get(blob)
+    if fn is None:
+        _UNPICKLED.clear()
+        fn = _UNPICKLED[blob] = pickle.loads(blob)
     _IN_TASK = True  # nested maps inside a task run serially
     with threadpool_limits(1):
         return fn(item)
@@ -78,8 +101,10 @@ def _dask_task(item, fn):
 
 def _dask_map(client, fn: Callable[[Any], Any], items: list, progress: str | None) -> list:
     from distributed import as_completed  # optional: only inside dask_scheduler
-    fn_future = client.scatter(fn, broadcast=True, hash=False)
-    futures = client.map(_dask_task, items, fn=fn_future, pure=False)
+    # pickled here, in the caller's thread with a deeper recursion limit, not by Dask's own
+    # serializer on its event loop thread
+    fn_future = client.scatter(_pickle_function(fn), broadcast=True, hash=False)
+    futures = client.map(_dask_task, items, blob=fn_future, pure=False)
     try:
         # loop=: as_completed would otherwise wait on the loop of Dask's *default* client, which need
         # not be this one (another client in the process): its futures never complete on that loop

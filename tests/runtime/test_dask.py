@@ -87,6 +87,33 @@ def test_another_default_client_in_the_process_does_not_stall_the_map(cluster):
         assert distributed.default_client() is theirs  # ours never replaced it
 
 
+class _Link:
+    def __init__(self, nxt, v):
+        self.nxt, self.v = nxt, v
+
+
+def _chain(n):
+    head = None
+    for i in range(n):
+        head = _Link(head, i)
+    return head
+
+
+def test_a_function_over_a_deeply_linked_graph_travels(cluster):
+    """A graph pickles one level per linked node: EfficientNet-Lite0's closure failed Dask's own
+    serializer with 'excessively deep recursion'."""
+    head = _chain(5000)
+
+    def total(k):
+        s, h = 0, head
+        while h is not None:
+            s, h = s + h.v, h.nxt
+        return s + k
+
+    with dask_scheduler(cluster.scheduler.address, 1):
+        assert map_batches(total, range(3), jobs=2) == [sum(range(5000)) + k for k in range(3)]
+
+
 def test_run_batched_on_the_cluster_is_the_serial_run(cluster):
     g = _net()
     x = randn(37, 3, 8, 8, seed=4)
