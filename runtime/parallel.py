@@ -19,8 +19,8 @@ optional dependency (``pip install 'mpqc[dask]'``); the default path never impor
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import contextvars
+import ctypes
 import logging
 import multiprocessing as mp
 import os

@@ -274,7 +274,6 @@ def _cli(data, out: Path, cache: Path, extra=()) -> list[str]:
 ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
 
-@pytest.mark.slow
 def _processes_naming(path) -> list[int]:
     """Live processes whose command line names ``path`` (a compile and its forked workers)."""
     found = []
@@ -289,6 +288,7 @@ def _processes_naming(path) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_killed_compile_leaves_nothing_and_a_usable_cache(small_data, reference, tmp_path):
     cache, out = tmp_path / "cache", tmp_path / "out"
     out.mkdir()

@@ -78,7 +78,7 @@ def test_map_batches_on_the_cluster_order_errors_and_nesting(cluster):
 
 def test_another_default_client_in_the_process_does_not_stall_the_map(cluster):
     """A user's own Dask client (the process's default) next to the block's: the map waits on its
-    own client's loop. (Waiting on the default client's loop hung the search now and then.)"""
+    own client's loop (as_completed defaults to the default client's loop) and never replaces it."""
     with distributed.Client(cluster.scheduler.address, timeout="10s") as theirs:  # set as the default
         assert distributed.default_client() is theirs
         with dask_scheduler("local", 2, timeout=20) as ours:
