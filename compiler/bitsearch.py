@@ -36,7 +36,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -48,8 +48,8 @@ from .bias_correction import bias_correction_for
 from .cache import ResultCache, graph_digest, hash_json
 from .data import Dataset
 from .influence import InfluenceResult, compute_influence, layer_range as pick_range, lower_rung
-from .metrics import check_metric, evaluate
-from .options import SearchOptions
+from .metrics import check_metric, evaluate, signal_value
+from .options import SearchOptions, check_ranking
 from .passes import Analysis
 from .quant import BitConfig, FormatTable, FormatTableAnalysis, QuantPlan, QuantPlanAnalysis, config_from_ir, weight_bytes
 from .quantsim import QuantSim
@@ -58,6 +58,19 @@ from .targets import Target
 #: the strategies that rank layers by their degree of influence (the others do not need it measured)
 INFLUENCE_STRATEGIES = ("threshold", "min-influence", "influence-update")
 GOAL_EPS = 1e-12  # evaluation values this close to the goal count as equal to it
+
+
+#: metrics that are a mean of per-sample hits (0 or 1): a partial run bounds the final value
+COUNT_METRICS = ("top1", "top5", "agreement")
+
+
+class CertainlyBelow(Exception):
+    """``SearchContext.evaluate(stop_below=True)``: after ``samples`` of ``of`` the value can be at most
+    ``bound``, which is below the goal."""
+
+    def __init__(self, bound: float, samples: int, of: int):
+        super().__init__(bound, samples, of)
+        self.bound, self.samples, self.of = float(bound), int(samples), int(of)
 
 
 class TimeBudgetExceeded(Exception):
@@ -117,6 +130,8 @@ class SearchContext:
     #: worker processes for the batches of evaluations and sweeps (``--jobs``; identical results)
     jobs: int = 1
     _accepted: list[BitConfig] = field(default_factory=list)
+    _ranking: tuple | None = None  # ranking_data()
+    early_stops: list[tuple[int, int]] = field(default_factory=list)  # (samples run, of) per early stop
 
     @property
     def layers(self) -> list[Node]:
@@ -129,13 +144,17 @@ class SearchContext:
     def score(self, outputs: np.ndarray) -> float:
         return evaluate(self.metric, outputs, self.data.y, self.reference)
 
-    def evaluate(self, config: BitConfig | None) -> float:
-        """Evaluation value of the network quantized with ``config`` (None: float)."""
+    def evaluate(self, config: BitConfig | None, *, stop_below: bool = False) -> float:
+        """Evaluation value of the network quantized with ``config`` (None: float). ``stop_below``:
+        raise ``CertainlyBelow`` (nothing cached) once the samples left cannot bring the value up to
+        the goal (``judge``)."""
         key = ("float",) if config is None else config.key(self.layers)
         if key not in self._cache:
             def compute() -> float:
                 if self._accepted:  # the starting network is always measured; then the budget counts
                     self.check_budget()
+                if stop_below:
+                    return self._value_unless_below(config)
                 out = self.sim.run(config, self.data.x, batch_size=self.batch_size,
                                    progress=None if self.quiet else "evaluate", jobs=self.jobs)[0]
                 return float(self.score(out))
@@ -146,6 +165,42 @@ class SearchContext:
             self._cache[key] = value
             self.evaluations += 1
         return self._cache[key]
+
+    def _value_unless_below(self, config: BitConfig) -> float:
+        """The value of ``evaluate``, batch by batch (the same batches, so the same outputs), for a
+        metric that is a mean of per-sample hits; ``CertainlyBelow`` after the first batch at which
+        even all the samples left counted as hits would leave the value below the goal."""
+        x, n, bs = self.data.x, len(self.data), self.batch_size
+        chunk = bs * max(1, self.jobs)  # --jobs runs a chunk's batches at once; checked one by one
+        y = self.data.y
+        ref = self.reference
+        hits, outs = 0, []
+        for a in range(0, n, chunk):
+            out = self.sim.run(config, x[a:a + chunk], batch_size=bs, jobs=self.jobs)[0]
+            outs.append(out)
+            for j in range(0, len(out), bs):
+                lo, hi = a + j, min(n, a + j + bs)
+                hits += round(evaluate(self.metric, out[j:j + bs], None if y is None else y[lo:hi],
+                                       None if ref is None else ref[lo:hi]) * (hi - lo))
+                bound = (hits + n - hi) / n
+                if hi < n and bound < self.goal - GOAL_EPS:
+                    raise CertainlyBelow(bound, hi, n)
+        return float(self.score(np.concatenate(outs, axis=0)))
+
+    def judge(self, config: BitConfig) -> tuple[float, str, dict]:
+        """(value, verdict, extra) of a candidate network: ``compare(evaluate(config))``, except that the
+        run stops early once the verdict can only be "below" (``options.early_stop``, for the metrics
+        that count hits: top1, top5, agreement). Then the value is an upper bound and ``extra``'s
+        ``early_stop`` says after how many samples; the patent's decision is the same."""
+        if not (self.options.early_stop and self.metric in COUNT_METRICS):
+            v = self.evaluate(config)
+            return v, self.compare(v), {}
+        try:
+            v = self.evaluate(config, stop_below=True)
+        except CertainlyBelow as e:
+            self.early_stops.append((e.samples, e.of))
+            return e.bound, "below", {"early_stop": {"samples": e.samples, "of": e.of, "value_at_most": e.bound}}
+        return v, self.compare(v), {}
 
     def check_budget(self) -> None:
         """Raise ``TimeBudgetExceeded`` once the deadline has passed."""
@@ -192,24 +247,52 @@ class SearchContext:
         """The next rung below ``node``'s widths on the target ladder (None at the bottom or b_m)."""
         return lower_rung(self.target, config.bits[node], self.min_bits)
 
+    def ranking_data(self) -> tuple[np.ndarray, Callable[[np.ndarray], float], Callable | None]:
+        """(inputs, score, value_score) of the influence sweeps: ``options.ranking_subset`` samples evenly
+        spaced over the split (all of it when None or not smaller), scored in ``options.signal``;
+        ``value_score`` gives the evaluation value of the same outputs where they are the whole split
+        under another signal (None otherwise)."""
+        if self._ranking is None:
+            signal, k, n = self.options.signal, self.options.ranking_subset, len(self.data)
+            idx = None if k is None or k >= n else np.unique(np.linspace(0, n - 1, k).round().astype(np.int64))
+            x = self.data.x if idx is None else self.data.x[idx]
+            y = self.data.y if idx is None or self.data.y is None else self.data.y[idx]
+            ref = self.reference if idx is None or self.reference is None else self.reference[idx]
+            if signal != "metric" and ref is None:
+                raise OptionError(f"ranking signal {signal!r} needs the float network's outputs")
+            if signal == "metric":
+                score = self.score if idx is None else (lambda out: evaluate(self.metric, out, y, ref))
+            else:
+                score = lambda out: signal_value(signal, out, ref)  # noqa: E731
+            self._ranking = (x, score, self.score if signal != "metric" and idx is None else None)
+        return self._ranking
+
+    def _ikey(self, config: BitConfig, variant: str, cands: list[Node], signal: str, samples: int) -> tuple:
+        return (config.key(self.layers), variant, tuple(id(n) for n in cands), signal, samples)
+
     def influence(self, config: BitConfig, variant: str = "chained", candidates: list[Node] | None = None):
-        """LayerInfluence of ``config`` as NN_T (``compiler.influence.compute_influence``)."""
+        """LayerInfluence of ``config`` as NN_T (``compiler.influence.compute_influence``), in the ranking
+        signal on the ranking subset (``ranking_data``)."""
         cands = self.range_layers if candidates is None else list(candidates)
-        key = (config.key(self.layers), variant, tuple(id(n) for n in cands))
-        res = self._icache.get(key)
+        x, score, value_score = self.ranking_data()
+        signal = self.options.signal
+        res = self._icache.get(self._ikey(config, variant, cands, signal, len(x)))
         if res is None:
             def compute() -> InfluenceResult:
                 self.check_budget()
-                return compute_influence(self.sim, self.target, config, self.data.x, self.score,
+                return compute_influence(self.sim, self.target, config, x, score,
                                          variant=variant, candidates=cands, min_bits=self.min_bits,
                                          batch_size=self.batch_size, progress=not self.quiet,
-                                         check=self.check_budget, jobs=self.jobs)
+                                         check=self.check_budget, jobs=self.jobs, signal=signal,
+                                         value_score=value_score)
             if self.store is not None and self.fingerprint is not None:
                 layers = self.layers
-                res = self.store.memo(
-                    "influence", {"search": self.fingerprint, "config": config.key(layers), "variant": variant,
-                                  "candidates": [n.name for n in cands], "min_bits": self.min_bits},
-                    compute, lambda r: (r.to_cache(), {}), lambda m, a: InfluenceResult.from_cache(m, layers, config))
+                key = {"search": self.fingerprint, "config": config.key(layers), "variant": variant,
+                       "candidates": [n.name for n in cands], "min_bits": self.min_bits}
+                if signal != "metric" or len(x) != len(self.data):  # (keys of earlier entries unchanged)
+                    key.update(signal=signal, samples=len(x))
+                res = self.store.memo("influence", key, compute, lambda r: (r.to_cache(), {}),
+                                      lambda m, a: InfluenceResult.from_cache(m, layers, config))
             else:
                 res = compute()
             self.add_influence(res, cands)
@@ -218,14 +301,15 @@ class SearchContext:
     def add_influence(self, res, candidates: list[Node] | None = None) -> None:
         """Count and cache an InfluenceResult (computed here or by the LayerInfluence analysis)."""
         cands = self.range_layers if candidates is None else list(candidates)
-        key = (res.config.key(self.layers), res.variant, tuple(id(n) for n in cands))
+        key = self._ikey(res.config, res.variant, cands, res.signal, res.samples)
         if key in self._icache:
             return
         self._icache[key] = res
         if res.candidates:
             self.influence_sweeps += 1
             self.suffix_runs += res.stats.suffix_runs
-            self.known(res.config, res.base_value)
+            if res.metric_value is not None and res.samples == len(self.data):
+                self.known(res.config, res.metric_value)
         self.influences.append(res)
 
     def bytes_saved(self, config: BitConfig, node: Node) -> float:
@@ -264,6 +348,14 @@ def search_goal(max_drop: float | None, target_score: float | None, options, whe
             raise OptionError(f"{where}: max_drop={max_drop} must be in [0, 1)")
         return max_drop, None
     return options.max_drop, options.target_score
+
+
+def ranking_options(signal: str | None, subset: int | None, options, where: str) -> tuple[str, int | None]:
+    """(signal, ranking_subset) of a pass: its own options, else the compile options'
+    (``--rank-signal``, ``--ranking-subset``)."""
+    check_ranking(signal, subset, (f"{where}: signal", f"{where}: ranking_subset"))
+    return (options.rank_signal if signal is None else signal,
+            options.ranking_subset if subset is None else subset)
 
 
 def check_goal_reachable(ctx: SearchContext, start: BitConfig) -> float:
@@ -453,9 +545,8 @@ def min_influence(sctx: SearchContext, start: BitConfig) -> BitConfig:
         reduced: list[Node] = []
         for n, _ in zip(_order(sctx, cur, scores), steps):
             new = _reduce(sctx, cur, [n])
-            v = sctx.evaluate(new)
-            verdict = sctx.compare(v)
-            sctx.record("reduce", [n], new, v, verdict != "below", score=scores[n], verdict=verdict)
+            v, verdict, extra = sctx.judge(new)
+            sctx.record("reduce", [n], new, v, verdict != "below", score=scores[n], verdict=verdict, **extra)
             if verdict == "below":
                 return cur  # NN*
             if verdict == "equal":
@@ -488,10 +579,9 @@ def threshold(sctx: SearchContext, start: BitConfig) -> BitConfig:
             sel = [n for n in _order(sctx, cur, {n: scores[n] for n in remaining}) if scores[n] <= k]
             if sel:
                 new = _reduce(sctx, cur, sel)
-                v = sctx.evaluate(new)
-                verdict = sctx.compare(v)
+                v, verdict, extra = sctx.judge(new)
                 sctx.record("reduce", sel, new, v, verdict != "below", threshold=k, verdict=verdict,
-                            score={n.name: float(scores[n]) for n in sel})
+                            score={n.name: float(scores[n]) for n in sel}, **extra)
                 if verdict == "below":
                     return cur
                 if verdict == "equal":
@@ -521,10 +611,9 @@ def influence_update(sctx: SearchContext, start: BitConfig) -> BitConfig:
         scores = _ranking(sctx, cur, cands)
         n = _order(sctx, cur, scores)[0]
         new = _reduce(sctx, cur, [n])
-        v = sctx.evaluate(new)
-        verdict = sctx.compare(v)
+        v, verdict, extra = sctx.judge(new)
         sctx.record("reduce", [n], new, v, verdict != "below", score=scores[n], verdict=verdict,
-                    scores=_scores_json(scores))
+                    scores=_scores_json(scores), **extra)
         if verdict == "below":
             return cur
         if verdict == "equal":
@@ -537,19 +626,23 @@ class LayerInfluence(Analysis):
 
     Parameters: ``variant``, ``split`` ("eval"/"calib"/None: eval when present),
     ``metric`` (None: the context's, else top1 with labels / agreement),
-    ``layer_range`` (S, G), ``min_bits`` (b_m; None: the target's) and ``bias_correction`` (simulate
-    the bias-correction pass in both networks).
+    ``layer_range`` (S, G), ``min_bits`` (b_m; None: the target's), ``bias_correction`` (simulate
+    the bias-correction pass in both networks), ``signal`` and ``ranking_subset`` (what the
+    influences are measured in, on how many samples: ``SearchContext.ranking_data``).
     """
     name = "layer-influence"
 
     def __init__(self, variant: str = "chained", split: str | None = None, metric: str | None = None,
                  layer_range: tuple[int, int] | None = None, min_bits: int | None = None,
-                 bias_correction: bool = False, **params):
+                 bias_correction: bool = False, signal: str = "metric", ranking_subset: int | None = None,
+                 **params):
         super().__init__(variant=variant, split=split, metric=metric, layer_range=layer_range,
-                         min_bits=min_bits, bias_correction=bias_correction, **params)
+                         min_bits=min_bits, bias_correction=bias_correction, signal=signal,
+                         ranking_subset=ranking_subset, **params)
 
     def compute(self, graph: Graph, ctx) -> InfluenceResult:
         p = self.params
         sctx = search_context(graph, ctx, split=p["split"], metric=p["metric"], layer_range=p["layer_range"],
-                              min_bits=p["min_bits"], bias_correction=p["bias_correction"])
+                              min_bits=p["min_bits"], bias_correction=p["bias_correction"],
+                              options=SearchOptions(signal=p["signal"], ranking_subset=p["ranking_subset"]))
         return sctx.influence(config_from_ir(sctx.plan), p["variant"])

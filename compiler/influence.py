@@ -231,6 +231,12 @@ class InfluenceResult:
     config: BitConfig  # NN_T
     reduced: BitConfig  # NN_S
     stats: SweepStats = field(default_factory=SweepStats)
+    #: what ``values`` and ``influence`` are measured in: "metric" (the evaluation value) or a
+    #: ranking signal against the float outputs (``compiler.options.SIGNALS``)
+    signal: str = "metric"
+    samples: int = 0  # evaluation samples the sweep ran on
+    #: NN_T's evaluation value on the metric, where the sweep gives it besides the signal (None: not)
+    metric_value: float | None = None
 
     def to_json(self) -> dict:
         return {"variant": self.variant,
@@ -239,7 +245,7 @@ class InfluenceResult:
                 "base_value": float(self.base_value),
                 "from_bits": {n.name: list(self.config.bits[n]) for n in self.candidates},
                 "to_bits": {n.name: list(self.reduced.bits[n]) for n in self.candidates},
-                "suffix_runs": self.stats.suffix_runs}
+                "suffix_runs": self.stats.suffix_runs, "signal": self.signal, "samples": self.samples}
 
     def to_cache(self) -> dict:
         """Everything but ``layers`` and ``config`` (the caller's), by layer name (the result cache)."""
@@ -250,7 +256,9 @@ class InfluenceResult:
                 "reduced_value": None if self.reduced_value is None else float(self.reduced_value),
                 "reduced": {"bits": [list(self.reduced.bits[n]) for n in self.layers],
                             "input_bits": self.reduced.input_bits},
-                "stats": [self.stats.batches, self.stats.prefix_runs, self.stats.suffix_runs]}
+                "stats": [self.stats.batches, self.stats.prefix_runs, self.stats.suffix_runs],
+                "signal": self.signal, "samples": self.samples,
+                "metric_value": None if self.metric_value is None else float(self.metric_value)}
 
     @classmethod
     def from_cache(cls, d: dict, layers: Sequence[Node], config: BitConfig) -> "InfluenceResult":
@@ -268,7 +276,8 @@ class InfluenceResult:
         return cls(d["variant"], list(layers), cands, dict(zip(cands, (float(v) for v in d["influence"]))),
                    [float(v) for v in d["values"]], list(d["value_layers"]), float(d["base_value"]),
                    None if d["reduced_value"] is None else float(d["reduced_value"]), config, reduced,
-                   SweepStats(*(int(v) for v in d["stats"])))
+                   SweepStats(*(int(v) for v in d["stats"])), str(d["signal"]), int(d["samples"]),
+                   None if d["metric_value"] is None else float(d["metric_value"]))
 
 
 def mixed_config(layers: Sequence[Node], prefix: BitConfig, suffix: BitConfig, k: int) -> BitConfig:
@@ -297,10 +306,13 @@ def compute_influence(sim, target: Target, config: BitConfig, x: np.ndarray,
                       score: Callable[[np.ndarray], float], *, variant: str = "chained",
                       candidates: Sequence[Node] | None = None, min_bits: int | None = None,
                       batch_size: int = 64, progress: bool = False,
-                      check: Callable[[], None] | None = None, jobs: int = 1) -> InfluenceResult:
+                      check: Callable[[], None] | None = None, jobs: int = 1, signal: str = "metric",
+                      value_score: Callable[[np.ndarray], float] | None = None) -> InfluenceResult:
     """Influence of each layer of ``candidates`` (default: all) under ``variant`` for NN_T = ``config``.
 
-    ``score`` maps the network output over ``x`` to the evaluation value.
+    ``score`` maps the network output over ``x`` to the value influences are measured in: the
+    evaluation value, or the ranking ``signal`` it computes. ``value_score``, when ``score`` is a
+    signal: the evaluation value, for NN_T's ``metric_value`` (the sweep runs NN_T anyway).
     """
     if variant not in VARIANTS:
         raise OptionError(f"influence variant {variant!r} is unknown; choose one of {', '.join(VARIANTS)}")
@@ -315,22 +327,22 @@ def compute_influence(sim, target: Target, config: BitConfig, x: np.ndarray,
     desc = f"influence ({variant})" if progress else None
     mov = sorted(movable, key=lambda n: idx[id(n)])
     influence: dict[Node, float] = {}
-    values: list[float] = []
-    names: list[str] = []
     if not mov:  # nothing left to reduce: no sweep
-        return InfluenceResult(variant, list(layers), [], {}, [], [], float("nan"), None, config, s_cfg, stats)
+        return InfluenceResult(variant, list(layers), [], {}, [], [], float("nan"), None, config, s_cfg, stats,
+                               signal, len(x))
+
+    def result(values, names, base: float, base_out: np.ndarray, reduced_value) -> InfluenceResult:
+        mv = base if signal == "metric" else (None if value_score is None else float(value_score(base_out)))
+        return InfluenceResult(variant, list(layers), mov, influence, values, names, base, reduced_value,
+                               config, s_cfg, stats, signal, len(x), mv)
     if variant == "isolated":
         entries = [(cuts[0], config)] + [(cuts[idx[id(n)]], config.with_layer(n, s_cfg.bits[n])) for n in mov]
         outs = sweep(sim, x, config, entries, batch_size=batch_size, progress=desc, stats=stats, check=check,
                      jobs=jobs)
         vals = [score(o) for o in outs]
-        base = vals[0]
         for n, v in zip(mov, vals[1:]):
-            influence[n] = base - v
-        values = vals[1:]
-        names = [n.name for n in mov]
-        return InfluenceResult(variant, list(layers), mov, influence, values, names, base, None, config, s_cfg,
-                               stats)
+            influence[n] = vals[0] - v
+        return result(vals[1:], [n.name for n in mov], vals[0], outs[0], None)
     # chained / reversed: cuts before each range layer and after the last one. Layers of the range
     # that cannot move are identical in both networks; their cut difference is ~0 and not reported.
     ks = list(range(min(idx[id(n)] for n in rng_layers), max(idx[id(n)] for n in rng_layers) + 2))
@@ -348,7 +360,5 @@ def compute_influence(sim, target: Target, config: BitConfig, x: np.ndarray,
             influence[n] = (vals[j] - vals[j + 1]) if variant == "chained" else (vals[j + 1] - vals[j])
     names = [layers[k].name if k < len(layers) else "<output>" for k in ks]
     if variant == "chained":
-        base, reduced = vals[0], vals[-1]
-    else:
-        base, reduced = vals[-1], vals[0]
-    return InfluenceResult(variant, list(layers), mov, influence, vals, names, base, reduced, config, s_cfg, stats)
+        return result(vals, names, vals[0], outs[0], vals[-1])
+    return result(vals, names, vals[-1], outs[-1], vals[0])

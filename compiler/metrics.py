@@ -50,6 +50,37 @@ def neg_mse(outputs: np.ndarray, reference: np.ndarray) -> float:
     return -float(np.mean((outputs.astype(np.float64) - reference.astype(np.float64)) ** 2))
 
 
+def neg_kl(outputs: np.ndarray, reference: np.ndarray) -> float:
+    """-mean over samples of KL(p_ref || p_out): the softmax of each sample's flattened outputs, or
+    the outputs themselves when the reference already is a probability vector per sample (a network
+    ending in Softmax: every row non-negative and summing to 1). 0 when equal, below 0 otherwise."""
+    z, r = _flat(outputs).astype(np.float64), _flat(reference).astype(np.float64)
+    if r.size and np.all(r >= 0) and np.allclose(r.sum(1), 1.0, atol=1e-3):
+        tiny = np.finfo(np.float64).tiny
+        p, logq = r, np.log(np.clip(z, tiny, None))
+        logp = np.log(np.clip(r, tiny, None))
+    else:
+        logp = r - r.max(1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+        logq = z - z.max(1, keepdims=True)
+        logq -= np.log(np.exp(logq).sum(1, keepdims=True))
+        p = np.exp(logp)
+    return -float(np.mean(np.sum(p * (logp - logq), axis=1)))
+
+
+def signal_value(signal: str, outputs: np.ndarray, reference: np.ndarray) -> float:
+    """A continuous ranking signal against the float network's outputs (higher is better, 0 when
+    equal): ``kl`` (``neg_kl``) or ``mse`` (``neg_mse``); see ``compiler.options.SIGNALS``."""
+    if np.shape(outputs) != np.shape(reference):
+        raise DataError(f"outputs of shape {list(np.shape(outputs))} cannot be compared with the reference "
+                        f"model's outputs of shape {list(np.shape(reference))}")
+    if signal == "kl":
+        return neg_kl(outputs, reference)
+    if signal == "mse":
+        return neg_mse(outputs, reference)
+    raise OptionError(f"ranking signal {signal!r} is unknown; choose metric, kl or mse")
+
+
 def psnr(outputs: np.ndarray, reference: np.ndarray) -> float:
     mse = -neg_mse(outputs, reference)
     peak = float(np.max(np.abs(reference))) or 1.0

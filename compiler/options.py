@@ -26,6 +26,11 @@ STATISTICS = ("mean-square", "mean", "variance", "std")
 WEIGHT_DIFF_MODES = ("binary", "halving")
 VARIANTS = ("chained", "isolated", "reversed")
 RANKS = ("influence", "random", "weight-range")
+#: what influences are measured in (``--rank-signal``): the evaluation metric itself (the patent's
+#: evaluation value), or a continuous measure against the float network's outputs (KL divergence of
+#: the softmax, mean squared error of the outputs) that a single rung always moves; the goal of the
+#: search stays on the metric whatever the signal
+SIGNALS = ("metric", "kl", "mse")
 K_STEPS = ("next", "double")
 #: channel selection of prune-channels (``--prune``) and its per-layer ratios (``--ratios``)
 PRUNE_METHODS = ("reap", "l1", "l1-norefit", "thinet")
@@ -35,6 +40,14 @@ PRUNE_RATIOS = ("pro", "uniform")
 def _check_max_drop(max_drop: float | None, where: str) -> None:
     if max_drop is not None and not 0 <= max_drop < 1:
         raise OptionError(f"{where} must be in [0, 1), got {max_drop}")
+
+
+def check_ranking(signal: str | None, subset: int | None, names: tuple[str, str]) -> None:
+    """A known ranking signal, and a ranking subset of at least one sample."""
+    if signal is not None and signal not in SIGNALS:
+        raise OptionError(f"{names[0]} {signal!r} is unknown; choose one of {', '.join(SIGNALS)}")
+    if subset is not None and not (isinstance(subset, int) and subset >= 1):
+        raise OptionError(f"{names[1]} is a number of evaluation samples and must be at least 1, got {subset!r}")
 
 
 def check_prune(flops: float | None, method: str | None, ratios: str | None, names: tuple[str, str, str]) -> None:
@@ -89,7 +102,11 @@ class CompileOptions:
     search stops and keeps the best network accepted so far (None: no limit).
     sim [--sim]: the engine that simulates candidate networks in the search: "onnxruntime"
     (default: the fake-quantized network as an ONNX model, ``compiler/ortsim.py``) or "numpy"
-    (mpqc's own runtime); both compute the same integer network up to float32 summation order."""
+    (mpqc's own runtime); both compute the same integer network up to float32 summation order.
+    rank_signal [--rank-signal]: what layer influences are measured in (``SIGNALS``: metric, kl,
+    mse); ranking_subset [--ranking-subset]: measure influences on this many evaluation samples
+    (evenly spaced over the split) while every candidate network is still judged on all of it
+    (None: all)."""
 
     max_drop: float | None = None
     target_score: float | None = None
@@ -107,6 +124,8 @@ class CompileOptions:
     strict: bool = False
     time_budget: float | None = None
     sim: str = "onnxruntime"
+    rank_signal: str = "metric"
+    ranking_subset: int | None = None
 
     def check(self) -> "CompileOptions":
         """Refuse impossible values (one ``OptionError`` naming the flag); returns self."""
@@ -130,6 +149,7 @@ class CompileOptions:
             raise OptionError(f"--time-budget is in seconds and must be a positive number, got {self.time_budget}")
         if self.sim not in SIM_ENGINES:
             raise OptionError(f"--sim must be one of {', '.join(SIM_ENGINES)}, got {self.sim!r}")
+        check_ranking(self.rank_signal, self.ranking_subset, ("--rank-signal", "--ranking-subset"))
         return self
 
     @classmethod
@@ -157,11 +177,17 @@ class SearchOptions:
     weight_diff (a precomputed ``WeightDiffResult``), cycles, statistic, train_lr,
     train_batch_size, train_momentum, quantized (train with fake quantization), max_loss,
     floor, mode (binary | halving), count, keep_smallest. Set by ``search_context``: split (the
-    data the search scores: eval | calib), bias_correction, note."""
+    data the search scores: eval | calib), bias_correction, note. Ranking: signal (what influences
+    are measured in: ``SIGNALS``) and ranking_subset (how many evaluation samples they are measured
+    on; None: all); early_stop (stop a candidate's evaluation once it can only fall below the goal:
+    ``SearchContext.judge``)."""
 
     strategy: str = "auto"
     variant: str = "chained"
     rank: str = "influence"
+    signal: str = "metric"
+    ranking_subset: int | None = None
+    early_stop: bool = True
     k_step: str = "next"
     k_init: float | None = None
     repeat: bool = False
@@ -197,6 +223,7 @@ class SearchOptions:
             raise OptionError(f"count={self.count} must be >= 0")
         if self.train_lr <= 0 or self.train_batch_size < 1:
             raise OptionError("train_lr must be > 0 and train_batch_size at least 1")
+        check_ranking(self.signal, self.ranking_subset, ("signal", "ranking_subset"))
         return self
 
     def to_json(self) -> dict:

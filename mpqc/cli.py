@@ -89,13 +89,21 @@ def compile_parser() -> argparse.ArgumentParser:
     s.add_argument("--time-budget", type=float, metavar="SECONDS",
                    help="stop the bit-width search this many seconds after the compile started and keep the "
                         "best network accepted so far (the report's time_budget_exceeded says where it stopped)")
-    from mpqc.compiler.options import SIM_ENGINES  # start-up: options.py imports only the core's errors
+    from mpqc.compiler.options import SIGNALS, SIM_ENGINES  # start-up: options.py imports only the core's errors
     s.add_argument("--sim", choices=SIM_ENGINES, default=SIM_ENGINES[0],
                    help="engine that simulates the candidate networks during the search: onnxruntime (default; "
                         "the fake-quantized network as an ONNX model) or numpy (mpqc's own runtime)")
     s.add_argument("--strategy", help="bit-width search strategy: auto (default: influence-update unless too "
                                     "costly, then min-influence), influence-update, min-influence, threshold "
                                     "(US 2021/0201141 A1), weight-diff-bsearch, weight-diff-topk (US 12,393,828 B2)")
+    s.add_argument("--rank-signal", choices=SIGNALS, default=SIGNALS[0],
+                   help="what layer influences are measured in: metric (default; the evaluation value, as the "
+                        "patent does), kl (KL divergence from the float network's outputs) or mse (their mean "
+                        "squared error); kl and mse move with every rung, so the ranking has no ties. The "
+                        "accuracy goal stays on --metric")
+    s.add_argument("--ranking-subset", type=int, metavar="N",
+                   help="measure layer influences on N evaluation samples (evenly spaced over the split); "
+                        "every candidate network is still judged on the whole split (default: all)")
     r = p.add_argument_group("pruning (-O3)")
     r.add_argument("--flops", type=float, metavar="F",
                    help="fraction of the float model's multiply-accumulates to keep, e.g. 0.5 (required at -O3)")
@@ -229,7 +237,8 @@ def cmd_compile(argv: list[str]) -> int:
                              cycles=args.cycles, finetune=args.finetune, finetune_epochs=args.finetune_epochs,
                              flops=args.flops, prune=args.prune, ratios=args.ratios, bases=args.bases,
                              restarts=args.restarts, iterations=args.iterations, planes=args.planes,
-                             strict=args.strict, time_budget=args.time_budget, sim=args.sim)
+                             strict=args.strict, time_budget=args.time_budget, sim=args.sim,
+                             rank_signal=args.rank_signal, ranking_subset=args.ranking_subset)
     outputs = Outputs(args.output, args.report, args.html, args.emit_bundle, depfile, tuple(args.mt),
                       dep_phony=args.mp)
     from mpqc.compiler.cache import open_cache, parse_size  # start-up
@@ -313,8 +322,8 @@ def summary_json(report: dict, outputs) -> dict:
            "float_model": sizes(fm), "compiled_model": sizes(cm), "accuracy": report.get("accuracy")}
     search = (report.get("passes") or {}).get("assign-bit-widths")
     if search and "final_value" in search:
-        out["search"] = {k: search.get(k) for k in ("strategy", "metric", "final_value", "goal", "float_value",
-                                                    "weight_ratio_int8", "evaluations", "note")
+        out["search"] = {k: search.get(k) for k in ("strategy", "metric", "signal", "final_value", "goal",
+                                                    "float_value", "weight_ratio_int8", "evaluations", "note")
                          if search.get(k) is not None}
         if isinstance(search.get("data"), dict):
             out["search"]["split"] = search["data"].get("split")
@@ -373,6 +382,10 @@ def summary_text(report: dict) -> str:
                      f"{search['final_value']:.4f} (goal {search['goal']:.4f}, float {search['float_value']:.4f})"
                      + (f", weights {ratio:.1%} of uniform int8" if isinstance(ratio, float) else "")
                      + f", {search.get('evaluations', 0)} evaluations")
+        rk = search.get("ranking") or {}
+        if rk.get("sweeps") and (rk.get("signal") != "metric" or rk.get("samples") != rk.get("of")):
+            lines.append(f"influences in {rk['signal']} on {rk['samples']} of {rk['of']} samples "
+                         f"({rk['sweeps']} sweeps)")
         if search.get("note"):
             lines.append(f"note: {search['note']}")
     stages = report.get("stages")

@@ -21,7 +21,14 @@ G may be negative), min_bits (b_m; default the target's), metric, data (eval |
 calib), k_step (next | double) and k_init (threshold strategy), repeat (go on
 with the next rung once every layer has been reduced: [0168]; threshold and
 min-influence), rank (influence | random | weight-range: the ordering, random and
-weight-range for ablations), report_variants (also measure the other influence
+weight-range for ablations), signal (metric | kl | mse: what influences are measured in -- the
+evaluation value, or the KL divergence / mean squared error against the float network's outputs,
+which one rung always moves; default ``--rank-signal``, else metric; the goal stays on the
+metric), ranking_subset (measure influences on this many evaluation samples, evenly spaced;
+candidates are still judged on the whole split; default ``--ranking-subset``, else all), early_stop
+(default true: a candidate's evaluation stops, batch by batch, once the samples left could not bring
+a top1/top5/agreement value up to the goal; the verdict is the same, the trace step's value is then an
+upper bound and its ``early_stop`` says after how many samples), report_variants (also measure the other influence
 variants on the starting network, for the report), format_search, bias_correction
 (score every network with the bias correction the bias-correction pass applies
 afterwards: set it when that pass follows, as in -O2); for the
@@ -43,7 +50,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from mpqc.compiler.bitsearch import (INFLUENCE_STRATEGIES, LayerInfluence, TimeBudgetExceeded, missed_goal,
-                                     search_context, search_goal)
+                                     ranking_options, search_context, search_goal)
 from mpqc.compiler.influence import lower_rung
 from mpqc.compiler.info import layer_macs
 from mpqc.compiler.options import VARIANTS, SearchOptions
@@ -93,6 +100,9 @@ class AssignBitWidthsPass(Pass):
     k_init: float | None = None
     repeat: bool = False
     rank: Literal["influence", "random", "weight-range"] = "influence"
+    signal: Literal["metric", "kl", "mse"] | None = None
+    ranking_subset: int | None = None
+    early_stop: bool = True
     report_variants: bool = True
     format_search: int = 2
     bias_correction: bool = False
@@ -118,10 +128,12 @@ class AssignBitWidthsPass(Pass):
             raise OptionError(f"assign-bit-widths: min_bits={self.min_bits} must be at least 1")
         strategy = self.strategy or ctx.options.strategy or "auto"
         max_drop, target_score = search_goal(self.max_drop, self.target_score, ctx.options, self.name)
+        signal, subset = ranking_options(self.signal, self.ranking_subset, ctx.options, self.name)
         if strategy != "auto":
             get_strategy(strategy)  # an unknown name fails before any work
         sopts = SearchOptions(variant=self.variant, k_step=self.k_step, k_init=self.k_init, repeat=self.repeat,
-                              rank=self.rank, strategy=strategy,
+                              rank=self.rank, strategy=strategy, signal=signal, ranking_subset=subset,
+                              early_stop=self.early_stop,
                               cycles=self.cycles if self.cycles is not None else ctx.options.cycles,
                               statistic=self.statistic, floor=self.floor, count=self.count,
                               keep_smallest=self.keep_smallest, max_loss=self.max_loss, train=ctx.train,
@@ -146,7 +158,7 @@ class AssignBitWidthsPass(Pass):
         # influences of the starting network: from the analysis cache (the layer-influence pass), so
         # the strategy's first ranking does not measure them again
         ana = dict(split=self.data, metric=self.metric, layer_range=self.layers, min_bits=self.min_bits,
-                   bias_correction=self.bias_correction)
+                   bias_correction=self.bias_correction, signal=signal, ranking_subset=subset)
         ranked = self.rank == "influence" and strategy in INFLUENCE_STRATEGIES
         variants = (VARIANTS if self.report_variants else (self.variant,)) if ranked else ()
         initial = {}
@@ -181,6 +193,24 @@ def mac_cost(plan, target, config: BitConfig) -> float:
     return float(sum(layer_macs(n) * target.mac_cost(*config.bits[n]) for n in plan.layers))
 
 
+def ranking_savings(sctx) -> dict:
+    """What the influence sweeps ran on, and what the ranking subset skipped: per sweep, one suffix run
+    per cut and batch over the ranking samples instead of the whole split (sample-runs: samples times
+    network runs, the prefix counted as one run)."""
+    full = len(sctx.data)
+    done = skipped = 0
+    for r in sctx.influences:
+        if not r.candidates:
+            continue
+        runs = 1 + (r.stats.suffix_runs // max(r.stats.batches, 1))  # the prefix and one suffix per cut
+        done += runs * r.samples
+        skipped += runs * (full - r.samples)
+    samples = sctx.ranking_data()[0]
+    return {"signal": sctx.options.signal, "samples": len(samples), "of": full,
+            "subset": sctx.options.ranking_subset, "sweeps": sctx.influence_sweeps,
+            "sample_runs": done, "sample_runs_skipped": skipped}
+
+
 def search_report(sctx, start: BitConfig, final: BitConfig, initial: dict, strategy: str) -> dict:
     """The pass's report section (JSON-ready)."""
     plan, tgt = sctx.plan, sctx.target
@@ -198,6 +228,10 @@ def search_report(sctx, start: BitConfig, final: BitConfig, initial: dict, strat
     final_value = sctx.evaluate(final)
     return {
         "strategy": strategy, "variant": sctx.options.variant, "rank": sctx.options.rank,
+        "signal": sctx.options.signal, "ranking": ranking_savings(sctx),
+        "early_stop": {"enabled": bool(sctx.options.early_stop), "evaluations": len(sctx.early_stops),
+                       "samples_run": sum(a for a, _ in sctx.early_stops),
+                       "samples_skipped": sum(b - a for a, b in sctx.early_stops)},
         "bias_correction": bool(sctx.options.bias_correction),
         "metric": sctx.metric, "data": {"split": sctx.options.split, "source": sctx.data.source,
                                         "samples": len(sctx.data)},

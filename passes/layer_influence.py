@@ -10,7 +10,9 @@ It changes nothing; the results stay cached for ``assign-bit-widths``.
 
 Options: variants (colon-separated, default all three), layers (range S:G),
 min_bits (b_m), metric, data (eval | calib; default eval when given), bias_correction
-(both networks carry the bias correction of the bias-correction pass).
+(both networks carry the bias correction of the bias-correction pass), signal (metric | kl | mse:
+what influences are measured in; default ``--rank-signal``, else metric) and ranking_subset (how
+many evaluation samples, evenly spaced; default ``--ranking-subset``, else all).
 With ``--max-drop`` / ``--target-score`` given, a starting network that already misses the goal is a
 ``TargetError`` before any sweep. Skipped (nothing measured) when ``--strategy`` names a strategy that does not rank by
 influence (the weight-difference ones). When ``--time-budget`` runs out during a sweep the pass
@@ -20,9 +22,10 @@ Requires: choose-formats, data, a target. Preserves: everything (it does not mod
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from mpqc.compiler.bitsearch import (INFLUENCE_STRATEGIES, LayerInfluence, TimeBudgetExceeded, missed_goal,
-                                     search_context)
+                                     ranking_options, search_context)
 from mpqc.compiler.options import VARIANTS
 from mpqc.compiler.passes import Pass, PassContext, PassResult
 from mpqc.compiler.quant import config_from_ir
@@ -41,6 +44,8 @@ class LayerInfluencePass(Pass):
     metric: str | None = None
     data: str | None = None
     bias_correction: bool = False
+    signal: Literal["metric", "kl", "mse"] | None = None
+    ranking_subset: int | None = None
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         bad = [v for v in self.variants if v not in VARIANTS]
@@ -49,6 +54,7 @@ class LayerInfluencePass(Pass):
                               f"{', '.join(VARIANTS)} (separated by ':')")
         if self.data not in (None, "eval", "calib"):
             raise OptionError(f"layer-influence: data={self.data!r} must be eval or calib")
+        signal, subset = ranking_options(self.signal, self.ranking_subset, ctx.options, self.name)
         sec = ctx.section(self.name)
         strategy = ctx.options.strategy
         if strategy is not None and strategy not in INFLUENCE_STRATEGIES + ("auto",):
@@ -67,7 +73,8 @@ class LayerInfluencePass(Pass):
             try:
                 res = ctx.analyses.get(LayerInfluence, graph, variant=v, split=self.data, metric=self.metric,
                                        layer_range=self.layers, min_bits=self.min_bits,
-                                       bias_correction=self.bias_correction)
+                                       bias_correction=self.bias_correction, signal=signal,
+                                       ranking_subset=subset)
             except TimeBudgetExceeded:
                 sec["time_budget_exceeded"] = f"the --time-budget ran out during the {v} sweep"
                 break

@@ -13,7 +13,12 @@ uint8 x int8 kernel is about twice as fast but, on x86 CPUs without VNNI, adds p
 in a *saturating* 16-bit instruction (``vpmaddubsw``): exact only while every pair sum fits in
 [-32768, 32767]. ``IntGemm`` uses it only where that holds for any pairing of the K elements:
 ``max(A) * (|b|_1st + |b|_2nd largest in any column) <= 32767``, checked per call on the actual
-batch; otherwise it uses the uint8 x uint8 kernel. int32 accumulation is exact because the
+batch; otherwise it uses the uint8 x uint8 kernel. On CPUs with VNNI (``vpdpbusd``: four
+products added into int32, no 16-bit step) the uint8 x int8 kernel is exact for any data;
+``u8s8_exact`` finds out once per process by running it on the worst pairs there are (every
+product 255 x -128 or 255 x 127, a shape off the kernels' block sizes) and comparing with int64
+arithmetic: a saturating kernel cannot pass that probe, and where it passes every batch takes the
+fast kernel. int32 accumulation is exact because the
 lowering bounds each layer's accumulator (``bound``) and the emulator only calls this below 2^31
 (products of the shifted operands may wrap in int32 on the way; two's-complement wrapping undoes
 itself in the zero-point correction, and the final value fits).
@@ -22,6 +27,8 @@ One onnxruntime thread per session, like the emulator's other kernels (serial on
 runtime/emulator_kernels.py).
 """
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -53,6 +60,21 @@ def _session(b: np.ndarray, zero_point: int):
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
+@functools.cache
+def u8s8_exact() -> bool:
+    """Whether onnxruntime's uint8 x int8 ``MatMulInteger`` is exact for any 8-bit data on this CPU
+    (no saturating 16-bit pair sums): one probe per process, on the worst case (module docstring)."""
+    K, M, R = 75, 37, 7  # not multiples of 4, 16 or 64: the kernels' remainder paths run too
+    w = np.full((K, M), 127, np.int8)
+    w[:, ::2] = -128  # pairs of 255 x -128: -65280 in a column of -128s, 64770 in a column of 127s
+    w[::5, 3::4] = -128  # mixed columns
+    a = np.full((R, K), 255, np.uint8)
+    a[1, ::3] = 0
+    ref = a.astype(np.int64) @ w.astype(np.int64)
+    y = _session(w, 0).run(None, {"a": a, "a_zp": np.array(0, np.uint8)})[0]
+    return bool(np.array_equal(y.astype(np.int64), ref))
+
+
 class IntGemm:
     """``(A - z) @ W`` for a fixed integer matrix ``W`` (K, M) with entries in [-128, 127]."""
 
@@ -73,8 +95,9 @@ class IntGemm:
                 and float(w.max()) <= 127 and bool(np.all(np.rint(w) == w)))
 
     def kernel_for(self, a_max: int) -> str:
-        """``"u8s8"`` when the saturating kernel is exact for activations up to ``a_max``, else ``"u8u8"``."""
-        return "u8s8" if a_max * self.pair <= _PAIR_LIMIT else "u8u8"
+        """``"u8s8"`` when the uint8 x int8 kernel is exact for activations up to ``a_max`` (always on a
+        CPU where it does not saturate: ``u8s8_exact``), else ``"u8u8"``."""
+        return "u8s8" if a_max * self.pair <= _PAIR_LIMIT or u8s8_exact() else "u8u8"
 
     def __call__(self, a: np.ndarray, zero_point: int, a_max: int | None = None) -> np.ndarray:
         """``a``: uint8 (R, K); returns the int32 (R, M) product of ``a - zero_point`` and ``W``.

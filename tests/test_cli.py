@@ -240,6 +240,8 @@ def test_bad_data_files(case, needles, resnet, tmp_path):
     (["-O3", "--flops", "1.5"], ["--flops is the fraction of the MACs to keep", "(0, 1]"]),
     (["-O3", "--flops", "0.5", "--prune", "lasso"], ["--prune 'lasso' is unknown", "reap"]),
     (["-O3", "--flops", "0.5", "--ratios", "random"], ["--ratios 'random' is unknown", "pro"]),
+    (["-O2", "--ranking-subset", "0"], ["--ranking-subset", "at least 1, got 0"]),
+    (["-O2", "--rank-signal", "l2"], ["--rank-signal", "invalid choice: 'l2'"]),
 ])
 def test_bad_options(args, needles, resnet, tmp_path):
     out = tmp_path / "out.onnx"
@@ -361,6 +363,20 @@ def test_compile_json_search(resnet, digits):
     assert res.returncode == 0, res.stderr
     s = json.loads(res.stdout)["search"]
     assert s["strategy"] == "min-influence" and s["final_value"] >= s["goal"] and s["evaluations"] >= 1
+    assert s["signal"] == "metric"
+
+
+def test_compile_rank_signal_and_ranking_subset(resnet, digits, tmp_path):
+    rep = tmp_path / "r.json"
+    res = mpqc(resnet, "-O2", "--target", "npu4", "--calib", digits, "--eval", digits, "--max-drop", "0.05",
+               "--strategy", "min-influence", "--rank-signal", "kl", "--ranking-subset", "50", "--report", rep,
+               "--no-cache")
+    assert res.returncode == 0, res.stderr
+    r = json.loads(rep.read_text())["passes"]
+    sec = r["assign-bit-widths"]
+    assert sec["signal"] == "kl" and sec["ranking"]["samples"] == 50 and sec["ranking"]["of"] == 300
+    assert r["layer-influence"]["chained"]["signal"] == "kl" and r["layer-influence"]["chained"]["samples"] == 50
+    assert f"influences in kl on 50 of 300 samples ({sec['ranking']['sweeps']} sweeps)" in res.stderr
 
 
 def test_depfile_md_mf_mt_and_escaping(resnet, digits, tmp_path):

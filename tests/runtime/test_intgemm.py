@@ -8,7 +8,8 @@ import pytest
 
 from mpqc.compiler.lowering import lower
 from mpqc.runtime.emulator import Emulator
-from mpqc.runtime.intgemm import IntGemm, uint8_zero_point
+from mpqc.runtime import intgemm
+from mpqc.runtime.intgemm import IntGemm, _session, u8s8_exact, uint8_zero_point
 from tests.graphs import GraphBuilder
 from tests.runtime.test_emulator import conv_graph, dq_const, ints_of, ort_run, qdq
 
@@ -17,19 +18,35 @@ def ref(a, z, w):
     return (a.astype(np.int64) - z) @ w.astype(np.int64)
 
 
-def test_worst_case_pairs_take_the_widening_kernel_and_are_exact():
+def test_worst_case_pairs_take_the_widening_kernel_and_are_exact(monkeypatch):
     # every pair of products is 255*127 + 255*127 = 64770: a saturating 16-bit pair sum would clip it
     w = np.full((64, 3), 127.0)
     w[::2, 1] = -128.0
     g = IntGemm(w)
     assert g.pair == 256  # |-128| + |-128| in column 1
     a = np.full((5, 64), 255, np.uint8)
-    assert g.kernel_for(255) == "u8u8"
+    assert g.kernel_for(255) == ("u8s8" if u8s8_exact() else "u8u8")
     assert np.array_equal(g(a, 0), ref(a, 0, w))
     assert np.array_equal(g(a, 200), ref(a, 200, w))
+    monkeypatch.setattr(intgemm, "u8s8_exact", lambda: False)  # a CPU whose u8s8 kernel saturates
+    g = IntGemm(w)
+    assert g.kernel_for(255) == "u8u8" and g.kernel_for(32767 // 256) == "u8s8"
+    assert np.array_equal(g(a, 0), ref(a, 0, w))
 
 
-def test_small_activations_take_the_fast_kernel_and_are_exact():
+def test_the_u8s8_probe_tells_the_truth_on_other_worst_cases():
+    """Where the probe says the uint8 x int8 kernel is exact, it is on other shapes and worst-case
+    data too; where it says not, that kernel really clips such data (then only the pair rule uses it)."""
+    rng = np.random.default_rng(5)
+    for K, M, R in ((513, 70, 40), (16, 16, 1), (1000, 3, 9)):
+        w = rng.choice(np.array([-128, 127], np.int8), (K, M))
+        a = np.where(rng.random((R, K)) < 0.9, 255, rng.integers(0, 256, (R, K))).astype(np.uint8)
+        y = _session(w, 0).run(None, {"a": a, "a_zp": np.array(0, np.uint8)})[0]
+        assert np.array_equal(y.astype(np.int64), ref(a, 0, w)) == u8s8_exact()
+
+
+def test_small_activations_take_the_fast_kernel_and_are_exact(monkeypatch):
+    monkeypatch.setattr(intgemm, "u8s8_exact", lambda: False)  # the pair rule alone
     rng = np.random.default_rng(0)
     w = rng.integers(-128, 128, (300, 7)).astype(np.float64)
     g = IntGemm(w)
