@@ -152,6 +152,21 @@ def plot_layers(rows: list[dict], influence: dict[str, dict[str, float]], goal_d
     return _png(fig)
 
 
+def _ranking_note(search: dict) -> str:
+    """What the influences were measured in and on, and what early stop skipped (one sentence each)."""
+    out = ""
+    rk = search.get("ranking") or {}
+    if rk.get("sweeps"):
+        sig = {"metric": _e(search.get("metric")), "kl": "KL divergence from the float outputs",
+               "mse": "mean squared error against the float outputs"}.get(rk.get("signal"), _e(rk.get("signal")))
+        out += f" Influences measured in {sig} on {rk.get('samples')} of {rk.get('of')} samples ({rk['sweeps']} sweeps)."
+    es = search.get("early_stop") or {}
+    if es.get("evaluations"):
+        out += (f" Early stop: {es['evaluations']} candidate(s) stopped once they could only miss the goal, "
+                f"{es['samples_skipped']} samples not run.")
+    return out
+
+
 def plot_trace(trace: list[dict], goal: float | None, float_value: float | None, int8_bytes: float | None) -> str:
     """Evaluation value of each candidate and the weight size along the search steps."""
     plt = _plt()
@@ -385,14 +400,17 @@ def render_html(report: dict) -> str:
         parts.append(f'<div class="sub">Each step reduces the layer(s) shown by one rung and evaluates the result on '
                      f'{_e(search.get("data", {}).get("source", ""))} ({search.get("data", {}).get("samples", "?")} '
                      f'samples, {_e(search.get("metric"))}). Above the goal the reduced network becomes NN_T; the first '
-                     f'step below it ends the search and NN* (the last kept network) is the result.</div>')
+                     f'step below it ends the search and NN* (the last kept network) is the result.'
+                     + _ranking_note(search) + '</div>')
         trs, cls = [], []
         for t in tr:
             bits = t.get("bits", {})
             changed = ", ".join(f"{_e(_short(l, 40))} → w{bits[l][0]}a{bits[l][1]}" for l in t.get("layers", [])
                                 if l in bits)
             extra = t.get("threshold")
-            trs.append([str(t["step"]), _e(t["action"]), changed or "–", _num(t["value"]),
+            es = t.get("early_stop")
+            value = _num(t["value"]) if not es else f'≤ {_num(t["value"])} (stopped after {es["samples"]} of {es["of"]})'
+            trs.append([str(t["step"]), _e(t["action"]), changed or "–", value,
                         "yes" if t["accepted"] else "no", _kb(t.get("weight_bytes")),
                         _num(t.get("score")) if not isinstance(t.get("score"), dict) else "–",
                         _num(extra) if extra is not None else ""])

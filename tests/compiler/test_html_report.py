@@ -91,3 +91,18 @@ def test_compile_writes_the_html(tmp_path):
     page = out.read_text()
     assert len(pngs(page)) == 2 and "influence-update" in page
     assert page == render_html(__import__("mpqc.compiler.driver", fromlist=["_clean_nan"])._clean_nan(res.report))
+
+
+def test_early_stop_and_ranking_signal_are_shown():
+    rep = search_report()
+    sec = rep["passes"]["assign-bit-widths"]
+    sec["trace"][2]["early_stop"] = {"samples": 4, "of": 10, "value_at_most": 0.95}
+    sec["ranking"] = {"signal": "kl", "samples": 5, "of": 10, "subset": 5, "sweeps": 2, "sample_runs": 40,
+                      "sample_runs_skipped": 40}
+    sec["early_stop"] = {"enabled": True, "evaluations": 1, "samples_run": 4, "samples_skipped": 6}
+    text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", render_html(rep))
+    assert "≤ 0.9500 (stopped after 4 of 10)" in text
+    assert "Influences measured in KL divergence from the float outputs on 5 of 10 samples (2 sweeps)." in text
+    assert "Early stop: 1 candidate(s) stopped once they could only miss the goal, 6 samples not run." in text
+    plain = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", render_html(search_report()))
+    assert "Influences measured" not in plain and "Early stop" not in plain
