@@ -5,9 +5,11 @@
         [--emulator digits_resnet,digits_vgg,digits_alexnet,efficientnet_lite0] [--nncf]
 
 Part 1: whole ``mpqc -O2`` compiles (own process each, ``--no-cache``, one BLAS thread per
-process), one per ``--runs`` entry ``SIM:JOBS[:dask][:x2]``: ``--sim SIM --jobs JOBS``; ``dask``:
+process), one per ``--runs`` entry ``SIM:JOBS[:dask][:x2][:dropD]``: ``--sim SIM --jobs JOBS``; ``dask``:
 ``--scheduler local`` (a LocalCluster of JOBS worker processes); ``x2``: the eval split doubled with
-its horizontal flips (labels: the float model's top-1 of each image, EfficientNet only). Seconds,
+its horizontal flips (labels: the float model's top-1 of each image, EfficientNet only); ``dropD``:
+``--max-drop D`` instead of the model's (pair an x2 run with an x1 run at the same drop when the
+starting network misses the model's goal on the doubled split). Seconds,
 ratio to the first row, and whether every output file (model, report, bundle) has the same bytes
 as the same engine's first run on the same data. Part 2 (in this process, one thread everywhere,
 batch 16 on the eval split): images per second of mpqc's float runtime and of the fake-quant
@@ -55,8 +57,9 @@ def doubled_eval(model: str, folder: Path) -> Path:
 
 
 def compile_time(model: str, jobs: int, out: Path, sim: str = "onnxruntime", *, dask: bool = False,
-                 data: Path | None = None) -> dict:
-    target, drop, bs = CONFIGS[model]
+                 data: Path | None = None, drop: float | None = None) -> dict:
+    target, default_drop, bs = CONFIGS[model]
+    drop = default_drop if drop is None else drop
     d = data or BENCH / ("photos.npz" if model.startswith("efficientnet") else "digits.npz")
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "mpqc", str(model_path(model)), "-O2", "--target", target, "--calib",
@@ -72,7 +75,7 @@ def compile_time(model: str, jobs: int, out: Path, sim: str = "onnxruntime", *, 
     rep = json.loads((out / "r.json").read_text())
     sec = rep["passes"]["assign-bit-widths"]
     return {"seconds": secs, "md5": {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())},
-            "final_value": sec.get("final_value"), "bits": sec.get("final_bits"),
+            "final_value": sec.get("final_value"), "max_drop": drop, "goal_missed": sec.get("goal_missed"), "bits": sec.get("final_bits"),
             "weight_bytes": sec.get("weight_bytes"), "evaluations": sec.get("evaluations"),
             "eval_samples": rep["data"]["eval"]["samples"], "layers": len(sec.get("final_bits") or {})}
 
@@ -184,11 +187,22 @@ def _label(k: str) -> str:
         txt = f"--sim {sim} --scheduler local ({j} Dask workers)"
     if "x2" in mods:
         txt += ", eval x2 (flips)"
+    drop = _drop(k)
+    if drop is not None:
+        txt += f", --max-drop {drop:g}"
     return txt
 
 
+def _drop(k: str) -> float | None:
+    """The ``dropD`` modifier of a run: another --max-drop than the model's (None: the model's)."""
+    for m in k.split(":")[2:]:
+        if m.startswith("drop"):
+            return float(m[4:])
+    return None
+
+
 def _data(k: str) -> str:
-    return "x2" if "x2" in k.split(":")[2:] else "x1"
+    return ("x2" if "x2" in k.split(":")[2:] else "x1") + f"/{_drop(k)}"
 
 
 def table(res: dict, argv: str = "") -> str:
@@ -204,9 +218,12 @@ def table(res: dict, argv: str = "") -> str:
             first = next(iter(c.values()))
             for k, v in c.items():
                 same = [w for kk, w in c.items() if kk.split(":")[0] == k.split(":")[0] and _data(kk) == _data(k)][0]
-                lines.append(f"| {m} | {_label(k)} | {v['eval_samples']} | {v['layers']} | {v['seconds']:.1f} | "
-                             f"{v['seconds'] / first['seconds']:.2f}x | {v['final_value']:.4f} | {v['weight_bytes']} | "
-                             f"{v['evaluations']} | {'yes' if v['bits'] == first['bits'] else 'no'} | "
+                missed = v.get("goal_missed")
+                value = (f"{v['final_value']:.4f}" if v.get("final_value") is not None else
+                         f"goal missed from the start ({missed['value']:.4f} < {missed['goal']:.4f})" if missed else "-")
+                lines.append(f"| {m} | {_label(k)} | {v['eval_samples']} | {v['layers'] or '-'} | {v['seconds']:.1f} | "
+                             f"{v['seconds'] / first['seconds']:.2f}x | {value} | {v['weight_bytes'] or '-'} | "
+                             f"{v['evaluations'] or '-'} | {'yes' if v['bits'] == first['bits'] else 'no'} | "
                              f"{'yes' if v['md5'] == same['md5'] else '**no**'} |")
         n = r.get("nncf")
         if n and "seconds" in n and c:
@@ -244,7 +261,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="efficientnet_lite0")
     ap.add_argument("--runs", default="onnxruntime:1,onnxruntime:2,numpy:2",
-                    help="compiles to time, as SIM:JOBS[:dask][:x2] (see the module docstring)")
+                    help="compiles to time, as SIM:JOBS[:dask][:x2][:dropD] (see the module docstring)")
     ap.add_argument("--throughput-only", action="store_true")
     ap.add_argument("--no-throughput", action="store_true", help="skip part 2")
     ap.add_argument("--emulator", default="", help="models whose emulator speed to measure (comma-separated)")
@@ -263,7 +280,7 @@ def main(argv=None) -> int:
                         continue  # flipped digits are other digits: no labels to double with
                     data = doubled_eval(m, Path(tmp)) if "x2" in mods else None
                     res[m]["compile"][k] = compile_time(m, int(j), Path(tmp) / k.replace(":", "-"), sim,
-                                                        dask="dask" in mods, data=data)
+                                                        dask="dask" in mods, data=data, drop=_drop(k))
                     print(m, k, f"{res[m]['compile'][k]['seconds']:.1f} s", flush=True)
         if args.nncf:
             res[m]["nncf"] = nncf_anchor(m)
