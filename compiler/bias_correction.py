@@ -41,14 +41,15 @@ def _tap_means(node: Node, x: np.ndarray) -> tuple[np.ndarray, int]:
     strides = list(node.attr("strides", [1] * nd))
     dil = list(node.attr("dilations", [1] * nd))
     pads = conv_pads(node, list(x.shape[2:]), kernel, strides, dil)
-    width = [(0, 0), (0, 0)] + [(max(pads[i], 0), max(pads[i + nd], 0)) for i in range(nd)]
-    xp = np.pad(x.astype(np.float64), width)
+    # the sum over the batch first (it is linear): the taps then slice one (C, H, W) plane, not the batch
+    width = [(0, 0)] + [(max(pads[i], 0), max(pads[i + nd], 0)) for i in range(nd)]
+    xp = np.pad(x.sum(axis=0, dtype=np.float64), width)
     out = [(x.shape[2 + i] + pads[i] + pads[i + nd] - ((kernel[i] - 1) * dil[i] + 1)) // strides[i] + 1
            for i in range(nd)]
     sums = np.zeros((x.shape[1],) + tuple(kernel))
     for tap in itertools.product(*[range(k) for k in kernel]):
         sl = tuple(slice(t * d, t * d + (o - 1) * s + 1, s) for t, d, o, s in zip(tap, dil, out, strides))
-        sums[(slice(None),) + tap] = xp[(slice(None), slice(None)) + sl].sum(axis=(0,) + tuple(range(2, 2 + nd)))
+        sums[(slice(None),) + tap] = xp[(slice(None),) + sl].sum(axis=tuple(range(1, 1 + nd)))
     return sums, int(x.shape[0] * np.prod(out))
 
 
