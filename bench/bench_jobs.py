@@ -5,11 +5,12 @@
         [--emulator digits_resnet,digits_vgg,digits_alexnet,efficientnet_lite0] [--nncf]
 
 Part 1: whole ``mpqc -O2`` compiles (own process each, ``--no-cache``, one BLAS thread per
-process), one per ``--runs`` entry ``SIM:JOBS[:dask][:x2][:dropD]``: ``--sim SIM --jobs JOBS``; ``dask``:
+process), one per ``--runs`` entry ``SIM:JOBS[:dask][:x2][:dropD][:layersS-G]``: ``--sim SIM --jobs JOBS``; ``dask``:
 ``--scheduler local`` (a LocalCluster of JOBS worker processes); ``x2``: the eval split doubled with
 its horizontal flips (labels: the float model's top-1 of each image, EfficientNet only); ``dropD``:
 ``--max-drop D`` instead of the model's (pair an x2 run with an x1 run at the same drop when the
-starting network misses the model's goal on the doubled split). Seconds,
+starting network misses the model's goal on the doubled split); ``layersS-G``: -O2's passes with
+the search restricted to layers S..G (``layer-influence`` and ``assign-bit-widths{layers=S:G}``). Seconds,
 ratio to the first row, and whether every output file (model, report, bundle) has the same bytes
 as the same engine's first run on the same data. Part 2 (in this process, one thread everywhere,
 batch 16 on the eval split): images per second of mpqc's float runtime and of the fake-quant
@@ -57,12 +58,16 @@ def doubled_eval(model: str, folder: Path) -> Path:
 
 
 def compile_time(model: str, jobs: int, out: Path, sim: str = "onnxruntime", *, dask: bool = False,
-                 data: Path | None = None, drop: float | None = None) -> dict:
+                 data: Path | None = None, drop: float | None = None, layers: str | None = None) -> dict:
     target, default_drop, bs = CONFIGS[model]
     drop = default_drop if drop is None else drop
+    level = ["-O2"]
+    if layers is not None:  # -O2's passes with the search range restricted (layer-influence, assign-bit-widths)
+        from bench_o2 import o2_passes
+        level = ["--passes", o2_passes(None, True, layers=layers)]
     d = data or BENCH / ("photos.npz" if model.startswith("efficientnet") else "digits.npz")
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "mpqc", str(model_path(model)), "-O2", "--target", target, "--calib",
+    cmd = [sys.executable, "-m", "mpqc", str(model_path(model)), *level, "--target", target, "--calib",
            f"{d}:calib", "--eval", f"{d}:eval", "--max-drop", str(drop), "--batch-size", str(bs), "-o",
            str(out / "m.onnx"), "--report", str(out / "r.json"), "--emit-bundle", str(out / "b.npz"),
            "--no-cache", "--jobs", str(jobs), "--sim", sim, "-q"] + (["--scheduler", "local"] if dask else [])
@@ -77,7 +82,7 @@ def compile_time(model: str, jobs: int, out: Path, sim: str = "onnxruntime", *, 
     return {"seconds": secs, "md5": {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())},
             "final_value": sec.get("final_value"), "max_drop": drop, "goal_missed": sec.get("goal_missed"), "bits": sec.get("final_bits"),
             "weight_bytes": sec.get("weight_bytes"), "evaluations": sec.get("evaluations"),
-            "eval_samples": rep["data"]["eval"]["samples"], "layers": len(sec.get("final_bits") or {})}
+            "eval_samples": rep["data"]["eval"]["samples"], "layers": sum(1 for r in sec.get("layers") or [] if r.get("in_range"))}
 
 
 def emulator_speed(model: str) -> dict:
@@ -190,7 +195,17 @@ def _label(k: str) -> str:
     drop = _drop(k)
     if drop is not None:
         txt += f", --max-drop {drop:g}"
+    if _layers(k) is not None:
+        txt += f", layers {_layers(k)} searched"
     return txt
+
+
+def _layers(k: str) -> str | None:
+    """The ``layersS-G`` modifier of a run: the search range ``S:G`` (None: every layer)."""
+    for m in k.split(":")[2:]:
+        if m.startswith("layers"):
+            return m[6:].replace("-", ":", 1)
+    return None
 
 
 def _drop(k: str) -> float | None:
@@ -202,7 +217,7 @@ def _drop(k: str) -> float | None:
 
 
 def _data(k: str) -> str:
-    return ("x2" if "x2" in k.split(":")[2:] else "x1") + f"/{_drop(k)}"
+    return ("x2" if "x2" in k.split(":")[2:] else "x1") + f"/{_drop(k)}/{_layers(k)}"
 
 
 def table(res: dict, argv: str = "") -> str:
@@ -261,7 +276,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="efficientnet_lite0")
     ap.add_argument("--runs", default="onnxruntime:1,onnxruntime:2,numpy:2",
-                    help="compiles to time, as SIM:JOBS[:dask][:x2][:dropD] (see the module docstring)")
+                    help="compiles to time, as SIM:JOBS[:dask][:x2][:dropD][:layersS-G] (see the module docstring)")
     ap.add_argument("--throughput-only", action="store_true")
     ap.add_argument("--no-throughput", action="store_true", help="skip part 2")
     ap.add_argument("--emulator", default="", help="models whose emulator speed to measure (comma-separated)")
@@ -280,7 +295,8 @@ def main(argv=None) -> int:
                         continue  # flipped digits are other digits: no labels to double with
                     data = doubled_eval(m, Path(tmp)) if "x2" in mods else None
                     res[m]["compile"][k] = compile_time(m, int(j), Path(tmp) / k.replace(":", "-"), sim,
-                                                        dask="dask" in mods, data=data, drop=_drop(k))
+                                                        dask="dask" in mods, data=data, drop=_drop(k),
+                                                        layers=_layers(k))
                     print(m, k, f"{res[m]['compile'][k]['seconds']:.1f} s", flush=True)
         if args.nncf:
             res[m]["nncf"] = nncf_anchor(m)
