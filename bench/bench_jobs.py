@@ -202,18 +202,19 @@ def _label(k: str) -> str:
 
 def _layers(k: str) -> str | None:
     """The ``layersS-G`` modifier of a run: the search range ``S:G`` (None: every layer)."""
-    for m in k.split(":")[2:]:
-        if m.startswith("layers"):
-            return m[6:].replace("-", ":", 1)
-    return None
+    r = _modifier(k, "layers")
+    return None if r is None else r.replace("-", ":", 1)
+
+
+def _modifier(k: str, prefix: str) -> str | None:
+    """What follows ``prefix`` in the run's modifier that starts with it (None: no such modifier)."""
+    return next((m[len(prefix):] for m in k.split(":")[2:] if m.startswith(prefix)), None)
 
 
 def _drop(k: str) -> float | None:
     """The ``dropD`` modifier of a run: another --max-drop than the model's (None: the model's)."""
-    for m in k.split(":")[2:]:
-        if m.startswith("drop"):
-            return float(m[4:])
-    return None
+    d = _modifier(k, "drop")
+    return None if d is None else float(d)
 
 
 def _data(k: str) -> str:

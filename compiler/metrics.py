@@ -50,6 +50,13 @@ def neg_mse(outputs: np.ndarray, reference: np.ndarray) -> float:
     return -float(np.mean((outputs.astype(np.float64) - reference.astype(np.float64)) ** 2))
 
 
+def _check_comparable(outputs: np.ndarray, reference: np.ndarray) -> None:
+    """The outputs and the float model's outputs they are compared with have one shape."""
+    if np.shape(outputs) != np.shape(reference):
+        raise DataError(f"outputs of shape {list(np.shape(outputs))} cannot be compared with the reference "
+                        f"model's outputs of shape {list(np.shape(reference))}")
+
+
 def neg_kl(outputs: np.ndarray, reference: np.ndarray) -> float:
     """-mean over samples of KL(p_ref || p_out): the softmax of each sample's flattened outputs, or
     the outputs themselves when the reference already is a probability vector per sample (a network
@@ -71,9 +78,7 @@ def neg_kl(outputs: np.ndarray, reference: np.ndarray) -> float:
 def signal_value(signal: str, outputs: np.ndarray, reference: np.ndarray) -> float:
     """A continuous ranking signal against the float network's outputs (higher is better, 0 when
     equal): ``kl`` (``neg_kl``) or ``mse`` (``neg_mse``); see ``compiler.options.SIGNALS``."""
-    if np.shape(outputs) != np.shape(reference):
-        raise DataError(f"outputs of shape {list(np.shape(outputs))} cannot be compared with the reference "
-                        f"model's outputs of shape {list(np.shape(reference))}")
+    _check_comparable(outputs, reference)
     if signal == "kl":
         return neg_kl(outputs, reference)
     if signal == "mse":
@@ -172,9 +177,8 @@ def evaluate(metric: str, outputs: np.ndarray, labels: np.ndarray | None = None,
              reference: np.ndarray | None = None) -> float:
     if metric in NEEDS_LABELS:
         _check_labels(outputs, labels)
-    if metric in NEEDS_REFERENCE and reference is not None and np.shape(outputs) != np.shape(reference):
-        raise DataError(f"outputs of shape {list(np.shape(outputs))} cannot be compared with the reference "
-                        f"model's outputs of shape {list(np.shape(reference))}")
+    if metric in NEEDS_REFERENCE and reference is not None:
+        _check_comparable(outputs, reference)
     if metric == "top1":
         return top_k(outputs, labels, 1)
     if metric == "top5":
