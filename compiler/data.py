@@ -150,6 +150,20 @@ def load_dataset(spec: str, input_value: Value | None = None, *, default_split: 
     return Dataset(x, y, src)
 
 
+def peek_shape(spec: str, default_split: str) -> tuple[tuple[int, ...], str] | None:
+    """Shape of ``x_SPLIT`` in a data file and its source (``file.npz:split``), read from the array's
+    header without loading it; None when the file cannot say (``load_dataset`` then reports why)."""
+    path, split = parse_spec(spec, default_split)
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open(f"x_{split}.npy") as f:
+            version = np.lib.format.read_magic(f)
+            shape = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                     else np.lib.format.read_array_header_2_0(f))[0]
+    except Exception:  # not there, not an npz, damaged: the full read says what is wrong
+        return None
+    return tuple(int(d) for d in shape), f"{Path(path).name}:{split}"
+
+
 def model_batch(input_value: Value | None, batch_size: int) -> int:
     """The batch size runs use: the model input's fixed batch when it has one (a model exported
     with batch 1 runs one sample at a time), else ``batch_size``."""

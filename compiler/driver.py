@@ -27,9 +27,9 @@ from .bdcnn import compile_bdcnn
 from .bitsearch import FloatReference
 from .bundle import bundle_bytes
 from .cache import ResultCache, graph_digest, open_cache
-from .data import Dataset, check_input, load_dataset, model_batch, parse_spec
+from .data import Dataset, check_input, load_dataset, model_batch, parse_spec, peek_shape
 from .export import atomic_write_bytes, commit_files, to_onnx
-from .frontend import load_graph
+from .frontend import import_model
 from .html_report import render_html
 from .info import model_info
 from .lowering import run_emulator
@@ -198,7 +198,15 @@ def compile_model(model: str | os.PathLike | Graph, *, level: int = 1, target: s
     with _scheduler(scheduler, jobs) as client:
         if client is not None:  # the calls made with jobs > 1 go to the cluster: at least one per worker
             jobs = max(jobs, 2, len(client.scheduler_info().get("workers", {})))
-        graph = model if isinstance(model, Graph) else load_graph(model)
+        if isinstance(model, Graph):
+            if opts.input_shape:
+                raise OptionError("--input-shape fixes dims when a model file is imported; this model is an "
+                                  "IR graph already (set its input's shape instead)")
+            graph, shape_rows = model, None
+        else:
+            graph, shape_rows = import_model(model, input_shapes=opts.input_shapes,
+                                             data_shape=_data_shape((calib, "--calib", "calib"),
+                                                                    (eval, "--eval", "eval")))
         depends = [] if outputs.depfile is None else dependencies(model, calib, eval, train)
         tgt = get_target(target) if isinstance(target, str) else target
         if graph.inputs:
@@ -226,6 +234,7 @@ def compile_model(model: str | os.PathLike | Graph, *, level: int = 1, target: s
             "pipeline": [p.spec() for p in pipeline] + (["binary-decomposition (compile_bdcnn)"] if bdcnn else []),
             "data": {k: (None if d is None else {"source": d.source, "samples": len(d), "labels": d.y is not None})
                      for k, d in (("calib", ctx.calib), ("eval", ctx.eval), ("train", ctx.train))},
+            "inputs": shape_rows,
             "float_model": model_info(graph),
         })
         float_graph = graph.copy()
@@ -261,6 +270,22 @@ def compile_model(model: str | os.PathLike | Graph, *, level: int = 1, target: s
                                cache=_finish_cache(ctx, diagnostics))
         write_outputs(result, outputs, depends)
         return result
+
+
+def _data_shape(*candidates) -> tuple | None:
+    """``(shape, option, source)`` of the first data given (calibration, else evaluation data):
+    what fills the symbolic non-batch dims of the model's first input that --input-shape leaves
+    open (``frontend.fix_input_shapes``)."""
+    for d, option, split in candidates:
+        if d is None:
+            continue
+        if isinstance(d, (str, os.PathLike)):
+            peek = peek_shape(os.fspath(d), split)
+            return None if peek is None else (peek[0], option, peek[1])
+        x = d.x if isinstance(d, Dataset) else d[0] if isinstance(d, tuple) else d
+        src = d.source if isinstance(d, Dataset) else f"<array>{option}"
+        return tuple(np.shape(x)), option, src
+    return None
 
 
 def _scheduler(address: str | None, jobs: int):

@@ -17,7 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, numpy_helper, version_converter
 
-from ..core.errors import ModelError, UnsupportedOpError
+from ..core.errors import ModelError, OptionError, UnsupportedOpError
 from ..core.ir import Graph, Node, Value
 from ..runtime.ops import KERNELS, SUPPORTED_DTYPES, validate_node
 
@@ -278,7 +278,8 @@ def _check_gemm(n, attrs, consts, origin, label) -> None:
                          f"(one per output)")
 
 
-def _strict_inference(model: onnx.ModelProto, origin: str) -> onnx.ModelProto:
+def _strict_inference(model: onnx.ModelProto, origin: str, data_prop: bool = False,
+                      hint: str = "fix the model; its types or shapes do not fit together") -> onnx.ModelProto:
     """Full ONNX type and shape inference; an inconsistency (a weight of another type than the input,
     a matrix product of mismatched sizes...) is a ModelError, since the exported model would fail
     the same check. Models with ops of other domains are left to check_supported."""
@@ -286,12 +287,11 @@ def _strict_inference(model: onnx.ModelProto, origin: str) -> onnx.ModelProto:
             any(imp.domain not in ("", "ai.onnx") for imp in model.opset_import):
         return model
     try:
-        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=data_prop)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as e:
         msg = " ".join(str(e).split())
         msg = msg.replace("[ShapeInferenceError] Inference error(s): ", "").replace("[ShapeInferenceError] ", "")
-        raise ModelError(f"{origin}: the model is inconsistent: {msg[:300]}",
-                         hint="fix the model; its types or shapes do not fit together") from None
+        raise ModelError(f"{origin}: the model is inconsistent: {msg[:300]}", hint=hint) from None
     except Exception:  # inference itself failed (an op it does not know...): not the model's fault
         return model
 
@@ -582,6 +582,102 @@ def from_onnx(model: onnx.ModelProto, *, origin: str = "model", fold: bool = Tru
     return graph
 
 
+def _dims_text(dims) -> str:
+    return "x".join("?" if d is None else str(d) for d in dims)  # a symbol prints as its name
+
+
+def fix_input_shapes(model: onnx.ModelProto, given: dict | None = None, data: tuple | None = None,
+                     origin: str = "model") -> list[dict]:
+    """Fix symbolic input dims of ``model`` in place, before shape inference and folding, so that
+    shape subgraphs (``Shape -> Slice/Gather -> Concat -> Reshape``) fold to constants.
+
+    ``given``: ``--input-shape`` (``CompileOptions.input_shapes``: input name, or None for the first
+    input -> dims, None keeping the model's); every dim it gives wins over a symbolic one, and one
+    that contradicts a fixed dim of the model, a wrong rank or an unknown input name is an
+    ``OptionError``. ``data``: ``(shape, option, source)`` of the data given for the first input
+    (the calibration data): the symbolic dims of that input that ``given`` leaves open, except the
+    batch (dim 0, which stays symbolic), are taken from it; a data shape of another rank is left to
+    the data checks. Value infos of inner tensors with symbolic dims are dropped (inference
+    recomputes them). Returns, per graph input, ``{"name", "shape", "model_shape", "source"}``
+    (source: "model", "--input-shape", or the data's option such as "--calib", then also "data")."""
+    g = model.graph
+    inits = {t.name for t in g.initializer}
+    inputs = [v for v in g.input if v.name not in inits]
+    given = dict(given or {})
+    by_name = {v.name: v for v in inputs}
+    if None in given:
+        if not inputs:
+            raise OptionError("--input-shape: the model has no input")
+        first = inputs[0].name
+        if first in given:
+            raise OptionError(f"--input-shape gives input {first!r} twice (once by name, once as the first input)")
+        given[first] = given.pop(None)
+    for name in given:
+        if name not in by_name:
+            raise OptionError(f"--input-shape names input {name!r}, which {origin} does not have; its inputs are: "
+                              f"{', '.join(repr(v.name) for v in inputs)}")
+
+    def dims_of(v):
+        tt = v.type.tensor_type
+        if not tt.HasField("shape"):
+            return None
+        return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+
+    rows = []
+    changed = False
+    for k, v in enumerate(inputs):
+        model_dims = dims_of(v)
+        row = {"name": v.name, "model_shape": model_dims, "shape": model_dims, "source": "model"}
+        want = None
+        if v.name in given:
+            dims = given[v.name]
+            spec = f"--input-shape {v.name}:{_dims_text(dims)}"
+            if model_dims is not None and len(dims) != len(model_dims):
+                raise OptionError(f"{spec}: input {v.name!r} of {origin} has rank {len(model_dims)} "
+                                  f"({model_dims}), the option gives {len(dims)} dims")
+            for i, (d, m) in enumerate(zip(dims, model_dims or dims)):
+                if d is not None and isinstance(m, int) and m != d:
+                    raise OptionError(f"{spec}: dim {i} of input {v.name!r} is fixed to {m} by {origin}, the "
+                                      f"option gives {d}")
+            want = list(dims)
+            if any(d is not None and not isinstance(m, int) for d, m in zip(dims, model_dims or dims)):
+                row["source"] = "--input-shape"
+        if k == 0 and data is not None and model_dims is not None:
+            shape, option, source = data
+            if len(shape) == len(model_dims):
+                want = want or [None] * len(model_dims)
+                taken = False
+                for i in range(1, len(model_dims)):
+                    if want[i] is None and not isinstance(model_dims[i], int):
+                        want[i] = int(shape[i])
+                        taken = True
+                if taken:
+                    row["source"] = option if row["source"] == "model" else f"--input-shape and {option}"
+                    row["data"] = source
+        if want is not None and model_dims is not None:
+            dim = v.type.tensor_type.shape.dim
+            new = list(model_dims)
+            for i, d in enumerate(want):
+                if d is not None and not isinstance(model_dims[i], int):
+                    dim[i].Clear()
+                    dim[i].dim_value = int(d)
+                    new[i] = int(d)
+                    changed = True
+            row["shape"] = new
+        elif want is not None and model_dims is None and all(d is not None for d in want):
+            for d in want:
+                v.type.tensor_type.shape.dim.add().dim_value = int(d)
+            row["shape"] = list(want)
+            changed = True
+        rows.append(row)
+    if changed:  # inner value infos may hold the old symbols: inference recomputes them from the inputs
+        keep = [vi for vi in g.value_info if not any(d.HasField("dim_param") or not d.HasField("dim_value")
+                                                     for d in vi.type.tensor_type.shape.dim)]
+        del g.value_info[:]
+        g.value_info.extend(keep)
+    return rows
+
+
 def check_supported(graph: Graph) -> None:
     for n in graph.nodes:
         if n.domain not in ("", "ai.onnx") or n.op_type not in KERNELS:
@@ -593,12 +689,30 @@ def check_supported(graph: Graph) -> None:
         validate_node(n)
 
 
-def load_graph(path: str | os.PathLike, *, fold: bool = True, check_ops: bool = True) -> Graph:
-    """Read an ONNX file and import it (the ``mpqc.load`` entry point)."""
+def import_model(path: str | os.PathLike, *, fold: bool = True, check_ops: bool = True,
+                 input_shapes: dict | None = None, data_shape: tuple | None = None) -> tuple[Graph, list[dict]]:
+    """Read an ONNX file, fix its symbolic input dims (``fix_input_shapes``: ``input_shapes`` from
+    ``--input-shape``, ``data_shape`` from the calibration data) and import it; returns the graph
+    and where each input's shape came from (the report's ``inputs``)."""
     model = read_model(path)
     origin = Path(path).name
     check_model(model, origin)
+    rows = fix_input_shapes(model, input_shapes, data_shape, origin)
+    fixed = [r for r in rows if r["source"] != "model"]
+    if fixed:  # a model that does not fit together at the shapes given: say which shapes, and from where
+        model = upgrade_opset(model, origin)  # (data propagation through Shape/Gather needs opset 13+)
+        where = "; ".join(f"{r['name']}:{_dims_text(r['shape'])} from "
+                          f"{r['source']}{' ' + r['data'] if 'data' in r else ''}" for r in fixed)
+        _strict_inference(model, f"{origin} at input shape {where}", data_prop=True,
+                          hint="give the input shape the model is built for (--input-shape NAME:DIMS)")
     graph = from_onnx(model, origin=origin, fold=fold, check_ops=check_ops)
     if not graph.name or graph.name == "graph":
         graph.name = Path(path).stem
-    return graph
+    return graph, rows
+
+
+def load_graph(path: str | os.PathLike, *, fold: bool = True, check_ops: bool = True,
+               input_shapes: dict | None = None) -> Graph:
+    """Read an ONNX file and import it (the ``mpqc.load`` entry point); ``input_shapes`` as
+    ``--input-shape`` (``{"x": (1, 3, 48, 192)}``, None in a dim: keep the model's)."""
+    return import_model(path, fold=fold, check_ops=check_ops, input_shapes=input_shapes)[0]

@@ -60,6 +60,41 @@ def check_prune(flops: float | None, method: str | None, ratios: str | None, nam
         raise OptionError(f"{names[2]} {ratios!r} is unknown; choose one of {', '.join(PRUNE_RATIOS)}")
 
 
+def parse_input_shape(spec: str, where: str = "--input-shape") -> tuple[str | None, tuple[int | None, ...]]:
+    """``"NAME:1x3x48x192"`` -> ("NAME", (1, 3, 48, 192)); ``"1x3x48x192"`` (no name: the model's
+    first input) -> (None, ...). A dim written ``?`` or as a name (``N``) stays as the model has it
+    (None). The name is what precedes the last ``:`` (ONNX names such as ``input:0`` keep theirs)."""
+    text = str(spec).strip()
+    name, sep, dims = text.rpartition(":")
+    if sep and not name:
+        raise OptionError(f"{where} {spec!r}: the input name before ':' is empty; give NAME:DIMS, e.g. x:1x3x48x192")
+    tokens = [t.strip() for t in dims.lower().split("x")] if dims.strip() else []
+    if not tokens or any(not t for t in tokens):
+        raise OptionError(f"{where} {spec!r} is not [NAME:]DIMS with dims separated by 'x', e.g. x:1x3x48x192")
+    out: list[int | None] = []
+    for t in tokens:
+        if t.isdigit():
+            if not 1 <= int(t) <= 2 ** 31 - 1:
+                raise OptionError(f"{where} {spec!r}: dimension {t} must be a positive integer")
+            out.append(int(t))
+        elif t == "?" or t.replace("_", "a").isalnum():
+            out.append(None)  # keep the model's dim (symbolic)
+        else:
+            raise OptionError(f"{where} {spec!r}: dimension {t!r} is neither a positive integer nor '?'")
+    return (name.strip() if sep else None), tuple(out)
+
+
+def parse_input_shapes(specs, where: str = "--input-shape") -> dict[str | None, tuple[int | None, ...]]:
+    """Every ``--input-shape`` spec, by input name (None: the first input); one name given twice is an error."""
+    out: dict[str | None, tuple[int | None, ...]] = {}
+    for spec in specs:
+        name, dims = parse_input_shape(spec, where)
+        if name in out:
+            raise OptionError(f"{where} gives input {name or '(the first input)'!r} twice")
+        out[name] = dims
+    return out
+
+
 def parse_bases(text: str | int, where: str = "--bases") -> int | dict[str, int]:
     """``"3"`` (every layer) or ``"3,LAYER=2,..."`` / ``"LAYER=2,*=3"`` (per layer, ``*`` or a bare
     number the default) into k or ``{layer: k, "*": default}``; k in 1..8."""
@@ -106,7 +141,10 @@ class CompileOptions:
     rank_signal [--rank-signal]: what layer influences are measured in (``SIGNALS``: metric, kl,
     mse); ranking_subset [--ranking-subset]: measure influences on this many evaluation samples
     (evenly spaced over the split) while every candidate network is still judged on all of it
-    (None: all)."""
+    (None: all). input_shape [--input-shape, repeatable]: ``"NAME:1x3x48x192"`` specs that fix
+    the symbolic dims of model inputs at import (docs/DYNAMIC_SHAPES.md; the API also takes
+    ``{"NAME": (1, 3, 48, 192)}``); without one, symbolic non-batch dims of the first input are
+    taken from the calibration data's shape."""
 
     max_drop: float | None = None
     target_score: float | None = None
@@ -126,6 +164,7 @@ class CompileOptions:
     sim: str = "onnxruntime"
     rank_signal: str = "metric"
     ranking_subset: int | None = None
+    input_shape: tuple[str, ...] = ()
 
     def check(self) -> "CompileOptions":
         """Refuse impossible values (one ``OptionError`` naming the flag); returns self."""
@@ -150,7 +189,15 @@ class CompileOptions:
         if self.sim not in SIM_ENGINES:
             raise OptionError(f"--sim must be one of {', '.join(SIM_ENGINES)}, got {self.sim!r}")
         check_ranking(self.rank_signal, self.ranking_subset, ("--rank-signal", "--ranking-subset"))
+        if isinstance(self.input_shape, str) or not all(isinstance(s, str) for s in self.input_shape):
+            raise OptionError(f"input_shape is a list of 'NAME:DIMS' strings, got {self.input_shape!r}")
+        parse_input_shapes(self.input_shape)
         return self
+
+    @property
+    def input_shapes(self) -> dict[str | None, tuple[int | None, ...]]:
+        """``input_shape`` parsed: input name (None: the first input) -> dims (None: keep the model's)."""
+        return parse_input_shapes(self.input_shape)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "CompileOptions":
@@ -160,6 +207,14 @@ class CompileOptions:
         bad = sorted(set(d) - known)
         if bad:
             raise OptionError(f"unknown compile option {bad[0]!r}; the options are: {', '.join(sorted(known))}")
+        shp = d.get("input_shape")
+        if isinstance(shp, dict):  # {"x": (1, 3, 48, 192)} -> ("x:1x3x48x192",)
+            d["input_shape"] = tuple(f"{k}:{'x'.join('?' if v is None else str(v) for v in dims)}"
+                                     if not isinstance(dims, str) else f"{k}:{dims}" for k, dims in shp.items())
+        elif isinstance(shp, str):
+            d["input_shape"] = (shp,)
+        elif isinstance(shp, list):
+            d["input_shape"] = tuple(shp)
         return cls(**d).check()
 
     @classmethod

@@ -70,6 +70,11 @@ def compile_parser() -> argparse.ArgumentParser:
     d.add_argument("--train", metavar="FILE.npz[:SPLIT]", help="training data (default split: train)")
     d.add_argument("--metric", help="evaluation value: top1, top5, mean-score, agreement, mse, psnr "
                                     "(default top1 with labels, else agreement)")
+    d.add_argument("--input-shape", action="append", default=[], metavar="NAME:1x3x48x192",
+                   help="fix the symbolic dims of model input NAME (repeatable; '?' keeps a dim symbolic; "
+                        "without NAME: the first input), so shape subgraphs fold; without it the symbolic "
+                        "non-batch dims of the first input are taken from the --calib (else --eval) data's "
+                        "shape; the report's 'inputs' says where each input's shape came from")
     d.add_argument("--batch-size", type=int, default=64, help="batch size of every run (default 64)")
     d.add_argument("--jobs", "-j", type=int, default=None, metavar="N",
                    help="worker processes for the search's evaluations and influence sweeps, one BLAS thread "
@@ -238,7 +243,8 @@ def cmd_compile(argv: list[str]) -> int:
                              flops=args.flops, prune=args.prune, ratios=args.ratios, bases=args.bases,
                              restarts=args.restarts, iterations=args.iterations, planes=args.planes,
                              strict=args.strict, time_budget=args.time_budget, sim=args.sim,
-                             rank_signal=args.rank_signal, ranking_subset=args.ranking_subset)
+                             rank_signal=args.rank_signal, ranking_subset=args.ranking_subset,
+                             input_shape=tuple(args.input_shape))
     outputs = Outputs(args.output, args.report, args.html, args.emit_bundle, depfile, tuple(args.mt),
                       dep_phony=args.mp)
     from mpqc.compiler.cache import open_cache, parse_size  # start-up
