@@ -542,9 +542,25 @@ class _Lowering:
         self.emit("sum_pool", n, [x.name, cname], [out], op="AveragePool", attrs=n.attrs, den=None)
         return [_AV("fix", out, scale=x.scale, axis=x.axis, den=cname, bound=x.bound * area, integral=True)]
 
+    # -- shapes -------------------------------------------------------------------------------
+    def op_Shape(self, n: Node, ins):
+        """The shape of an integer tensor is the shape of the real one: read without dequantizing."""
+        x = ins[0]
+        if x is None or not x.is_fix:
+            return None
+        outs = [v.name for v in n.outputs]
+        self.emit("float", n, [x.name], outs, op=n.op_type, attrs=n.attrs)
+        return [_AV("float", o) for o in outs]
+
+    op_Size = op_Shape
+
     # -- data movement ------------------------------------------------------------------------
     def op_move(self, n: Node, ins):
-        data_idx = [i for i, a in enumerate(ins) if a is not None and a.kind != "const"]
+        # a shape, index or count computed at run time (Reshape's shape, Slice's starts, ...): an
+        # integer tensor of the host, not data
+        index = {i for i, a in enumerate(ins) if i > 0 and a is not None and a.kind == "float"
+                 and n.inputs[i].dtype.kind in "iu"}
+        data_idx = [i for i, a in enumerate(ins) if a is not None and a.kind != "const" and i not in index]
         if not data_idx:
             return None
         if n.op_type == "Gather" and data_idx != [0]:

@@ -16,6 +16,10 @@
   pooling averages, Sigmoid, ...): requantized at the widest width of their inputs.
 * *layout* points: outputs of MaxPool, Flatten, Reshape, Transpose, Pad, unfused
   Relu/Clip ...: integers pass through unchanged, so they share their input's format.
+* tensors that carry shapes or integers (``integer_values``: an integer or bool type, the
+  output of Shape/Size/ArgMax..., shape arithmetic on them) are no points at all: they stay
+  exact integers, computed by the host; a node reading both (``Reshape(x, shape)``) quantizes
+  only its float input.
 
 **Bit assignment** (``BitConfig``): ``{layer: (weight_bits, act_bits)}`` plus the
 width of the input points. ``FormatTable`` gives the Qm.n format of every point at
@@ -28,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from onnx.helper import tensor_dtype_to_np_dtype
 
 from ..core.errors import CompilerError
 from ..core.ir import Graph, Node, Value
@@ -41,6 +46,27 @@ LAYOUT_OPS = ("MaxPool", "GlobalMaxPool", "Flatten", "Reshape", "Transpose", "Sq
               "Identity", "Dropout", "Relu", "Clip", "Pad", "Slice", "Split")
 #: ops computed in float by the host before the chip (only ahead of the first layer)
 HOST_OPS = ("Div", "Sub", "Mul", "Add", "Cast", "Transpose", "Reshape", "Identity", "Pad", "Clip")
+
+
+#: ops whose outputs are integers whatever their inputs (shapes, sizes, indices)
+INTEGER_OPS = ("Shape", "Size", "NonZero", "ArgMax", "ArgMin")
+
+
+def integer_values(graph: Graph) -> set[int]:
+    """ids of the non-constant values that carry shapes or integers, never a quantization format:
+    of an integer or bool type, outputs of ``INTEGER_OPS`` or of a Cast to a non-float type, and
+    whatever is computed from such values alone (Gather/Slice/Concat/Mul on a shape, even a Cast of
+    a shape to float). Types alone are not enough: a graph built by hand may leave a Shape's output
+    typed float32."""
+    out = {id(v) for v in graph.inputs if v.dtype.kind in "iub"}
+    for n in graph.nodes:
+        acts = [v for v in n.inputs if v is not None and not v.is_const]
+        ints = (n.op_type in INTEGER_OPS or (bool(acts) and all(id(v) in out for v in acts))
+                or (n.op_type == "Cast" and np.dtype(tensor_dtype_to_np_dtype(int(n.attr("to", 1)))).kind != "f"))
+        for o in n.outputs:
+            if ints or o.dtype.kind in "iub":
+                out.add(id(o))
+    return out
 
 
 @dataclass(eq=False)
@@ -79,6 +105,7 @@ class QuantPlan:
             else:
                 downstream.add(id(n))
         host_ids = {id(n) for n in host}
+        ints = integer_values(graph)
         points: dict[Value, QuantPoint] = {}
         layer_out: dict[Node, Value] = {}
         fused: dict[Node, Node | None] = {}
@@ -110,7 +137,9 @@ class QuantPlan:
                 continue
             if id(n) in fused_acts:
                 continue
-            acts = [v for v in n.inputs if v is not None and not v.is_const]
+            if all(id(o) in ints for o in n.outputs):
+                continue  # shapes and integers (Shape, its Gather/Concat ...): no format
+            acts = [v for v in n.inputs if v is not None and not v.is_const and id(v) not in ints]
             for v in acts:
                 ensure_input(v)
             if not acts or any(v not in points for v in acts):
@@ -246,6 +275,15 @@ class FormatTable:
         if f.per_channel:
             return QFormat(f.bits, f.frac, True, f.axis, fscale=tuple(float(x) for x in new))
         return QFormat(f.bits, 0, True, None, fscale=float(new[0]))
+
+    def set_weight_format(self, node: Node, bits: int, fmt: QFormat) -> None:
+        """Record ``fmt`` as ``node``'s weight format at ``bits`` (a pass that re-quantized the weights in a
+        format of its own, such as optimize-rounding's finer channels, keeps the table in step with the IR)."""
+        self._w[(id(node), bits)] = fmt
+
+    def frac_cap(self, node: Node) -> np.ndarray | None:
+        """Largest weight fractional length per channel whose bias fits the accumulator (None: no limit)."""
+        return None if self.float_scales else self._frac_cap(node)
 
     def _frac_cap(self, node: Node) -> np.ndarray | None:  # power-of-two formats only
         """Largest weight fractional length per channel that keeps the bias inside the
