@@ -25,9 +25,17 @@ Semantics (docs/FIXED_POINT.md has the full story):
   saturation to the container -- numba kernels in ``runtime/emulator_kernels.py``.
 * Float-scale formats (``ort-int8``) requantize as onnxruntime does: ``f32(acc) *
   f32(multiplier)``, ties to even.
-* An op without an integer rule (Sigmoid, Softmax, ...) is evaluated in float64 on
-  its exact real inputs and rounded by the QuantizeLinear after it (a lookup table on
-  a chip computes the same function of the integer input).
+* An op without an integer rule is evaluated on its real inputs and rounded by the
+  QuantizeLinear after it (a lookup table on a chip computes the same function of the
+  integer input): in float32 for the ops made of correctly rounded IEEE steps
+  (``FLOAT32_OPS``: HardSigmoid, HardSwish, Add, Mul, Clip ...), as the exported QDQ model
+  computes them on DequantizeLinear's float32 values, so the two agree bit for bit; in
+  float64 on the exact reals for the others (Sigmoid, Softmax, ...), whose float32
+  implementations differ from library to library.
+* Tensors that carry shapes or integers (``Shape`` of a quantized tensor, the shape
+  arithmetic after it) are host integers: ``Shape`` reads the integer tensor's shape, and
+  a ``Reshape``/``Slice``/... whose shape or index input is such a tensor still only moves
+  integers.
 """
 from __future__ import annotations
 
@@ -54,6 +62,13 @@ MOVE_OPS = ("MaxPool", "GlobalMaxPool", "Flatten", "Reshape", "Transpose", "Sque
             "SpaceToDepth")
 #: move ops that keep the channel axis (1) in place: allowed on per-channel scales
 CHANNEL_SAFE_MOVES = ("MaxPool", "GlobalMaxPool", "Identity", "Dropout")
+#: ops without an integer rule whose float32 result is one correctly rounded IEEE operation after
+#: another, in the order ONNX (and onnxruntime) evaluates them: on the float32 reals of a
+#: DequantizeLinear they are evaluated in float32, as the exported QDQ model computes them, so the
+#: QuantizeLinear after them sees the same number (bit-exact with onnxruntime). Other ops
+#: (Sigmoid, Softmax ...) are evaluated in float64: their float32 implementations differ by library.
+FLOAT32_OPS = ("HardSigmoid", "HardSwish", "Add", "Sub", "Mul", "Div", "Relu", "LeakyRelu", "Clip", "Max", "Min",
+               "Neg", "Abs")
 
 
 @dataclass
@@ -227,7 +242,12 @@ class _Lowering:
         if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
             raise UnsupportedOpError(f"node {n.name!r} ({n.op_type}): this QuantizeLinear/DequantizeLinear form "
                                      "(per-axis activations, differing zero points) is not emulated")
-        fl = [self.to_float(a, n) for a in ins]
+        # float32 where the dequantized reals are ONNX DequantizeLinear's float32 values (one scale,
+        # no pooling divisor): a fixed-point value from integer steps dequantizes to the float32
+        # rounding of its exact real, which is what float32 arithmetic on the DQ outputs gives too
+        f32 = n.op_type in FLOAT32_OPS and all(a is None or not a.is_fix or (np.ndim(a.scale) == 0 and a.den == 1.0)
+                                               for a in ins)
+        fl = [self.to_float(a, n, "float32" if f32 else "float64") for a in ins]
         outs = [v.name for v in n.outputs]
         self.emit("float", n, [self.arg_name(a) for a in fl], outs, op=n.op_type, attrs=n.attrs)
         return [_AV("float", o) for o in outs]
