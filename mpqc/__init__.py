@@ -39,12 +39,15 @@ def __getattr__(name: str):
     return getattr(importlib.import_module(mod), name)
 
 
-def load(path, *, canonicalize: bool = True) -> Graph:
-    """Import an ONNX model; with ``canonicalize`` (default) run the -O0 pipeline on it."""
+def load(path, *, canonicalize: bool = True, input_shape=()) -> Graph:
+    """Import an ONNX model; with ``canonicalize`` (default) run the -O0 pipeline on it.
+    ``input_shape``: ``--input-shape`` specs (``["x:1x3x48x192"]``) or ``{"x": (1, 3, 48, 192)}``
+    fixing symbolic input dims before folding (docs/DYNAMIC_SHAPES.md)."""
     from mpqc.compiler.frontend import load_graph  # start-up: see _LAZY
+    from mpqc.compiler.options import CompileOptions  # start-up
     from mpqc.compiler.passes import PassContext, PassManager  # start-up
     from mpqc.compiler.pipelines import build_pipeline  # start-up
-    g = load_graph(path)
+    g = load_graph(path, input_shapes=CompileOptions.from_dict({"input_shape": input_shape}).input_shapes)
     if canonicalize:
         PassManager(build_pipeline(0)).run(g, PassContext())
     return g
@@ -58,7 +61,7 @@ def compile(model, *, output=None, report=None, html=None, bundle=None, verify_e
     ``--emit-bundle``); ``verify_each``/``print_after``/``time_passes``: diagnostics; every other
     keyword is ``compiler.driver.compile_model``'s (``level``, ``target``, ``calib``, ``eval``,
     ``train``, ``metric``, ``passes``, ``options`` -- a ``CompileOptions`` or a dict of its fields
-    such as ``{"max_drop": 0.01}`` --, ``seed``, ``quiet``, ``batch_size``, ``cache`` -- a folder
+    such as ``{"max_drop": 0.01}`` or ``{"input_shape": {"x": (1, 3, 48, 192)}}`` --, ``seed``, ``quiet``, ``batch_size``, ``cache`` -- a folder
     for the result cache, True for the CLI's default one; none by default; docs/BUILD.md)."""
     from mpqc.compiler.driver import Diagnostics, Outputs, compile_model  # start-up: see _LAZY
     return compile_model(model, outputs=Outputs(output, report, html, bundle),
