@@ -327,7 +327,7 @@ class _Lowering:
             a = _AV("cfix", x.name, scale=scale.reshape(-1) if scale.size > 1 else scale.reshape(()), axis=axis,
                     const=np.asarray(x.const), zp_arr=zpa)
             self.const_formats[x.name] = {
-                "scale": scale.reshape(-1).tolist() if scale.size > 1 else float(scale),
+                "scale": scale.reshape(-1).tolist() if scale.size > 1 else float(scale.reshape(-1)[0]),
                 "frac": (-_log2(scale)).reshape(-1).tolist() if _is_pow2(scale) else None,
                 "axis": axis, "dtype": str(np.asarray(x.const).dtype),
                 "zero_point": None if zpa is None else zpa.reshape(-1).tolist()}

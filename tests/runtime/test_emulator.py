@@ -329,3 +329,18 @@ def test_16bit_activations_exact_where_float32_accumulation_rounds():
     ref = np.clip(ref, -32768, 32767)
     assert np.array_equal(ints_of(run_emulator(g, x), 2 ** -5), ref)
     assert np.max(np.abs(ints_of(ort_run(g, x), 2 ** -5) - ref)) <= 1
+
+
+def test_single_channel_per_channel_weight_and_float32_hardswish():
+    """A Conv with one output channel (a per-channel weight scale of one entry) lowers; HardSwish on
+    16-bit activations is evaluated in float32 as the QDQ model computes it: equal to onnxruntime."""
+    from mpqc.testing import run_pass
+    from tests.test_o1_models import ort_outputs
+    b = GraphBuilder("hs")
+    x = b.input("x", ["N", 1, 32, 32])
+    c = b.op("Conv", [x, b.const("w", np.full((1, 1, 1, 1), 0.75, np.float32))], name="conv")
+    g = b.output(b.op("HardSwish", [c], name="hswish"))
+    xs = np.random.default_rng(0).normal(0, 2, (8, 1, 32, 32)).astype(np.float32)
+    run_pass(g, "choose-formats{act_bits=16},insert-qdq", target="npu8", calib=xs)
+    xt = np.random.default_rng(1).normal(0, 2, (32, 1, 32, 32)).astype(np.float32)
+    assert np.array_equal(run_emulator(g, xt), ort_outputs(to_onnx(g).SerializeToString(), xt))
