@@ -87,15 +87,17 @@ def test_O0_without_a_shape_leaves_the_shape_subgraph(ocr, tmp_path, mpqc):
     res = mpqc(model, "-O0", "-o", out, "--report", rep, "-q")
     assert res.returncode == 0, res.stderr
     assert "Shape" in ops_of(out)  # H and W are unknown: the head's shape cannot be computed
+    x = np.load(ocr[1])["x_test"][:4]
+    np.testing.assert_allclose(ort_float(out, x), ort_float(model, x), rtol=1e-4, atol=1e-5)
     assert json.loads(rep.read_text())["inputs"] == [
         {"name": "x", "model_shape": ["N", 3, "H", "W"], "shape": ["N", 3, "H", "W"], "source": "model"}]
 
 
-@pytest.mark.parametrize("how", ["--input-shape", "--calib"])
+@pytest.mark.parametrize("how", ["--input-shape", "--calib", "--eval"])
 def test_O0_folds_the_shape_subgraph_once_the_shape_is_known(ocr, tmp_path, mpqc, how):
     model, data = ocr
     out, rep = tmp_path / "o0.onnx", tmp_path / "r.json"
-    arg = ["--input-shape", "x:Nx3x48x192"] if how == "--input-shape" else ["--calib", f"{data}:calib"]
+    arg = ["--input-shape", "x:Nx3x48x192"] if how == "--input-shape" else [how, f"{data}:{how[2:]}"]
     res = mpqc(model, "-O0", "-o", out, "--report", rep, "-q", *arg)
     assert res.returncode == 0, res.stderr
     assert not ops_of(out) & SHAPE_OPS and "Flatten" in ops_of(out)
@@ -103,7 +105,7 @@ def test_O0_folds_the_shape_subgraph_once_the_shape_is_known(ocr, tmp_path, mpqc
     assert input_dims(out) == ["N", 3, 48, 192]  # the batch stays free
     row = json.loads(rep.read_text())["inputs"][0]
     assert row["source"] == how and row["shape"] == ["N", 3, 48, 192]
-    assert row.get("data") == (None if how == "--input-shape" else "data.npz:calib")
+    assert row.get("data") == (None if how == "--input-shape" else f"data.npz:{how[2:]}")
     x = np.load(data)["x_test"][:8]
     np.testing.assert_allclose(ort_float(out, x), ort_float(model, x), rtol=1e-4, atol=1e-5)
 
