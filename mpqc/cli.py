@@ -377,6 +377,16 @@ def summary_text(report: dict) -> str:
     fm, cm = report["float_model"], report["compiled_model"]
     lines = [f"{report['model']}: {fm['nodes']} -> {cm['nodes']} nodes, weights {fm['weight_bytes']:,.0f} -> "
              f"{cm['weight_bytes']:,.0f} bytes"]
+    for row in report.get("inputs") or ():  # a symbolic dim fixed by --input-shape or the data
+        if row.get("source", "model") != "model":
+            dims = "x".join(str(d) for d in row["shape"])
+            lines.append(f"input {row['name']}: shape {dims} from {row['source']}"
+                         + (f" {row['data']}" if row.get("data") else "")
+                         + f" (the model says {'x'.join(str(d) for d in row['model_shape'] or ())})")
+        elif "Shape" in (cm.get("ops") or {}) and any(not isinstance(d, int) for d in (row.get("shape") or [])[1:]):
+            dims = "x".join(str(d) for d in row["shape"])
+            lines.append(f"note: input {row['name']} has symbolic dims ({dims}), so its shape subgraph stays; "
+                         f"--input-shape {row['name']}:... (or --calib data) fixes them")
     acc = report.get("accuracy")
     if acc:
         lines.append("accuracy: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
