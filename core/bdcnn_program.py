@@ -55,7 +55,7 @@ class BdcnnProgram:
 def bdcnn_manifest(prog: BdcnnProgram, arrays: dict) -> dict:
     consts = {}
     for i, name in enumerate(sorted(prog.consts)):
-        a = np.ascontiguousarray(prog.consts[name])
+        a = np.array(prog.consts[name], order="C")  # keeps a 0-d constant 0-d (ascontiguousarray does not)
         key = f"c{i:05d}"
         arrays[key] = a
         consts[name] = {"key": key, "dtype": str(a.dtype), "shape": list(a.shape)}

@@ -169,7 +169,8 @@ def _npz_bytes(arrays: dict) -> bytes:
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for key in sorted(arrays):
             b = io.BytesIO()
-            np.lib.format.write_array(b, np.ascontiguousarray(arrays[key]), allow_pickle=False)
+            a = np.asarray(arrays[key])  # not ascontiguousarray: it turns a 0-d array into shape (1,)
+            np.lib.format.write_array(b, a if a.flags.c_contiguous else a.copy(order="C"), allow_pickle=False)
             info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_DATE)
             info.compress_type = zipfile.ZIP_DEFLATED
             info.external_attr = 0o644 << 16
