@@ -18,6 +18,7 @@ from .fold_pad_into_conv import FoldPadIntoConvPass
 from .infer_shapes import InferShapesPass
 from .insert_qdq import InsertQDQPass
 from .layer_influence import LayerInfluencePass
+from .optimize_rounding import OptimizeRoundingPass
 from .prune_channels import PruneChannelsPass
 from .remove_identity import RemoveIdentityPass
 from .reshape_to_flatten import ReshapeToFlattenPass
@@ -27,6 +28,7 @@ _PASSES: tuple[type[Pass], ...] = (
     FoldConstantsPass, RemoveIdentityPass, InferShapesPass, FoldPadIntoConvPass, FoldBatchNormPass,
     ReshapeToFlattenPass, EliminateDeadCodePass, SerializeResidualPass, PruneChannelsPass, ChooseFormatsPass,
     LayerInfluencePass, AssignBitWidthsPass, BiasCorrectionPass, FinetunePass, InsertQDQPass, BinaryDecomposePass,
+    OptimizeRoundingPass,
 )
 
 

@@ -76,9 +76,10 @@ def fake_quant_node_fn(in_formats: dict, out_formats: dict, params=None, roundin
     return fn
 
 
-def ir_node_fn(graph: Graph):
+def ir_node_fn(graph: Graph, rounding: str = "half-up"):
     """Node function that fake-quantizes according to the IR's own annotations
-    (``node.qconfig`` formats and ``value.qformat``), for graphs after choose-formats."""
+    (``node.qconfig`` formats and ``value.qformat``), for graphs after choose-formats; activations
+    round with ``rounding`` (see ``fake_quant_act``), weights and biases half up as the exporter does."""
     layer_fmt = {id(n): n.qconfig for n in graph.layers() if n.qconfig is not None}
     wcache: dict[int, np.ndarray] = {}
 
@@ -87,7 +88,7 @@ def ir_node_fn(graph: Graph):
         for i, v in enumerate(node.inputs):
             if v is not None and not v.is_const and v.qformat is not None:
                 # rounding an on-grid value is exact, so reading inputs through their format is safe
-                args[i] = fake_quant(args[i], v.qformat)
+                args[i] = fake_quant_act(args[i], v.qformat, rounding)
         q = layer_fmt.get(id(node))
         if q is not None and q.weight_format is not None:
             w = wcache.get(id(node))
@@ -97,6 +98,7 @@ def ir_node_fn(graph: Graph):
             if q.bias_format is not None and len(args) > 2 and args[2] is not None:
                 args[2] = fake_quant(node.bias.const, q.bias_format)
         outs = float_node_fn(node, args)
-        return tuple(fake_quant(a, v.qformat) if v.qformat is not None else a for v, a in zip(node.outputs, outs))
+        return tuple(fake_quant_act(a, v.qformat, rounding) if v.qformat is not None else a
+                     for v, a in zip(node.outputs, outs))
 
     return fn

@@ -1,0 +1,98 @@
+"""optimize-rounding: choose each layer's integer weights to minimise its output error on the
+calibration data instead of rounding every weight to the nearest grid point.
+
+For every layer with decided widths, ``H = E[x x^T]`` over its calibration inputs (im2col patches for
+a Conv, one matrix per group) measures the output error ``(w_q - w)^T H (w_q - w)`` of each output
+channel; the weights are quantized one input column at a time, in the order of decreasing ``H[i, i]``,
+each column's rounding error spread over the columns not yet quantized (Optimal Brain Quantization:
+Frantar and Alistarh, "Optimal Brain Compression", NeurIPS 2022; GPTQ, ICLR 2023; the layer-wise
+reconstruction objective of Nagel et al., "Up or Down? Adaptive Rounding for Post-Training
+Quantization", ICML 2020). With power-of-two per-channel formats, a channel moves to the next finer
+fractional length when that lowers its output error and its bias still fits the accumulator. The new
+weights lie exactly on their format's grid, so the emulator and the QDQ model run them as they run any
+other integer weights. docs/ROUNDING.md.
+
+Options: damp (ridge added to H, relative to its mean diagonal; default 0.01), act_order (columns by
+decreasing H[i, i]; default true), finer (let channels take the next finer power-of-two format;
+default true). Requires: calibration data, widths on the IR (after choose-formats or
+assign-bit-widths). Preserves: activation ranges, quant plan, format table (the formats stay those
+chosen on the float network; a finer channel is written into the table). Marks the graph (metadata
+``mpqc.optimized_rounding``) and does nothing on a graph already optimised.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from mpqc.compiler.passes import Pass, PassContext, PassResult
+from mpqc.compiler.quant import FormatTableAnalysis, QuantPlanAnalysis, config_from_ir
+from mpqc.compiler.ranges import ActivationRanges
+from mpqc.compiler.cache import graph_digest
+from mpqc.compiler.rounding import (META_KEY, LayerInputGrams, apply_rounding_state, check_rounding_state,
+                                    optimise_rounding,
+                                    optimise_rounding_sequential, rounding_state)
+from mpqc.core.errors import OptionError
+from mpqc.core.ir import Graph
+
+
+@dataclass(frozen=True)
+class OptimizeRoundingPass(Pass):
+    name = "optimize-rounding"
+    preserves = frozenset({ActivationRanges, QuantPlanAnalysis, FormatTableAnalysis})
+    requires = ("calib", "formats")
+
+    inputs: Literal["quantized", "float"] = "quantized"
+    samples: int = 64
+    damp: float = 0.01
+    act_order: bool = True
+    finer: bool = True
+    bias: bool = True
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        if not self.damp > 0:
+            raise OptionError(f"optimize-rounding: damp={self.damp} must be positive (e.g. 0.01)")
+        if self.samples < 1:
+            raise OptionError(f"optimize-rounding: samples={self.samples} must be at least 1")
+        sec = ctx.section(self.name)
+        if graph.metadata.get(META_KEY):
+            sec["skipped"] = "the weights are already optimised"
+            return PassResult(False)
+        plan = ctx.analyses.get(QuantPlanAnalysis, graph)
+        config_from_ir(plan)  # raises when no widths are decided yet
+        table = ctx.analyses.get(FormatTableAnalysis, graph, search=2)
+        opts = dict(damp=self.damp, act_order=self.act_order, finer=self.finer, bias=self.bias, quiet=ctx.quiet)
+        if self.inputs == "float":
+            grams = ctx.analyses.get(LayerInputGrams, graph)
+            rows = optimise_rounding(graph, plan.layers, table, grams, **opts)
+            used = len(ctx.calib)
+        else:
+            n = len(ctx.calib)
+            idx = np.unique(np.linspace(0, n - 1, min(self.samples, n)).round().astype(np.int64))
+            x = ctx.calib.x[idx]
+            computed = []
+
+            def compute():
+                computed.append(True)
+                rows = optimise_rounding_sequential(graph, plan.layers, table, x, batch_size=ctx.batch_size,
+                                                    rounding=getattr(ctx.target, "rounding", "half-up"), **opts)
+                meta, arrays = rounding_state(plan.layers)
+                return {"rows": rows, **meta}, arrays
+
+            if ctx.store is None:
+                meta, arrays = compute()
+            else:
+                key = {"graph": graph_digest(graph), "data": ctx.store.data_digest(x), "batch": ctx.batch_size,
+                       "options": self.options()}
+                meta, arrays = ctx.store.memo("optimize-rounding", key, compute, lambda r: r,
+                                             lambda m, a: (check_rounding_state(plan.layers, m, a), m, a)[1:])
+            if not computed:  # a cache hit: the same weights, biases and formats written back
+                apply_rounding_state(graph, plan.layers, table, meta, arrays)
+            rows = meta["rows"]
+            used = len(idx)
+        graph.metadata[META_KEY] = "1"
+        sec["layers"] = rows
+        sec["options"] = self.options()
+        sec["samples"] = used
+        return PassResult(any(r.get("applied") for r in rows))
