@@ -146,22 +146,32 @@ class SearchContext:
 
     def evaluate(self, config: BitConfig | None, *, stop_below: bool = False) -> float:
         """Evaluation value of the network quantized with ``config`` (None: float). ``stop_below``:
-        raise ``CertainlyBelow`` (nothing cached) once the samples left cannot bring the value up to
+        raise ``CertainlyBelow`` (cached in the result cache, keyed by the goal, not in memory) once the samples left cannot bring the value up to
         the goal (``judge``)."""
         key = ("float",) if config is None else config.key(self.layers)
         if key not in self._cache:
-            def compute() -> float:
+            def compute():
                 if self._accepted:  # the starting network is always measured; then the budget counts
                     self.check_budget()
-                if stop_below:
-                    return self._value_unless_below(config)
+                if stop_below:  # the early stop's outcome is cached too: a warm compile computes nothing
+                    try:
+                        return {"value": self._value_unless_below(config)}
+                    except CertainlyBelow as e:
+                        return {"below": [e.bound, e.samples, e.of]}
                 out = self.sim.run(config, self.data.x, batch_size=self.batch_size,
                                    progress=None if self.quiet else "evaluate", jobs=self.jobs)[0]
                 return float(self.score(out))
             if self.store is not None and self.fingerprint is not None:
-                value = self.store.memo_json("evaluation", {"search": self.fingerprint, "config": key}, compute)
+                ckey = {"search": self.fingerprint, "config": key}
+                if stop_below:  # where it stops depends on the goal
+                    ckey["stop_below"] = self.goal
+                value = self.store.memo_json("evaluation", ckey, compute)
             else:
                 value = compute()
+            if isinstance(value, dict):
+                if "below" in value:
+                    raise CertainlyBelow(*value["below"])
+                value = value["value"]
             self._cache[key] = value
             self.evaluations += 1
         return self._cache[key]
