@@ -2,10 +2,13 @@
 
 * ``-O0`` canonicalize: fold constants and shapes, drop Identity/Dropout, fold
   "same" Pads into Convs, fold BatchNorm, Reshape -> Flatten, dead code, shapes.
-* ``-O1`` canonicalize + fixed-point formats at the target's default widths + QDQ.
-* ``-O2`` canonicalize, profile (choose-formats at the top of the target's ladder),
-  layer influence, the influence-driven bit-width search (assign-bit-widths), bias
-  correction (the expected weight-quantization error folded into the biases), QDQ.
+* ``-O1`` canonicalize + fixed-point formats at the target's default widths + rounding
+  optimisation (optimize-rounding: the integer weights fitted layer by layer to the float
+  network's outputs) + QDQ.
+* ``-O2`` canonicalize, profile (choose-formats at the top of the target's ladder), rounding
+  optimisation of that starting network, layer influence, the influence-driven bit-width
+  search (assign-bit-widths), bias correction (the expected weight-quantization error folded
+  into the biases), QDQ.
 * ``-O3`` canonicalize, serialize the residual blocks that can be (serialize-residual),
   prune channels to the MACs budget (prune-channels: ``--flops``, ``--prune``,
   ``--ratios``), then the ``-O2`` mixed-precision search under the accuracy goal, QDQ.
@@ -60,6 +63,9 @@ def pipeline_spec(level: int, target: Target | None, *, finetune: bool | None = 
     if level >= 3:
         spec.extend(["serialize-residual", "prune-channels", "eliminate-dead-code", "infer-shapes"])
     spec.append("choose-formats" if level == 1 else "choose-formats{start=ladder}")
+    # the integer weights fitted layer by layer to the float network's outputs (at -O2: those of the
+    # search's starting network, which every candidate then reduces from)
+    spec.append("optimize-rounding")
     if level >= 2:
         # the search scores every network with the bias correction applied just before insert-qdq; only
         # the chained influence, the one the search ranks by, is measured (each other variant is one more
