@@ -1,0 +1,110 @@
+"""optimize-rounding: on a tiny network, the exported QDQ model (onnxruntime, the oracle) is closer to the
+float network than round-to-nearest is; the weights stay integers of the layer's format; a cached
+result is written back identically; the pass runs once; bad options and a float graph are refused."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mpqc.compiler.cache import ResultCache
+from mpqc.compiler.data import Dataset
+from mpqc.compiler.export import to_onnx
+from mpqc.compiler.passes import PassContext, PassManager
+from mpqc.compiler.pipelines import parse_pipeline
+from mpqc.compiler.targets import get_target
+from mpqc.core.errors import OptionError
+from mpqc.core.qformat import fake_quant
+from mpqc.core.textir import print_graph
+from mpqc.runtime.executor import Executor
+
+from tests.graphs import GraphBuilder, randn
+
+
+def graph():
+    """Conv 3x3 (bias) -> Relu -> depthwise 3x3 stride 2 (no bias) -> Relu -> GAP -> Flatten -> Gemm."""
+    b = GraphBuilder("r")
+    x = b.input("x", ["N", 3, 8, 8])
+    h = b.op("Relu", [b.op("Conv", [x, b.const("w1", randn(8, 3, 3, 3, seed=1, scale=0.5)),
+                                    b.const("b1", randn(8, seed=2, scale=0.1))], name="c1", pads=[1, 1, 1, 1])])
+    h = b.op("Relu", [b.op("Conv", [h, b.const("w2", randn(8, 1, 3, 3, seed=3, scale=0.5))], name="dw", group=8,
+                           pads=[1, 1, 1, 1], strides=[2, 2])])
+    h = b.op("Flatten", [b.op("GlobalAveragePool", [h])])
+    return b.output(b.op("Gemm", [h, b.const("w3", randn(5, 8, seed=4)), b.const("b3", randn(5, seed=5))],
+                         name="fc", transB=1))
+
+
+def compile_(passes, store=None):
+    g = graph()
+    ctx = PassContext(target=get_target("npu4"), batch_size=8)
+    ctx.calib = Dataset(randn(24, 3, 8, 8, seed=9) + 0.3, None, "calib")
+    ctx.store = store
+    PassManager(parse_pipeline(passes)).run(g, ctx)
+    return g, ctx
+
+
+def ort_outputs(g, x):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    s = ort.InferenceSession(to_onnx(g).SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return s.run(None, {s.get_inputs()[0].name: x})[0]
+
+
+FORMATS = "choose-formats{weight_bits=4,act_bits=8}"
+
+
+def test_exported_network_is_closer_to_float_than_nearest_rounding():
+    x = randn(40, 3, 8, 8, seed=11) + 0.3  # held-out samples, not the calibration ones
+    ref = Executor(graph()).run({"x": x})
+    ref = ref[next(iter(ref))]
+    err = {}
+    for name, spec in (("nearest", ""), ("optimised", ",optimize-rounding")):
+        g, ctx = compile_(FORMATS + spec + ",insert-qdq")
+        err[name] = float(np.mean((ort_outputs(g, x) - ref) ** 2))
+    assert err["optimised"] < 0.7 * err["nearest"], err
+
+
+def test_structure_weights_on_the_grid_and_report():
+    g, ctx = compile_(FORMATS + ",optimize-rounding")
+    assert g.metadata["mpqc.optimized_rounding"] == "1"
+    layers = {n.name: n for n in g.layers()}
+    assert [layers[n].weight.name for n in ("c1", "dw", "fc")] == ["w1_rounded", "w2_rounded", "w3_rounded"]
+    assert layers["dw"].bias is not None and layers["dw"].bias.name == "dw_bias_rounded"  # gained a refitted bias
+    for n in layers.values():
+        q = n.qconfig
+        np.testing.assert_array_equal(fake_quant(n.weight.const, q.weight_format), n.weight.const)
+        assert q.bias_format is not None
+        lo, hi = -(1 << (q.bias_format.bits - 1)), (1 << (q.bias_format.bits - 1)) - 1
+        b = np.ldexp(n.bias.const.astype(np.float64), q.bias_format.frac_array())
+        assert b.min() >= lo and b.max() <= hi
+    sec = ctx.report["passes"]["optimize-rounding"]
+    assert sec["samples"] == 24 and sec["options"]["inputs"] == "quantized"
+    for r in sec["layers"]:
+        assert r["applied"] and r["bias_refit"] and r["error_optimised"] <= r["error_nearest"]
+    g.verify()
+
+
+def test_runs_once_and_a_cached_result_is_written_back_identically(tmp_path):
+    g1, _ = compile_(FORMATS + ",optimize-rounding", store=ResultCache(tmp_path))
+    g2, ctx2 = compile_(FORMATS + ",optimize-rounding", store=ResultCache(tmp_path))
+    assert ctx2.store.summary()["kinds"]["optimize-rounding"]["hits"] == 1
+    assert print_graph(g2, elide_above=0) == print_graph(g1, elide_above=0)
+    for a, b in zip(g1.layers(), g2.layers()):
+        np.testing.assert_array_equal(a.weight.const, b.weight.const)
+        np.testing.assert_array_equal(a.bias.const, b.bias.const)
+    before = print_graph(g1, elide_above=0)
+    ctx = PassContext(target=get_target("npu4"), batch_size=8)
+    ctx.calib = Dataset(randn(24, 3, 8, 8, seed=9) + 0.3, None, "calib")
+    assert PassManager(parse_pipeline("optimize-rounding")).run(g1, ctx) is False
+    assert print_graph(g1, elide_above=0) == before
+
+
+def test_float_inputs_mode_and_bad_options():
+    g, ctx = compile_(FORMATS + ",optimize-rounding{inputs=float,finer=false,bias=false}")
+    rows = ctx.report["passes"]["optimize-rounding"]["layers"]
+    assert all(r["applied"] and not r["bias_refit"] and r["finer_channels"] == 0 for r in rows)
+    assert g.layers()[1].bias is None
+    with pytest.raises(OptionError, match="damp"):
+        compile_(FORMATS + ",optimize-rounding{damp=0}")
+    with pytest.raises(OptionError, match="samples"):
+        compile_(FORMATS + ",optimize-rounding{samples=0}")
