@@ -53,6 +53,7 @@ from .options import SearchOptions, check_ranking
 from .passes import Analysis
 from .quant import BitConfig, FormatTable, FormatTableAnalysis, QuantPlan, QuantPlanAnalysis, config_from_ir, weight_bytes
 from .quantsim import QuantSim
+from .rounding import META_KEY as ROUNDING_META
 from .targets import Target
 
 #: the strategies that rank layers by their degree of influence (the others do not need it measured)
@@ -451,8 +452,11 @@ def search_context(graph: Graph, ctx, *, split: str | None = None, metric: str |
     plan = ctx.analyses.get(QuantPlanAnalysis, graph)
     table = ctx.analyses.get(FormatTableAnalysis, graph, search=format_search)
     base = graph
-    if ctx.float_graph is not None and any(n.prune is not None for n in graph.layers()):
-        base = ctx.float_graph  # a pruned network: the goal is relative to the model the user gave
+    if ctx.float_graph is not None and (any(n.prune is not None for n in graph.layers())
+                                        or graph.metadata.get(ROUNDING_META)):
+        # a pruned network, or one whose weights optimize-rounding replaced by their integers: the goal is
+        # relative to the model the user gave (the graph's own weights in float are no longer that model)
+        base = ctx.float_graph
     ref = ctx.analyses.get(FloatReference, base, split=split)  # the float value needs it anyway
     float_value = evaluate(metric, ref, data.y, ref)
     bc = None
