@@ -260,6 +260,28 @@ def _quad(a: np.ndarray, h: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(np.matmul(a, h) * b, axis=2)
 
 
+def _reduced_metric(h: np.ndarray, free: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The metric of the quantized columns with the free ones at their optimum (Schur complement
+    ``H_QQ - H_QF H_FF^-1 H_FQ``) and ``H_QF H_FF^-1`` (None without free columns)."""
+    if not free:
+        return h, None
+    nq = h.shape[1] - free
+    hqf = h[:, :nq, nq:]
+    m = np.linalg.solve(h[:, nq:, nq:] + 1e-12 * np.eye(free), hqf.transpose(0, 2, 1)).transpose(0, 2, 1)
+    return h[:, :nq, :nq] - m @ hqf.transpose(0, 2, 1), m
+
+
+def with_free_columns(wq: np.ndarray, wstar: np.ndarray, h: np.ndarray, free: int) -> np.ndarray:
+    """``wq`` (the quantized columns) with the free columns of ``wstar`` set to their optimum in the metric
+    ``h``: ``f = w*_F - (wq - w*_Q) H_QF H_FF^-1``."""
+    if not free:
+        return wq
+    nq = wq.shape[2]
+    _, m = _reduced_metric(h, free)
+    f = wstar[:, :, nq:] - np.matmul(wq - wstar[:, :, :nq], m)
+    return np.concatenate([wq, f], axis=2)
+
+
 def row_loss(wq: np.ndarray, wt: np.ndarray, hqq: np.ndarray, hqf: np.ndarray, hff: np.ndarray) -> np.ndarray:
     """Per row ``E[(wq . x_q - wt . x_f)^2]`` from the Grams: ``(G, O)``."""
     return _quad(wq, hqq, wq) - 2.0 * _quad(wq, hqf, wt) + _quad(wt, hff, wt)
@@ -280,11 +302,16 @@ class RoundingResult:
 
 def optimise_layer(node: Node, grams: tuple[np.ndarray, np.ndarray, np.ndarray], fmt: QFormat, *,
                    damp: float = 0.01, act_order: bool = True, finer: bool = True, bias: bool = True,
-                   frac_cap: np.ndarray | None = None) -> RoundingResult:
+                   frac_cap: np.ndarray | None = None, count: int | None = None,
+                   min_samples: float = 32.0) -> RoundingResult:
     """The optimised rounding of ``node``'s weights in ``fmt`` given the augmented Grams ``(Hqq, Hqf, Hff)``
     of its inputs (the quantized network's ``x_q`` and the float network's ``x_f``, with a constant 1
     appended; all three equal when the inputs are the float ones): minimises ``E|W_q x_q - W x_f|^2``
-    (with ``bias``, ``b`` is re-fitted jointly: ``[W_q, b'] [x_q; 1]`` against ``[W, b] [x_f; 1]``)."""
+    (with ``bias``, ``b`` is re-fitted jointly: ``[W_q, b'] [x_q; 1]`` against ``[W, b] [x_f; 1]``).
+    ``count``: the number of input vectors behind the Grams; below ``min_samples`` per input the
+    least-squares correction for the inputs' quantization error is left out (measured on
+    EfficientNet-Lite0's late layers, 3136 patches for 1153 inputs: it fits the calibration samples'
+    noise, test logit MSE 0.0076 with it against 0.0058 without)."""
     hqq, hqf, hff = (np.asarray(a, np.float64) for a in grams)
     w32 = node.weight.const
     wm = weight_matrix(node, w32.astype(np.float64))
@@ -302,6 +329,8 @@ def optimise_layer(node: Node, grams: tuple[np.ndarray, np.ndarray, np.ndarray],
     dd = hqq.shape[1]
     ridge = damp * np.mean(np.diagonal(hqq, axis1=1, axis2=2), axis=1)[:, None, None] * np.eye(dd)
     corr = hqf - hqq
+    if count is not None and count < min_samples * dd:
+        corr = np.zeros_like(corr)  # too few samples per input: the correction would fit their noise
     if np.any(corr):
         wstar = wt + np.linalg.solve(hqq + ridge, corr @ wt.transpose(0, 2, 1)).transpose(0, 2, 1)
     else:
@@ -310,8 +339,8 @@ def optimise_layer(node: Node, grams: tuple[np.ndarray, np.ndarray, np.ndarray],
     sc = np.broadcast_to(np.asarray(fmt.scale(), np.float64).reshape(-1), (g * o,)).reshape(g, o)
 
     def solve(step):
-        q, rest = obq_round(wstar, hqq, step, lo, hi, damp=damp, act_order=act_order, free=free)
-        full = np.concatenate([q * step[:, :, None], rest], axis=2)
+        q, _ = obq_round(wstar, hqq, step, lo, hi, damp=damp, act_order=act_order, free=free)
+        full = with_free_columns(q * step[:, :, None], wstar, hqq, free)
         return full, row_loss(full, wt, hqq, hqf, hff)
 
     best, err = solve(sc)
@@ -419,7 +448,7 @@ def optimise_rounding(graph: Graph, layers: list[Node], table, grams: dict[Node,
 def optimise_rounding_sequential(graph: Graph, layers: list[Node], table, x: np.ndarray, *,
                                  rounding: str = "half-up", batch_size: int = 64, damp: float = 0.01,
                                  act_order: bool = True, finer: bool = True, bias: bool = True,
-                                 quiet: bool = True) -> list[dict]:
+                                 min_samples: float = 32.0, quiet: bool = True) -> list[dict]:
     """Quantized-input mode: the float network and the quantized network (the IR's formats, the layers
     before this one already optimised) run side by side over the calibration samples ``x``, node by
     node, in batches of ``batch_size`` (a model with a fixed batch runs at its batch); each layer is
@@ -462,6 +491,7 @@ def optimise_rounding_sequential(graph: Graph, layers: list[Node], table, x: np.
                     acc = part if acc is None else tuple(a + b for a, b in zip(acc, part))
                 hqq, hqf, hff, cnt = acc
                 r = optimise_layer(n, (hqq / cnt, hqf / cnt, hff / cnt), n.qconfig.weight_format, damp=damp,
+                                   count=cnt, min_samples=min_samples,
                                    act_order=act_order, finer=finer, bias=bias, frac_cap=table.frac_cap(n))
                 row.update(_apply(graph, n, r, table))
             rows[id(n)] = row

@@ -12,9 +12,12 @@ fractional length when that lowers its output error and its bias still fits the 
 weights lie exactly on their format's grid, so the emulator and the QDQ model run them as they run any
 other integer weights. docs/ROUNDING.md.
 
-Options: damp (ridge added to H, relative to its mean diagonal; default 0.01), act_order (columns by
-decreasing H[i, i]; default true), finer (let channels take the next finer power-of-two format;
-default true). Requires: calibration data, widths on the IR (after choose-formats or
+Options: inputs ("quantized": fit each layer from the quantized network's inputs, layer after layer,
+holding both networks' activations for ``samples`` calibration samples; "float": from the float
+network's inputs, one batched pass), samples (64), damp (ridge added to H, relative to its mean
+diagonal; 0.01), act_order (columns by decreasing H[i, i]; true), finer (let channels take the next
+finer power-of-two format; true), bias (refit the bias in the same solve; true), min_samples (input
+vectors per input a layer needs for the correction of its inputs' quantization error; 32). Requires: calibration data, widths on the IR (after choose-formats or
 assign-bit-widths). Preserves: activation ranges, quant plan, format table (the formats stay those
 chosen on the float network; a finer channel is written into the table). Marks the graph (metadata
 ``mpqc.optimized_rounding``) and does nothing on a graph already optimised.
@@ -49,6 +52,7 @@ class OptimizeRoundingPass(Pass):
     act_order: bool = True
     finer: bool = True
     bias: bool = True
+    min_samples: float = 32.0
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         if not self.damp > 0:
@@ -76,7 +80,8 @@ class OptimizeRoundingPass(Pass):
             def compute():
                 computed.append(True)
                 rows = optimise_rounding_sequential(graph, plan.layers, table, x, batch_size=ctx.batch_size,
-                                                    rounding=getattr(ctx.target, "rounding", "half-up"), **opts)
+                                                    rounding=getattr(ctx.target, "rounding", "half-up"),
+                                                    min_samples=self.min_samples, **opts)
                 meta, arrays = rounding_state(plan.layers)
                 return {"rows": rows, **meta}, arrays
 

@@ -126,6 +126,11 @@ def test_target_on_quantized_inputs_is_the_least_squares_solution():
     got = np.concatenate([r.weight.reshape(3, 2), r.bias[:, None]], axis=1)
     np.testing.assert_allclose(got, sol, atol=2e-3)
     assert r.error_optimised < r.error_nearest
+    # too few input vectors per input (count < min_samples * (D + 1)): no correction, the target stays W
+    few = optimise_layer(node, (hqq / n, hqf / n, hff / n), fmt, damp=1e-9, finer=False, bias=True, count=n,
+                         min_samples=n)
+    np.testing.assert_allclose(few.weight.reshape(3, 2), weight_matrix(node)[0], atol=1e-3)
+    assert np.max(np.abs(few.weight.reshape(3, 2) - weight_matrix(node)[0])) < np.max(np.abs(got[:, :2] - weight_matrix(node)[0]))
 
 
 def test_optimise_layer_weights_lie_on_the_grid_and_the_finer_format_only_where_it_helps():
