@@ -301,7 +301,7 @@ class RoundingResult:
 
 
 def optimise_layer(node: Node, grams: tuple[np.ndarray, np.ndarray, np.ndarray], fmt: QFormat, *,
-                   damp: float = 0.01, act_order: bool = True, finer: bool = True, bias: bool = True,
+                   damp: float = 0.01, act_order: bool = True, finer: int = 1, bias: bool = True,
                    frac_cap: np.ndarray | None = None, count: int | None = None,
                    min_samples: float = 32.0) -> RoundingResult:
     """The optimised rounding of ``node``'s weights in ``fmt`` given the augmented Grams ``(Hqq, Hqf, Hff)``
@@ -346,17 +346,21 @@ def optimise_layer(node: Node, grams: tuple[np.ndarray, np.ndarray, np.ndarray],
     best, err = solve(sc)
     new_fmt, n_finer = fmt, 0
     if finer and fmt.is_pow2 and fmt.per_channel:
-        frac = np.broadcast_to(fmt.frac_array().reshape(-1), (g * o,)).reshape(g, o)
-        cand, err2 = solve(sc / 2.0)
-        take = err2 < err
-        if frac_cap is not None:
-            take &= (frac + 1) <= np.asarray(frac_cap).reshape(g, o)
-        if np.any(take):
-            best = np.where(take[:, :, None], cand, best)
-            err = np.where(take, err2, err)
-            n_finer = int(take.sum())
-            new_fmt = QFormat(fmt.bits, tuple(int(f) for f in np.where(take, frac + 1, frac).reshape(-1)),
-                              fmt.signed, fmt.axis)
+        frac0 = np.broadcast_to(fmt.frac_array().reshape(-1), (g * o,)).reshape(g, o)
+        frac = frac0.copy()
+        cap = None if frac_cap is None else np.asarray(frac_cap).reshape(g, o)
+        for k in range(1, int(finer) + 1):
+            cand, err2 = solve(sc / 2.0 ** k)
+            take = err2 < err
+            if cap is not None:
+                take &= (frac0 + k) <= cap
+            if np.any(take):
+                best = np.where(take[:, :, None], cand, best)
+                err = np.where(take, err2, err)
+                frac = np.where(take, frac0 + k, frac)
+        n_finer = int(np.count_nonzero(frac != frac0))
+        if n_finer:
+            new_fmt = QFormat(fmt.bits, tuple(int(f) for f in frac.reshape(-1)), fmt.signed, fmt.axis)
     near = np.clip(np.floor(wm / sc[:, :, None] + 0.5), lo, hi) * sc[:, :, None]
     if use_bias:
         near = np.concatenate([near, b], axis=2)
@@ -425,7 +429,7 @@ def _skip_reason(node: Node, has_grams: bool) -> str | None:
 
 
 def optimise_rounding(graph: Graph, layers: list[Node], table, grams: dict[Node, np.ndarray], *,
-                      damp: float = 0.01, act_order: bool = True, finer: bool = True, bias: bool = True,
+                      damp: float = 0.01, act_order: bool = True, finer: int = 1, bias: bool = True,
                       quiet: bool = True) -> list[dict]:
     """Float-input mode: replace the weights of ``layers`` (widths decided: ``node.qconfig``) by their
     optimised rounding given the float network's Grams (``LayerInputGrams``). One report row per layer."""
@@ -447,7 +451,7 @@ def optimise_rounding(graph: Graph, layers: list[Node], table, grams: dict[Node,
 
 def optimise_rounding_sequential(graph: Graph, layers: list[Node], table, x: np.ndarray, *,
                                  rounding: str = "half-up", batch_size: int = 64, damp: float = 0.01,
-                                 act_order: bool = True, finer: bool = True, bias: bool = True,
+                                 act_order: bool = True, finer: int = 1, bias: bool = True,
                                  min_samples: float = 32.0, quiet: bool = True) -> list[dict]:
     """Quantized-input mode: the float network and the quantized network (the IR's formats, the layers
     before this one already optimised) run side by side over the calibration samples ``x``, node by

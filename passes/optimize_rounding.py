@@ -15,8 +15,8 @@ other integer weights. docs/ROUNDING.md.
 Options: inputs ("quantized": fit each layer from the quantized network's inputs, layer after layer,
 holding both networks' activations for ``samples`` calibration samples; "float": from the float
 network's inputs, one batched pass), samples (64), damp (ridge added to H, relative to its mean
-diagonal; 0.01), act_order (columns by decreasing H[i, i]; true), finer (let channels take the next
-finer power-of-two format; true), bias (refit the bias in the same solve; true), min_samples (input
+diagonal; 0.01), act_order (columns by decreasing H[i, i]; true), finer (how many finer power-of-two
+steps a channel may take where that lowers its error; 1, 0 = never), bias (refit the bias in the same solve; true), min_samples (input
 vectors per input a layer needs for the correction of its inputs' quantization error; 32). Requires: calibration data, widths on the IR (after choose-formats or
 assign-bit-widths). Preserves: activation ranges, quant plan, format table (the formats stay those
 chosen on the float network; a finer channel is written into the table). Marks the graph (metadata
@@ -50,7 +50,7 @@ class OptimizeRoundingPass(Pass):
     samples: int = 64
     damp: float = 0.01
     act_order: bool = True
-    finer: bool = True
+    finer: int = 1
     bias: bool = True
     min_samples: float = 32.0
 

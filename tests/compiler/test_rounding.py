@@ -104,7 +104,7 @@ def test_obq_close_to_brute_force_and_optimise_layer_never_worse_than_nearest():
         node = b.output(b.op("Conv", [xin, b.const("w", w.reshape(1, d, 1, 1).astype(np.float32))])).layers()[0]
         ha = np.zeros((1, d + 1, d + 1))
         ha[:, :d, :d] = h
-        r = optimise_layer(node, (ha, ha, ha), QFormat(4, 2, True, None), damp=1e-6, bias=False, finer=False)
+        r = optimise_layer(node, (ha, ha, ha), QFormat(4, 2, True, None), damp=1e-6, bias=False, finer=0)
         assert loss(r.weight.reshape(-1).astype(np.float64)) <= loss(near) * (1 + 1e-6) + 1e-9
     got, room = np.sum(gains, axis=0)
     assert room > 0 and got > 0.5 * room  # most of the way from nearest to the brute-force optimum, in all
@@ -118,7 +118,7 @@ def test_target_on_quantized_inputs_is_the_least_squares_solution():
     xq = (np.round(xf * 4) / 4).astype(np.float32)
     hqq, hqf, hff, n = layer_grams(node, xf, xq)
     fmt = QFormat(16, (12, 12, 12), True, 0)
-    r = optimise_layer(node, (hqq / n, hqf / n, hff / n), fmt, damp=1e-9, finer=False, bias=True)
+    r = optimise_layer(node, (hqq / n, hqf / n, hff / n), fmt, damp=1e-9, finer=0, bias=True)
     pq = augmented_patches(node, xq)[0]
     pf = augmented_patches(node, xf)[0]
     wt = np.concatenate([weight_matrix(node)[0], np.zeros((3, 1))], axis=1)
@@ -127,7 +127,7 @@ def test_target_on_quantized_inputs_is_the_least_squares_solution():
     np.testing.assert_allclose(got, sol, atol=2e-3)
     assert r.error_optimised < r.error_nearest
     # too few input vectors per input (count < min_samples * (D + 1)): no correction, the target stays W
-    few = optimise_layer(node, (hqq / n, hqf / n, hff / n), fmt, damp=1e-9, finer=False, bias=True, count=n,
+    few = optimise_layer(node, (hqq / n, hqf / n, hff / n), fmt, damp=1e-9, finer=0, bias=True, count=n,
                          min_samples=n)
     np.testing.assert_allclose(few.weight.reshape(3, 2), weight_matrix(node)[0], atol=1e-3)
     assert np.max(np.abs(few.weight.reshape(3, 2) - weight_matrix(node)[0])) < np.max(np.abs(got[:, :2] - weight_matrix(node)[0]))

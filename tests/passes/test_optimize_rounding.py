@@ -100,7 +100,7 @@ def test_runs_once_and_a_cached_result_is_written_back_identically(tmp_path):
 
 
 def test_float_inputs_mode_and_bad_options():
-    g, ctx = compile_(FORMATS + ",optimize-rounding{inputs=float,finer=false,bias=false}")
+    g, ctx = compile_(FORMATS + ",optimize-rounding{inputs=float,finer=0,bias=false}")
     rows = ctx.report["passes"]["optimize-rounding"]["layers"]
     assert all(r["applied"] and not r["bias_refit"] and r["finer_channels"] == 0 for r in rows)
     assert g.layers()[1].bias is None
