@@ -5,7 +5,7 @@ is the default for ``-O1``), the scale kind, whether weights may be per channel,
 the accumulator width, the ops it runs, and a cost model: weight bytes at the
 chosen widths and MACs weighted by ``mac_cost[(w_bits, a_bits)]``.
 ``levels`` gives the reduction ladder that mixed-precision searches walk
-(npu8: weights 8 -> 4, activations 16 -> 8).
+(npu8: w8a16 -> w8a8 -> w4a8).
 """
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ class Target:
 TARGETS: dict[str, Target] = {t.name: t for t in [
     Target("npu8", "8-bit NPU: weights 8/4 bit, activations 16/8 bit, power-of-two scales, int32 accumulators",
            weight_bits=(8, 4), act_bits=(16, 8), min_bits=4, default_bits=(8, 8),
-           ladder=((8, 16), (4, 8))),
+           ladder=((8, 16), (8, 8), (4, 8))),
     Target("npu4", "low-bit NPU: weights 8/4/2 bit, activations 8/4 bit, power-of-two scales",
            weight_bits=(8, 4, 2), act_bits=(8, 4), min_bits=2, default_bits=(8, 8),
            ladder=((8, 8), (4, 8), (4, 4), (2, 4))),
