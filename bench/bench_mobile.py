@@ -80,8 +80,10 @@ ROWS = {
     5: ("w4a8 everywhere, optimize-rounding", lambda: ["--target", "npu8", "--passes", o1_passes(W4, NEAREST)]),
     6: ("-O2 npu8 --max-drop 0.02 --jobs 2 (searched on x_eval)",
         lambda: ["-O2", "--target", "npu8", "--eval", f"{DATA}:eval", "--max-drop", "0.02", "--jobs", "2"]),
-    # 7, once mpqc has a cross-layer equalization pass (not yet):
-    # 7: ("-O1 npu8, cross-layer equalization", lambda: ["--target", "npu8", "--passes",
+    7: ("-O2 npu8 --max-drop 0.05 --jobs 2 (searched on x_eval)",
+        lambda: ["-O2", "--target", "npu8", "--eval", f"{DATA}:eval", "--max-drop", "0.05", "--jobs", "2"]),
+    # 8, once mpqc has a cross-layer equalization pass (not yet):
+    # 8: ("-O1 npu8, cross-layer equalization", lambda: ["--target", "npu8", "--passes",
     #     o1_passes(rounding=NEAREST, before_formats="equalize-cross-layer")]),
 }
 

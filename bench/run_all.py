@@ -24,6 +24,7 @@ SCRIPTS = {
     "bdcnn": "bench_bdcnn.py",
     "cache": "bench_cache.py",
     "jobs": "bench_jobs.py",
+    "mobile": "bench_mobile.py",
 }
 #: arguments of each script (default: --write, which rewrites its section of RESULTS.md); the
 #: pruning and bdcnn scripts write bench/results/*.md, which merge_results() copies in
