@@ -12,13 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..core.errors import DataError
 from ..core.ir import Graph, Node
-from ..core.progress import progress_iter
 from ..core.qformat import QFormat, fake_quant, qrange
-from ..runtime.executor import Executor, batches, float_node_fn
 from ..runtime.ops import conv_pads
-from .passes import Analysis
+from .layerstats import LayerInputStats
 
 META_KEY = "mpqc.bias_correction"
 
@@ -53,56 +50,20 @@ def _tap_means(node: Node, x: np.ndarray) -> tuple[np.ndarray, int]:
     return sums, int(x.shape[0] * np.prod(out))
 
 
-class LayerInputMeans(Analysis):
+class LayerInputMeans(LayerInputStats):
     """``{layer: E[x]}`` on the calibration data (float network): per (channel, tap) for a Conv,
     per input feature for a Gemm. Only layers that ``correctable`` accepts."""
     name = "layer-input-means"
     persist = "layer-input-means"
-    float_only = True
+    desc = "bias correction: input means"
+    needed_by = "bias correction"
 
-    def reads(self) -> tuple[str, ...]:
-        return ("calib",)
+    accepts = staticmethod(correctable)
 
-    def encode(self, result: dict[Node, np.ndarray]) -> tuple[dict, dict[str, np.ndarray]]:
-        return {"layers": [n.name for n in result]}, {f"m{i}": m for i, m in enumerate(result.values())}
-
-    def decode(self, meta: dict, arrays: dict[str, np.ndarray], graph: Graph) -> dict[Node, np.ndarray]:
-        by_name: dict[str, list[Node]] = {}
-        for n in graph.nodes:
-            by_name.setdefault(n.name, []).append(n)
-        out = {}
-        for i, name in enumerate(meta["layers"]):
-            nodes = by_name.get(name, [])
-            if len(nodes) != 1:
-                raise ValueError(f"layer {name!r} is not one node of the graph")
-            out[nodes[0]] = arrays[f"m{i}"]
-        return out
-
-    def compute(self, graph: Graph, ctx) -> dict[Node, np.ndarray]:
-        data = ctx.calib
-        if data is None:
-            raise DataError("bias correction needs calibration data: give --calib FILE.npz[:calib]")
-        layers = [n for n in graph.layers() if correctable(n)]
-        ids = {id(n) for n in layers}
-        sums: dict[int, np.ndarray] = {}
-        counts: dict[int, int] = {}
-
-        def rec(node, args):
-            if id(node) in ids:
-                x = np.asarray(args[0])
-                if node.op_type == "Conv":
-                    s, c = _tap_means(node, x)
-                else:
-                    s, c = x.reshape(-1, x.shape[-1]).astype(np.float64).sum(axis=0), int(np.prod(x.shape[:-1]))
-                sums[id(node)] = sums.get(id(node), 0) + s
-                counts[id(node)] = counts.get(id(node), 0) + c
-            return float_node_fn(node, args)
-
-        ex = Executor(graph, rec)
-        for sl in progress_iter(list(batches(len(data), ctx.batch_size)),
-                                desc=None if ctx.quiet else "bias correction: input means"):
-            ex.run({graph.inputs[0]: data.x[sl]})
-        return {n: sums[id(n)] / counts[id(n)] for n in layers if id(n) in sums}
+    def accumulate(self, node: Node, x: np.ndarray) -> tuple[np.ndarray, int]:
+        if node.op_type == "Conv":
+            return _tap_means(node, x)
+        return x.reshape(-1, x.shape[-1]).astype(np.float64).sum(axis=0), int(np.prod(x.shape[:-1]))
 
 
 @dataclass(eq=False)

@@ -29,14 +29,13 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ..core.errors import DataError
 from ..core.ir import Graph, Node
 from ..core.progress import progress_iter
 from ..core.qformat import QFormat, qrange
-from ..runtime.executor import Executor, batches, float_node_fn
+from ..runtime.executor import batches, float_node_fn
 from ..runtime.fakequant import fake_quant_act, ir_node_fn
 from ..runtime.ops import conv_pads
-from .passes import Analysis
+from .layerstats import LayerInputStats
 
 META_KEY = "mpqc.optimized_rounding"
 
@@ -129,55 +128,23 @@ def layer_grams(node: Node, xf: np.ndarray, xq: np.ndarray | None = None) -> tup
     return (*acc, count)
 
 
-class LayerInputGrams(Analysis):
+class LayerInputGrams(LayerInputStats):
     """``{layer: H}`` on the calibration data (float network): ``H = mean(x x^T)`` over a layer's inputs
     with a constant 1 appended (the bias's input), ``(groups, D+1, D+1)`` float32 for a Conv (its im2col
     patches, one matrix per group), ``(1, D+1, D+1)`` for a Gemm or MatMul. Only the layers
     ``optimizable`` accepts."""
     name = "layer-input-grams"
     persist = "layer-input-grams"
-    float_only = True
+    desc = "rounding: layer input statistics"
+    needed_by = "rounding optimisation"
 
-    def reads(self) -> tuple[str, ...]:
-        return ("calib",)
+    accepts = staticmethod(optimizable)
 
-    def encode(self, result: dict[Node, np.ndarray]) -> tuple[dict, dict[str, np.ndarray]]:
-        return {"layers": [n.name for n in result]}, {f"h{i}": h for i, h in enumerate(result.values())}
+    def accumulate(self, node: Node, x: np.ndarray) -> tuple[np.ndarray, int]:
+        return layer_grams(node, x)
 
-    def decode(self, meta: dict, arrays: dict[str, np.ndarray], graph: Graph) -> dict[Node, np.ndarray]:
-        by_name: dict[str, list[Node]] = {}
-        for n in graph.nodes:
-            by_name.setdefault(n.name, []).append(n)
-        out = {}
-        for i, name in enumerate(meta["layers"]):
-            nodes = by_name.get(name, [])
-            if len(nodes) != 1:
-                raise ValueError(f"layer {name!r} is not one node of the graph")
-            out[nodes[0]] = arrays[f"h{i}"]
-        return out
-
-    def compute(self, graph: Graph, ctx) -> dict[Node, np.ndarray]:
-        data = ctx.calib
-        if data is None:
-            raise DataError("rounding optimisation needs calibration data: give --calib FILE.npz[:calib]")
-        layers = [n for n in graph.layers() if optimizable(n)]
-        ids = {id(n) for n in layers}
-        sums: dict[int, np.ndarray] = {}
-        counts: dict[int, int] = {}
-
-        def rec(node, args):
-            if id(node) in ids:
-                s, c = layer_grams(node, np.asarray(args[0]))
-                sums[id(node)] = sums.get(id(node), 0) + s
-                counts[id(node)] = counts.get(id(node), 0) + c
-            return float_node_fn(node, args)
-
-        ex = Executor(graph, rec)
-        for sl in progress_iter(list(batches(len(data), ctx.batch_size)),
-                                desc=None if ctx.quiet else "rounding: layer input statistics"):
-            ex.run({graph.inputs[0]: data.x[sl]})
-        # float32 whether computed or read from the cache, so that both give the same bytes
-        return {n: (sums[id(n)] / counts[id(n)]).astype(np.float32) for n in layers if id(n) in sums}
+    def finish(self, mean: np.ndarray) -> np.ndarray:
+        return mean.astype(np.float32)  # float32 whether computed or read from the cache: the same bytes
 
 
 # ---------------------------------------------------------------------------------------------- solver
