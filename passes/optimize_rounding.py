@@ -1,5 +1,7 @@
-"""optimize-rounding: choose each layer's integer weights to minimise its output error on the
-calibration data instead of rounding every weight to the nearest grid point.
+"""optimize-rounding: integer weights fitted to each layer's float outputs (AdaRound objective, OBQ solver).
+
+Each layer's integer weights are chosen to minimise its output error on the calibration data instead
+of rounding every weight to the nearest grid point.
 
 For every layer with decided widths, ``H = E[x x^T]`` over its calibration inputs (im2col patches for
 a Conv, one matrix per group) measures the output error ``(w_q - w)^T H (w_q - w)`` of each output
