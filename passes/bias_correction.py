@@ -21,6 +21,9 @@ The searches simulate the same correction when their ``bias_correction`` option
 is set (``assign-bit-widths{bias_correction=true}``, ``layer-influence{...}``), so
 the network they score is the one this pass exports.
 
+A graph whose weights all lie on their formats' grids (after optimize-rounding) has nothing to
+correct: the pass says so and leaves it (without computing the input means).
+
 Options: none. Requires: calibration data, widths on the IR. Preserves: activation
 ranges, quant plan, format table, layer input means. Marks the graph (metadata
 ``mpqc.bias_correction``) and does nothing on a graph already corrected.
@@ -36,6 +39,7 @@ from mpqc.compiler.passes import Pass, PassContext, PassResult
 from mpqc.compiler.quant import FormatTableAnalysis, QuantPlanAnalysis, apply_config, config_from_ir
 from mpqc.compiler.ranges import ActivationRanges
 from mpqc.core.ir import Graph
+from mpqc.core.qformat import fake_quant
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,11 @@ class BiasCorrectionPass(Pass):
             return PassResult(False)
         plan = ctx.analyses.get(QuantPlanAnalysis, graph)
         config = config_from_ir(plan)  # raises when no widths are decided yet
+        if all(np.array_equal(fake_quant(n.weight.const, n.qconfig.weight_format), n.weight.const)
+               for n in plan.layers if n.qconfig is not None and n.qconfig.weight_format is not None):
+            # weights already on their grid (optimize-rounding): no quantization error to correct
+            sec["skipped"] = "every layer's weights lie on their format's grid: there is no error to correct"
+            return PassResult(False)
         bc = bias_correction_for(graph, ctx)
         table = ctx.analyses.get(FormatTableAnalysis, graph, search=2)
         rows = []

@@ -14,7 +14,10 @@ fractional length when that lowers its output error and its bias still fits the 
 weights lie exactly on their format's grid, so the emulator and the QDQ model run them as they run any
 other integer weights. docs/ROUNDING.md.
 
-Options: inputs ("quantized": fit each layer from the quantized network's inputs, layer after layer,
+Options: when ("always"; "start-misses-goal": only when the network as it stands, evaluated as the
+search does, misses the accuracy goal: -O2 uses it on the search's starting network), guard (after
+the optimisation, evaluate as the search does and undo it if the network no longer meets the goal:
+-O2 uses it once the search has fixed the widths), inputs ("quantized": fit each layer from the quantized network's inputs, layer after layer,
 holding both networks' activations for ``samples`` calibration samples; "float": from the float
 network's inputs, one batched pass), samples (64), damp (ridge added to H, relative to its mean
 diagonal; 0.01), act_order (columns by decreasing H[i, i]; true), finer (how many finer power-of-two
@@ -34,6 +37,7 @@ import numpy as np
 from mpqc.compiler.passes import Pass, PassContext, PassResult
 from mpqc.compiler.quant import FormatTableAnalysis, QuantPlanAnalysis, config_from_ir
 from mpqc.compiler.ranges import ActivationRanges
+from mpqc.compiler.bitsearch import search_context, search_goal
 from mpqc.compiler.cache import graph_digest
 from mpqc.compiler.rounding import (META_KEY, LayerInputGrams, apply_rounding_state, check_rounding_state,
                                     optimise_rounding,
@@ -49,6 +53,8 @@ class OptimizeRoundingPass(Pass):
     requires = ("calib", "formats")
 
     inputs: Literal["quantized", "float"] = "quantized"
+    when: Literal["always", "start-misses-goal"] = "always"
+    guard: bool = False
     samples: int = 64
     damp: float = 0.01
     act_order: bool = True
@@ -62,12 +68,25 @@ class OptimizeRoundingPass(Pass):
         if self.samples < 1:
             raise OptionError(f"optimize-rounding: samples={self.samples} must be at least 1")
         sec = ctx.section(self.name)
+        if self.when == "start-misses-goal":  # -O2 runs the pass twice: this one reports on its own
+            sec = sec.setdefault("start_network", {})
         if graph.metadata.get(META_KEY):
             sec["skipped"] = "the weights are already optimised"
             return PassResult(False)
         plan = ctx.analyses.get(QuantPlanAnalysis, graph)
-        config_from_ir(plan)  # raises when no widths are decided yet
+        config = config_from_ir(plan)  # raises when no widths are decided yet
         table = ctx.analyses.get(FormatTableAnalysis, graph, search=2)
+        before = None
+        if self.when == "start-misses-goal" or self.guard:
+            sctx = self._search(graph, ctx)
+            before = sctx.evaluate(config)
+            sec["value_before"] = before
+            if self.when == "start-misses-goal" and sctx.meets(before):
+                sec["skipped"] = (f"the network meets the goal without it ({before:.4f} >= {sctx.goal:.4f}); "
+                                  f"the weights are left for the search to reduce")
+                return PassResult(False)
+            kept = [(n, n.inputs[1], n.input(2), n.qconfig.weight_format, n.qconfig.bias_format)
+                    for n in plan.layers if n.qconfig is not None]
         opts = dict(damp=self.damp, act_order=self.act_order, finer=self.finer, bias=self.bias, quiet=ctx.quiet)
         if self.inputs == "float":
             grams = ctx.analyses.get(LayerInputGrams, graph)
@@ -98,8 +117,31 @@ class OptimizeRoundingPass(Pass):
                 apply_rounding_state(graph, plan.layers, table, meta, arrays)
             rows = meta["rows"]
             used = len(idx)
+        if self.guard:
+            sctx = self._search(graph, ctx)
+            after = sctx.evaluate(config)
+            sec["value_after"] = after
+            if not sctx.meets(after):  # the layer-wise fit would break the user's goal on the eval split: undone
+                for n, w, b, wf, bf in kept:
+                    graph.set_input(n, 1, w)
+                    if b is not None or len(n.inputs) > 2:
+                        graph.set_input(n, 2, b)
+                    while len(n.inputs) > 2 and n.inputs[-1] is None:  # a bias the fit had added
+                        n.inputs.pop()
+                    if wf is not None:
+                        table.set_weight_format(n, n.qconfig.weight_bits, wf)
+                    n.qconfig.weight_format, n.qconfig.bias_format = wf, bf
+                sec["reverted"] = (f"the evaluation value fell from {before:.4f} to {after:.4f}, below the goal "
+                                   f"{sctx.goal:.4f}")
+                sec["layers"] = rows
+                return PassResult(False)
         graph.metadata[META_KEY] = "1"
         sec["layers"] = rows
         sec["options"] = self.options()
         sec["samples"] = used
         return PassResult(any(r.get("applied") for r in rows))
+
+    def _search(self, graph: Graph, ctx: PassContext):
+        """The search's view of the network (its goal, eval split and metric, with bias correction)."""
+        max_drop, target_score = search_goal(None, None, ctx.options, self.name)
+        return search_context(graph, ctx, max_drop=max_drop, target_score=target_score, bias_correction=True)

@@ -296,9 +296,10 @@ def test_pipeline_spec_per_level():
 
     assert names(1) == ["choose-formats", "optimize-rounding", "insert-qdq"]
     assert names(2) == ["choose-formats", "optimize-rounding", "layer-influence", "assign-bit-widths",
-                        "bias-correction", "insert-qdq"]
+                        "optimize-rounding", "bias-correction", "insert-qdq"]
     assert names(3) == ["serialize-residual", "prune-channels", "eliminate-dead-code", "infer-shapes",
-                        "choose-formats", "optimize-rounding", "layer-influence", "assign-bit-widths", "bias-correction", "insert-qdq"]
+                        "choose-formats", "optimize-rounding", "layer-influence", "assign-bit-widths",
+                        "optimize-rounding", "bias-correction", "insert-qdq"]
     for level in (1, 2, 3):  # every spec parses as far as the registered passes go
         for s in pipeline_spec(level, t):
             if s.split("{")[0] in pass_registry():

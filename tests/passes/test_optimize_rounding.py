@@ -108,3 +108,41 @@ def test_float_inputs_mode_and_bad_options():
         compile_(FORMATS + ",optimize-rounding{damp=0}")
     with pytest.raises(OptionError, match="samples"):
         compile_(FORMATS + ",optimize-rounding{samples=0}")
+
+
+def _ctx_with_goal(**goal):
+    from mpqc.compiler.options import CompileOptions
+    ctx = PassContext(target=get_target("npu4"), batch_size=8, options=CompileOptions(**goal))
+    ctx.calib = Dataset(randn(24, 3, 8, 8, seed=9) + 0.3, None, "calib")
+    ctx.eval = Dataset(randn(40, 3, 8, 8, seed=12) + 0.3, None, "eval")  # no labels: agreement with float
+    return ctx
+
+
+@pytest.mark.parametrize("goal, applied", [({"max_drop": 0.5}, False), ({"target_score": 1.0}, True)])
+def test_start_network_is_optimised_only_when_it_misses_the_goal(goal, applied):
+    g = graph()
+    ctx = _ctx_with_goal(**goal)
+    w0 = [n.weight.const.copy() for n in g.layers()]
+    PassManager(parse_pipeline("choose-formats{weight_bits=2,act_bits=4},"
+                               "optimize-rounding{when=start-misses-goal}")).run(g, ctx)
+    sec = ctx.report["passes"]["optimize-rounding"]["start_network"]
+    assert 0 <= sec["value_before"] < 1.0  # 2-bit weights: some samples change class
+    assert ("skipped" in sec) is not applied
+    changed = any(not np.array_equal(a, n.weight.const) for a, n in zip(w0, g.layers()))
+    assert changed is applied and bool(g.metadata.get("mpqc.optimized_rounding")) is applied
+
+
+def test_guard_keeps_a_network_that_meets_the_goal_and_undoes_one_that_does_not():
+    for goal, kept in (({"max_drop": 0.5}, True), ({"target_score": 1.0}, False)):
+        g = graph()
+        ctx = _ctx_with_goal(**goal)
+        PassManager(parse_pipeline("choose-formats{weight_bits=2,act_bits=4}")).run(g, ctx)
+        before = print_graph(g, elide_above=0)
+        PassManager(parse_pipeline("optimize-rounding{guard=true}")).run(g, ctx)
+        sec = ctx.report["passes"]["optimize-rounding"]
+        assert "value_before" in sec and "value_after" in sec
+        if kept:
+            assert "reverted" not in sec and g.metadata["mpqc.optimized_rounding"] == "1"
+        else:  # below the goal after (as before): everything back as it was
+            assert "below the goal" in sec["reverted"]
+            assert print_graph(g, elide_above=0) == before
