@@ -44,7 +44,12 @@ def test_done_criteria_npu4_max_drop_1pct(name, digits):
     # every layer at b_m
     assert (not tr[-1]["accepted"] or tr[-1]["verdict"] == "equal"
             or all(b == [2, 4] for b in sec["final_bits"].values()))
-    assert res.report["passes"]["bias-correction"]["corrected"] == len(sec["layers"])
+    # the rounding fitted at the final widths (kept: it still meets the goal) leaves nothing to correct
+    rnd, bc = res.report["passes"]["optimize-rounding"], res.report["passes"]["bias-correction"]
+    if "reverted" in rnd:
+        assert bc["corrected"] == len(sec["layers"])
+    else:
+        assert "grid" in bc["skipped"] and rnd["value_after"] >= sec["goal"]
     page = render_html(_clean_nan(res.report))
     assert page.count("data:image/png;base64,") == 2
 

@@ -186,7 +186,7 @@ def test_pipelines_add_or_drop_finetune():
     # fine-tuning is the last step before QDQ insertion (after the bias correction, which would otherwise
     # move the biases it learned)
     assert "finetune" not in o2 and o2f == o2[:-1] + ["finetune", "insert-qdq"]
-    assert o2f[-4:] == ["assign-bit-widths", "bias-correction", "finetune", "insert-qdq"]
+    assert o2f[-5:] == ["assign-bit-widths", "optimize-rounding", "bias-correction", "finetune", "insert-qdq"]
     assert names(pipeline_spec(1, t, finetune=True))[-2:] == ["finetune", "insert-qdq"]
     o3 = names(pipeline_spec(3, t))
     # -O3 fine-tunes only when asked, then last before QDQ as well
@@ -208,8 +208,8 @@ def test_compile_o2_with_finetune_end_to_end(trained):
     res = comp()
     rep = res.report
     assert report_json_bytes(rep) == report_json_bytes(comp().report)  # deterministic, no wall times
-    assert [p.split("{")[0] for p in rep["pipeline"]][-4:] == ["assign-bit-widths", "bias-correction", "finetune",
-                                                                "insert-qdq"]
+    assert [p.split("{")[0] for p in rep["pipeline"]][-5:] == ["assign-bit-widths", "optimize-rounding",
+                                                                "bias-correction", "finetune", "insert-qdq"]
     ft = rep["passes"]["finetune"]
     assert ft["train"]["steps"] == 13 and ft["before"] is not None and ft["after"] >= ft["before"]
     tr = rep["passes"]["assign-bit-widths"]["trace"]
