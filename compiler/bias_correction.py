@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.ir import Graph, Node
-from ..core.qformat import QFormat, fake_quant, qrange
+from ..core.qformat import QFormat, fake_quant
 from ..runtime.ops import conv_pads
 from .layerstats import LayerInputStats
+from .quant import bias_fits
 
 META_KEY = "mpqc.bias_correction"
 
@@ -105,7 +106,7 @@ class BiasCorrection:
             return None
         b = node.bias.const.astype(np.float64) if node.bias is not None else np.zeros(c.shape)
         nb = (b.reshape(-1) - c).astype(np.float32)
-        if b_fmt is not None and not _fits(nb, b_fmt):
+        if b_fmt is not None and not bias_fits(nb, b_fmt):
             return None
         return nb
 
@@ -113,8 +114,3 @@ class BiasCorrection:
 def bias_correction_for(graph: Graph, ctx) -> BiasCorrection:
     return BiasCorrection(ctx.analyses.get(LayerInputMeans, graph))
 
-
-def _fits(bias: np.ndarray, fmt: QFormat) -> bool:
-    lo, hi = qrange(fmt.bits, True)
-    q = np.ldexp(np.asarray(bias, np.float64), np.asarray(fmt.frac))
-    return bool(np.all(q >= lo) and np.all(q <= hi))

@@ -147,8 +147,8 @@ class SearchContext:
 
     def evaluate(self, config: BitConfig | None, *, stop_below: bool = False) -> float:
         """Evaluation value of the network quantized with ``config`` (None: float). ``stop_below``:
-        raise ``CertainlyBelow`` (cached in the result cache, keyed by the goal, not in memory) once the samples left cannot bring the value up to
-        the goal (``judge``)."""
+        raise ``CertainlyBelow`` once the samples left cannot bring the value up to the goal
+        (``judge``); that outcome is cached in the result cache (keyed by the goal), not in memory."""
         key = ("float",) if config is None else config.key(self.layers)
         if key not in self._cache:
             def compute():

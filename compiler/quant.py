@@ -422,17 +422,20 @@ def float_act_format(vmin: float, vmax: float, bits: int) -> QFormat:
     return QFormat(bits, 0, False, None, fscale=float(np.float32(s)), zero_point=zp)
 
 
-def check_bias_fits(node: Node, bias: np.ndarray, fmt: QFormat) -> None:
+def bias_fits(bias: np.ndarray, fmt: QFormat) -> bool:
+    """The float ``bias`` quantized at ``fmt`` (the accumulator's scale: ``2^-frac`` or the float scale)
+    stays inside the accumulator's signed range."""
     lo, hi = qrange(fmt.bits, True)
     if fmt.fscale is not None:
         sc = np.asarray(fmt.fscale, np.float64)
         q = np.asarray(bias, np.float64).reshape(-1) / (sc if sc.ndim == 0 else sc.reshape(-1))
-        if np.any(q < lo) or np.any(q > hi):
-            raise CompilerError(f"layer {node.name!r}: bias does not fit the {fmt.bits}-bit accumulator at "
-                                f"its scale", hint="use a target with wider accumulators")
-        return
-    q = np.ldexp(np.asarray(bias, np.float64), np.asarray(fmt.frac))
-    if np.any(q < lo) or np.any(q > hi):
+    else:
+        q = np.ldexp(np.asarray(bias, np.float64), np.asarray(fmt.frac))
+    return bool(np.all(q >= lo) and np.all(q <= hi))
+
+
+def check_bias_fits(node: Node, bias: np.ndarray, fmt: QFormat) -> None:
+    if not bias_fits(bias, fmt):
         raise CompilerError(f"layer {node.name!r}: bias does not fit the {fmt.bits}-bit accumulator at "
                             f"its scale", hint="use a target with wider accumulators")
 

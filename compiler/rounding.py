@@ -36,6 +36,7 @@ from ..runtime.executor import batches, float_node_fn
 from ..runtime.fakequant import fake_quant_act, ir_node_fn
 from ..runtime.ops import conv_pads
 from .layerstats import LayerInputStats
+from .quant import bias_fits
 
 META_KEY = "mpqc.optimized_rounding"
 
@@ -311,38 +312,34 @@ def optimise_layer(node: Node, grams: tuple[np.ndarray, np.ndarray, np.ndarray],
         return full, row_loss(full, wt, hqq, hqf, hff)
 
     best, err = solve(sc)
-    new_fmt, n_finer = fmt, 0
-    if finer and fmt.is_pow2 and fmt.per_channel:
-        frac0 = np.broadcast_to(fmt.frac_array().reshape(-1), (g * o,)).reshape(g, o)
-        frac = frac0.copy()
+    # per channel fractional lengths: a channel may take up to ``finer`` finer power-of-two steps
+    per_channel = bool(finer) and fmt.is_pow2 and fmt.per_channel
+    frac0 = np.broadcast_to(fmt.frac_array().reshape(-1), (g * o,)).reshape(g, o) if per_channel else None
+    frac = frac0
+    if per_channel:
         cap = None if frac_cap is None else np.asarray(frac_cap).reshape(g, o)
         for k in range(1, int(finer) + 1):
             cand, err2 = solve(sc / 2.0 ** k)
             take = err2 < err
             if cap is not None:
                 take &= (frac0 + k) <= cap
-            if np.any(take):
-                best = np.where(take[:, :, None], cand, best)
-                err = np.where(take, err2, err)
-                frac = np.where(take, frac0 + k, frac)
-        n_finer = int(np.count_nonzero(frac != frac0))
-        if n_finer:
-            new_fmt = QFormat(fmt.bits, tuple(int(f) for f in frac.reshape(-1)), fmt.signed, fmt.axis)
+            best = np.where(take[:, :, None], cand, best)
+            err = np.where(take, err2, err)
+            frac = np.where(take, frac0 + k, frac)
     near = np.clip(np.floor(wm / sc[:, :, None] + 0.5), lo, hi) * sc[:, :, None]
     if use_bias:
         near = np.concatenate([near, b], axis=2)
     err_near = row_loss(near, wt, hqq, hqf, hff)
     # the greedy column order can lose to plain rounding on a row: keep nearest (in the given format) there
     worse = err_near < err
-    if np.any(worse):
-        best = np.where(worse[:, :, None], near, best)
-        err = np.where(worse, err_near, err)
-        if new_fmt != fmt:
-            frac = np.broadcast_to(new_fmt.frac_array().reshape(-1), (g * o,)).reshape(g, o)
-            frac = np.where(worse, np.broadcast_to(fmt.frac_array().reshape(-1), (g * o,)).reshape(g, o), frac)
-            n_finer = int(np.sum(frac != np.broadcast_to(fmt.frac_array().reshape(-1), (g * o,)).reshape(g, o)))
-            new_fmt = QFormat(fmt.bits, tuple(int(f) for f in frac.reshape(-1)), fmt.signed, fmt.axis) \
-                if n_finer else fmt
+    best = np.where(worse[:, :, None], near, best)
+    err = np.where(worse, err_near, err)
+    new_fmt, n_finer = fmt, 0
+    if per_channel:
+        frac = np.where(worse, frac0, frac)
+        n_finer = int(np.count_nonzero(frac != frac0))
+        if n_finer:
+            new_fmt = QFormat(fmt.bits, tuple(int(f) for f in frac.reshape(-1)), fmt.signed, fmt.axis)
     energy = float(_quad(wt, hff, wt).sum()) or 1.0
     e_near = float(err_near.sum()) / energy
     weight = weight_tensor(node, best[:, :, :d]).astype(w32.dtype)
@@ -359,29 +356,22 @@ def _apply(graph: Graph, node: Node, r: RoundingResult, table) -> dict:
     if r.fmt != q.weight_format:
         table.set_weight_format(node, q.weight_bits, r.fmt)
         q.weight_format = r.fmt
+    in_fmt = node.inputs[0].qformat
     if r.bias is not None:
-        in_fmt = node.inputs[0].qformat
         b_fmt = table.bias_format(node, in_fmt, q.weight_format) if in_fmt is not None else None
-        if b_fmt is None or _fits(r.bias, b_fmt):
+        if b_fmt is None or bias_fits(r.bias, b_fmt):
             name = node.bias.name + "_rounded" if node.bias is not None else f"{node.name}_bias_rounded"
             graph.set_input(node, 2, graph.constant(name, r.bias))
-            q.bias_format = b_fmt
             row["bias_refit"] = True
-    elif q.bias_format is not None and node.inputs[0].qformat is not None:
-        q.bias_format = table.bias_format(node, node.inputs[0].qformat, q.weight_format)
-    if not row["bias_refit"] and node.bias is not None and q.bias_format is not None:
-        q.bias_format = table.bias_format(node, node.inputs[0].qformat, q.weight_format)
+    _sync_bias_format(node, table)
     return row
 
 
-def _fits(bias: np.ndarray, fmt: QFormat) -> bool:
-    if not fmt.is_pow2:
-        sc = np.asarray(fmt.scale(), np.float64)
-        q = np.rint(np.asarray(bias, np.float64) / sc)
-    else:
-        q = np.ldexp(np.asarray(bias, np.float64), np.asarray(fmt.frac))
-    lo, hi = qrange(fmt.bits, True)
-    return bool(np.all(q >= lo) and np.all(q <= hi))
+def _sync_bias_format(node: Node, table) -> None:
+    """The bias format that follows the layer's (possibly finer) weight format and its input's format."""
+    q, in_fmt = node.qconfig, node.inputs[0].qformat
+    if node.bias is not None and in_fmt is not None:
+        q.bias_format = table.bias_format(node, in_fmt, q.weight_format)
 
 
 def _skip_reason(node: Node, has_grams: bool) -> str | None:
@@ -480,6 +470,26 @@ def optimise_rounding_sequential(graph: Graph, layers: list[Node], table, x: np.
     return [rows.get(id(n), {"layer": n.name, "applied": False, "reason": "not reached"}) for n in layers]
 
 
+def snapshot_layers(layers: list[Node]) -> list[tuple]:
+    """What ``restore_layers`` puts back: each layer's weight and bias Values and its formats."""
+    return [(n, n.inputs[1], n.input(2), n.qconfig.weight_format, n.qconfig.bias_format)
+            for n in layers if n.qconfig is not None]
+
+
+def restore_layers(graph: Graph, snapshot: list[tuple], table) -> None:
+    """Undo an optimisation: the weights, biases (a bias the fit added is removed) and formats of
+    ``snapshot_layers``, in the IR and in the FormatTable."""
+    for n, w, b, wf, bf in snapshot:
+        graph.set_input(n, 1, w)
+        if b is not None or len(n.inputs) > 2:
+            graph.set_input(n, 2, b)
+        while len(n.inputs) > 2 and n.inputs[-1] is None:
+            n.inputs.pop()
+        if wf is not None:
+            table.set_weight_format(n, n.qconfig.weight_bits, wf)
+        n.qconfig.weight_format, n.qconfig.bias_format = wf, bf
+
+
 def rounding_state(layers: list[Node]) -> tuple[dict, dict[str, np.ndarray]]:
     """What the optimisation wrote onto ``layers`` (weights, biases, formats) as cache ``(meta, arrays)``."""
     meta, arrays = [], {}
@@ -531,5 +541,4 @@ def apply_rounding_state(graph: Graph, layers: list[Node], table, meta: dict, ar
         if e["bias"]:
             name = n.bias.name + "_rounded" if n.bias is not None else f"{n.name}_bias_rounded"
             graph.set_input(n, 2, graph.constant(name, arrays[f"b{i}"]))
-        if q.bias_format is not None or (n.bias is not None and n.inputs[0].qformat is not None):
-            q.bias_format = table.bias_format(n, n.inputs[0].qformat, q.weight_format)
+        _sync_bias_format(n, table)

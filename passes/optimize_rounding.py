@@ -14,15 +14,20 @@ fractional length when that lowers its output error and its bias still fits the 
 weights lie exactly on their format's grid, so the emulator and the QDQ model run them as they run any
 other integer weights. docs/ROUNDING.md.
 
-Options: when ("always"; "start-misses-goal": only when the network as it stands, evaluated as the
-search does, misses the accuracy goal: -O2 uses it on the search's starting network), guard (after
-the optimisation, evaluate as the search does and undo it if the network no longer meets the goal:
--O2 uses it once the search has fixed the widths), inputs ("quantized": fit each layer from the quantized network's inputs, layer after layer,
-holding both networks' activations for ``samples`` calibration samples; "float": from the float
-network's inputs, one batched pass), samples (64), damp (ridge added to H, relative to its mean
-diagonal; 0.01), act_order (columns by decreasing H[i, i]; true), finer (how many finer power-of-two
-steps a channel may take where that lowers its error; 1, 0 = never), bias (refit the bias in the same solve; true), min_samples (input
-vectors per input a layer needs for the correction of its inputs' quantization error; 32). Requires: calibration data, widths on the IR (after choose-formats or
+Options:
+* when: "always" (default), or "start-misses-goal": only when the network as it stands, evaluated as
+  the search does, misses the accuracy goal (-O2 uses it on the search's starting network);
+* guard: after the optimisation, evaluate as the search does and undo it if the network no longer
+  meets the goal (-O2 uses it once the search has fixed the widths);
+* inputs: "quantized" (fit each layer from the quantized network's inputs, layer after layer, holding
+  both networks' activations for ``samples`` calibration samples) or "float" (from the float
+  network's inputs, one batched pass);
+* samples (64); damp (ridge added to H, relative to its mean diagonal; 0.01); act_order (columns by
+  decreasing H[i, i]; true); finer (how many finer power-of-two steps a channel may take where that
+  lowers its error; 1, 0 = never); bias (refit the bias in the same solve; true); min_samples (input
+  vectors per input a layer needs for the correction of its inputs' quantization error; 32).
+
+Requires: calibration data, widths on the IR (after choose-formats or
 assign-bit-widths). Preserves: activation ranges, quant plan, format table (the formats stay those
 chosen on the float network; a finer channel is written into the table). Marks the graph (metadata
 ``mpqc.optimized_rounding``) and does nothing on a graph already optimised.
@@ -40,8 +45,8 @@ from mpqc.compiler.ranges import ActivationRanges
 from mpqc.compiler.bitsearch import search_context, search_goal
 from mpqc.compiler.cache import graph_digest
 from mpqc.compiler.rounding import (META_KEY, LayerInputGrams, apply_rounding_state, check_rounding_state,
-                                    optimise_rounding,
-                                    optimise_rounding_sequential, rounding_state)
+                                    optimise_rounding, optimise_rounding_sequential, restore_layers,
+                                    rounding_state, snapshot_layers)
 from mpqc.core.errors import OptionError
 from mpqc.core.ir import Graph
 
@@ -85,8 +90,7 @@ class OptimizeRoundingPass(Pass):
                 sec["skipped"] = (f"the network meets the goal without it ({before:.4f} >= {sctx.goal:.4f}); "
                                   f"the weights are left for the search to reduce")
                 return PassResult(False)
-            kept = [(n, n.inputs[1], n.input(2), n.qconfig.weight_format, n.qconfig.bias_format)
-                    for n in plan.layers if n.qconfig is not None]
+            kept = snapshot_layers(plan.layers)
         opts = dict(damp=self.damp, act_order=self.act_order, finer=self.finer, bias=self.bias, quiet=ctx.quiet)
         if self.inputs == "float":
             grams = ctx.analyses.get(LayerInputGrams, graph)
@@ -122,15 +126,7 @@ class OptimizeRoundingPass(Pass):
             after = sctx.evaluate(config)
             sec["value_after"] = after
             if not sctx.meets(after):  # the layer-wise fit would break the user's goal on the eval split: undone
-                for n, w, b, wf, bf in kept:
-                    graph.set_input(n, 1, w)
-                    if b is not None or len(n.inputs) > 2:
-                        graph.set_input(n, 2, b)
-                    while len(n.inputs) > 2 and n.inputs[-1] is None:  # a bias the fit had added
-                        n.inputs.pop()
-                    if wf is not None:
-                        table.set_weight_format(n, n.qconfig.weight_bits, wf)
-                    n.qconfig.weight_format, n.qconfig.bias_format = wf, bf
+                restore_layers(graph, kept, table)
                 sec["reverted"] = (f"the evaluation value fell from {before:.4f} to {after:.4f}, below the goal "
                                    f"{sctx.goal:.4f}")
                 sec["layers"] = rows
