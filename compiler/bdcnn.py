@@ -39,8 +39,10 @@ from ..core.progress import progress_iter
 from ..core.qformat import QFormat, choose_frac_mse, fake_quant
 from ..runtime.bdcnn import BdcnnRuntime, run_bdcnn
 from ..runtime.executor import float_node_fn, run_batched
-from ..runtime.popcount import ActQuant, pack_weights
-from .bdecomp import METADATA_PREFIX, Decomposition, decompose_weight
+from ..runtime.popcount import ActQuant, epilogue_constants, pack_weights
+from .bdecomp import METADATA_PREFIX, Decomposition, decompose_weight, refine_decomposition
+from .layerstats import run_side_by_side
+from .rounding import layer_grams, least_squares_target, reduced_metric, row_loss, with_free_columns
 from .export import to_onnx
 from .metrics import evaluate
 from .qsearch import QSearchResult, algorithm1, drop_rates
@@ -178,6 +180,82 @@ def decompose_in_place(g: Graph, *, bases=2, restarts: int = 3, iterations: int 
     return decs, skipped
 
 
+# ---------------------------------------------------------------------------- data-aware refinement
+def _set_layer(g: Graph, n: Node, rec: np.ndarray, bias: np.ndarray | None) -> None:
+    """Give the decomposed layer ``n`` the reconstructed weight ``rec`` ((O, ...) in the Conv/Gemm
+    transB=1 layout) and, when given, the bias."""
+    if n.op_type == "MatMul":
+        g.set_input(n, 1, g.constant(n.inputs[1].name + "_fit", np.ascontiguousarray(rec.T.astype(np.float32))))
+    else:
+        g.set_input(n, 1, g.constant(n.inputs[1].name + "_fit", rec.astype(np.float32)))
+    if bias is not None:
+        name = f"{n.name}_bias_fit"
+        g.set_input(n, 2, g.constant(name, bias.astype(np.float32)))
+
+
+def refine_in_place(graph: Graph, dec: Graph, decs: dict[str, Decomposition], x: np.ndarray, *,
+                    inputs: str = "decomposed", rounds: int = 4, damp: float = 0.01, min_samples: float = 32.0,
+                    batch_size: int = 64, progress: str | None = None) -> list[dict]:
+    """Data-aware decomposition: every layer of ``decs`` re-fitted to the layer's outputs on the
+    calibration samples ``x`` instead of its weights (compiler/bdecomp.py ``refine_decomposition``),
+    with the bias re-fitted jointly.
+
+    ``graph`` is the float network and ``dec`` its decomposed copy (``decompose_graph``: the same
+    nodes in the same order); both run side by side over ``x``. ``inputs="decomposed"`` (sequential):
+    each layer is fitted to reproduce the float network's output from the *decomposed* network's input
+    (``E|w~ . x_d + b~ - w . x_f - b|^2``), so it also makes up for what the layers before it lost;
+    ``inputs="float"``: from the float network's input. Changes ``dec`` and ``decs`` in place; one row
+    per layer with the output error (relative to the output energy) before and after."""
+    if inputs not in ("decomposed", "float"):
+        raise OptionError(f"refine inputs must be 'decomposed' or 'float', got {inputs!r}")
+    nf, nd = list(graph.nodes), list(dec.nodes)
+    if [n.name for n in nf] != [n.name for n in nd]:
+        raise ValueError("the decomposed graph's nodes do not match the float graph's")
+    rows: list[dict] = []
+
+    def visit(i, args_f, args_d):
+        n = nd[i]
+        d = decs.get(n.name)
+        if d is None:
+            return
+        node_f = nf[i]
+        acc = None
+        for af, ad in zip(args_f, args_d):
+            xf = np.asarray(af[0])
+            part = layer_grams(node_f, xf, None if inputs == "float" else np.asarray(ad[0]))
+            acc = part if acc is None else tuple(a + b for a, b in zip(acc, part))
+        cnt = acc[-1]
+        hqq, hqf, hff = (a / cnt for a in acc[:-1]) if len(acc) == 4 else (acc[0] / cnt,) * 3
+        W, b = effective_weight(node_f)
+        G, O, D = d.group, d.O, d.D
+        mg = O // G
+        wm = W.reshape(G, mg, D)
+        free = 0 if n.op_type == "MatMul" else 1
+        if free:
+            wt = np.concatenate([wm, (np.zeros(O) if b is None else b).reshape(G, mg, 1)], axis=2)
+        else:
+            wt, hqq, hqf, hff = wm, hqq[:, :D, :D], hqf[:, :D, :D], hff[:, :D, :D]
+        wstar = least_squares_target(wt, hqq, hqf, damp=damp, count=cnt, min_samples=min_samples)
+        hr, _ = reduced_metric(hqq, free)
+        nd_, e0, e1 = refine_decomposition(d, wstar[:, :, :D].reshape(O, D), hr, rounds=rounds, damp=damp)
+        rec = nd_.reconstructed().reshape(G, mg, D)
+        full = with_free_columns(rec, wstar, hqq, free)
+        energy = float(np.sum(np.matmul(wt, hff) * wt)) or 1.0
+        err = lambda m: float(np.sum(row_loss(m, wt, hqq, hqf, hff)))  # noqa: E731
+        start = with_free_columns(d.reconstructed().reshape(G, mg, D), wstar, hqq, free)
+        decs[n.name] = nd_
+        _set_layer(dec, n, nd_.reconstructed().reshape((O,) + tuple(nd_.weight_shape[1:])),
+                   full[:, :, D].reshape(O) if free else None)
+        rows.append({"layer": n.name, "output_error_weights_fit": err(start) / energy,
+                     "output_error_data_fit": err(full) / energy, "rel_error_weights_fit": d.rel_error,
+                     "rel_error": nd_.rel_error, "samples": int(cnt)})
+
+    run_side_by_side(nf, nd, graph.inputs[0], dec.inputs[0], np.asarray(x), fn_a=float_node_fn,
+                     fn_b=float_node_fn, visit=visit, keep=list(graph.outputs) + list(dec.outputs),
+                     batch_size=batch_size, progress=progress)
+    return rows
+
+
 # ---------------------------------------------------------------------------- calibration
 def activation_ranges(graph: Graph, names: list[str], x: np.ndarray, *, batch_size: int = 64,
                       progress: str | None = None) -> dict[str, tuple[float, float]]:
@@ -202,30 +280,114 @@ def activation_ranges(graph: Graph, names: list[str], x: np.ndarray, *, batch_si
     return out
 
 
-def qdq_graph(decomposed: Graph, acts: dict[str, ActQuant]) -> Graph:
-    """``decomposed`` with each listed layer's input through Clip -> QuantizeLinear -> DequantizeLinear."""
+def _quantizer(g: Graph, n: Node, x, a: ActQuant, idx: int):
+    """Insert ``n``'s quantization sub-layer at ``idx``: (Clip ->) QuantizeLinear; returns the uint8 codes
+    and the next index."""
+    sc = g.constant(f"{n.name}_act_scale", np.array(a.delta, np.float32))
+    zp = g.constant(f"{n.name}_act_zp", np.array(a.zp, np.uint8))
+    if a.Q < 8:
+        # Clip(x, min, max) in float at the ends of the Q-bit range, then QuantizeLinear: the same
+        # integers as clip(rint(x / delta) + zp, 0, 2^Q - 1) (the ends are exact multiples of delta).
+        # A Clip on the uint8 codes would be equivalent, but onnxruntime's QDQ optimizer drops it.
+        lo = g.constant(f"{n.name}_act_min", np.array(np.float32(-a.zp) * np.float32(a.delta), np.float32))
+        hi = g.constant(f"{n.name}_act_max", np.array(np.float32(a.qmax - a.zp) * np.float32(a.delta), np.float32))
+        xc = g.add_node("Clip", [x, lo, hi], 1, name=g.unique_name(f"{n.name}_act_clip"), index=idx).outputs[0]
+        xc.shape, xc.dtype = x.shape, np.dtype(np.float32)
+        idx += 1
+        x = xc
+    q = g.add_node("QuantizeLinear", [x, sc, zp], 1, name=g.unique_name(f"{n.name}_act_q"), index=idx).outputs[0]
+    q.shape, q.dtype = x.shape, np.dtype(np.uint8)
+    return q, sc, zp, idx + 1
+
+
+def _add(g: Graph, op: str, inputs, idx: int, name: str, shape, dtype=np.float32, attrs=None, outputs=1):
+    v = g.add_node(op, inputs, outputs, attrs, name=g.unique_name(name), index=idx).outputs[0]
+    v.shape, v.dtype = shape, np.dtype(dtype)
+    return v
+
+
+def _integer_layer(g: Graph, n: Node, d: Decomposition, a: ActQuant) -> None:
+    """Replace the decomposed layer ``n`` by its integer form (see :func:`qdq_graph`)."""
+    y = n.outputs[0]
+    conv = n.op_type == "Conv"
+    G = d.group if conv else 1
+    O, D, k = d.M.shape
+    mg = O // G
+    cd, _, b = epilogue_constants(d.M, d.c, a, None if n.bias is None else n.bias.const)
+    x = n.inputs[0]
+    idx = g.nodes.index(n)
+    attrs = dict(n.attrs)
+    g.remove_node(n, force=True)
+    q, _, _, idx = _quantizer(g, n, x, a, idx)
+    qf = _add(g, "Cast", [q], idx, f"{n.name}_codes", x.shape, attrs={"to": 1})
+    zpf = g.constant(f"{n.name}_act_zp_f", np.array(a.zp, np.float32))
+    xs = _add(g, "Sub", [qf, zpf], idx + 1, f"{n.name}_centred", x.shape)  # q - zp, exact integers
+    idx += 2
+    # the k bases of every filter as +-1 output channels, ordered (group, base, filter of the group)
+    Mb = d.M.astype(np.float32).reshape(G, mg, D, k).transpose(0, 3, 1, 2)  # G, k, mg, D
+    ys = y.shape
+    if conv:
+        wb = g.constant(f"{n.name}_bases", np.ascontiguousarray(Mb.reshape((G * k * mg,) + tuple(d.weight_shape[1:]))))
+        ca = {kk: v for kk, v in attrs.items() if kk in ("strides", "pads", "dilations", "group", "auto_pad",
+                                                          "kernel_shape")}
+        s = _add(g, "Conv", [xs, wb], idx, f"{n.name}_binary_conv",
+                 None if ys is None else [ys[0], G * k * mg] + list(ys[2:]), attrs=ca)
+        bshape = (O, 1, 1)
+    else:
+        wb = g.constant(f"{n.name}_bases", np.ascontiguousarray(Mb.reshape(k * O, D)))
+        s = _add(g, "Gemm", [xs, wb], idx, f"{n.name}_binary_gemm", None if ys is None else [ys[0], k * O],
+                 attrs={"transB": 1})
+        bshape = (O,)
+    idx += 1
+    t = None
+    ch = (np.arange(G)[:, None] * (k * mg) + np.arange(mg)[None, :]).reshape(-1)  # base 0's channels, filter order
+    for kk in range(k):
+        sk = _add(g, "Gather", [s, g.constant(f"{n.name}_base{kk}_channels", (ch + kk * mg).astype(np.int64))], idx,
+                  f"{n.name}_base{kk}", ys, attrs={"axis": 1})
+        mk = _add(g, "Mul", [sk, g.constant(f"{n.name}_coef{kk}_delta", cd[kk].reshape(bshape))], idx + 1,
+                  f"{n.name}_scaled{kk}", ys)
+        idx += 2
+        if t is None:
+            t = mk
+        else:
+            t = _add(g, "Add", [t, mk], idx, f"{n.name}_sum{kk}", ys)
+            idx += 1
+    g.add_node("Add", [t, g.constant(f"{n.name}_bias_f32", np.ascontiguousarray(b.reshape(bshape)))], [y],
+               name=g.unique_name(f"{n.name}_biased"), index=idx)
+
+
+def qdq_graph(decomposed: Graph, acts: dict[str, ActQuant], decs: dict[str, Decomposition] | None = None) -> Graph:
+    """The exported form of ``decomposed`` with each listed layer's input quantized.
+
+    Without ``decs`` (the search's cheap simulation): each layer's input goes through
+    Clip -> QuantizeLinear -> DequantizeLinear and the layer keeps its reconstructed float weights.
+
+    With ``decs`` (the exported model): each decomposed layer becomes its integer form, which
+    computes what the popcount runtime computes, bit for bit::
+
+        codes  = QuantizeLinear(Clip(x))                  uint8, in [0, 2^Q - 1]
+        xs     = Cast(codes, float) - zero_point          exact integers q - zp
+        S      = Conv(xs, M as +-1 filters) (or Gemm)     exact: integer sums below 2^24
+        y      = sum_k Gather(S * f32(c_k delta), k) + b  float32 steps, in the runtime's order
+
+    (runtime/popcount.py ``epilogue_constants``). Every product and partial sum of the Conv is an
+    integer of magnitude below 2^24 (|q - zp| <= 255, D < 65,793), which float32 holds exactly in any
+    summation order, and the epilogue is one float32 Mul and a chain of Adds, correctly rounded in
+    onnxruntime as in the runtime; so the outputs agree bit for bit and so do the next layer's codes.
+    The bases are the Conv's output channels ordered (group, base, filter); a Gather per base picks
+    its channels in filter order. No Conv is followed by a Mul or an Add (onnxruntime would fold
+    those into the weights), and no Conv reads a DequantizeLinear (onnxruntime's int8 weight optimizer
+    would quantize the +-1 filters)."""
     g = decomposed.copy()
     for n in list(g.nodes):
         a = acts.get(n.name)
         if a is None:
             continue
+        if decs is not None and n.name in decs:
+            _integer_layer(g, n, decs[n.name], a)
+            continue
         x = n.inputs[0]
-        idx = g.nodes.index(n)
-        sc = g.constant(f"{n.name}_act_scale", np.array(a.delta, np.float32))
-        zp = g.constant(f"{n.name}_act_zp", np.array(a.zp, np.uint8))
-        if a.Q < 8:
-            # Clip(x, min, max) in float at the ends of the Q-bit range, then QuantizeLinear: the same
-            # integers as clip(rint(x / delta) + zp, 0, 2^Q - 1) (the ends are exact multiples of delta).
-            # A Clip on the uint8 codes would be equivalent, but onnxruntime's QDQ optimizer drops it.
-            lo = g.constant(f"{n.name}_act_min", np.array(np.float32(-a.zp) * np.float32(a.delta), np.float32))
-            hi = g.constant(f"{n.name}_act_max", np.array(np.float32(a.qmax - a.zp) * np.float32(a.delta),
-                                                          np.float32))
-            xc = g.add_node("Clip", [x, lo, hi], 1, name=g.unique_name(f"{n.name}_act_clip"), index=idx).outputs[0]
-            xc.shape, xc.dtype = x.shape, np.dtype(np.float32)
-            idx += 1
-            x = xc
-        q = g.add_node("QuantizeLinear", [x, sc, zp], 1, name=g.unique_name(f"{n.name}_act_q"), index=idx).outputs[0]
-        q.shape, q.dtype = x.shape, np.dtype(np.uint8)
+        q, sc, zp, _ = _quantizer(g, n, x, a, g.nodes.index(n))
         dq = g.add_node("DequantizeLinear", [q, sc, zp], 1, name=g.unique_name(f"{n.name}_act_dq"),
                         index=g.nodes.index(n)).outputs[0]
         dq.shape, dq.dtype = x.shape, np.dtype(np.float32)
@@ -338,7 +500,7 @@ def compile_bdcnn(graph: Graph, calib_x: np.ndarray, eval_x: np.ndarray | None =
         search = algorithm1(A, R, R * max_drop, qmin=qmin, qmax=qmax)
         qs = dict(zip(names, search.q))
     acts = acts_for(qs)
-    qgraph = qdq_graph(dec_graph, acts)
+    qgraph = qdq_graph(dec_graph, acts, decs)
     rows = []
     for n in names:
         d, a = decs[n], acts[n]

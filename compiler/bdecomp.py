@@ -232,3 +232,117 @@ def decompose_weight(w: np.ndarray, k: int, *, group: int = 1, restarts: int = 3
     rel = float(np.linalg.norm(W - rec) / norm) if norm > 0 else 0.0
     return Decomposition(best_M.astype(np.int8), best_c, ci.astype(np.int16 if coef_bits > 8 else np.int8),
                          cf.astype(np.int64), coef_bits, tuple(int(d) for d in w.shape), int(group), rel)
+
+
+# ---------------------------------------------------------------------------- data-aware refinement
+def _metric_factor(h: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray]:
+    """Column order (decreasing ``h[i, i]``) and the upper Cholesky factor ``U`` of the damped,
+    permuted ``h^-1`` (``h^-1 = U^T U``), per group: ``(G, D)`` and ``(G, D, D)``. An input that never
+    carries signal (``h[i, i] == 0``) gets unit curvature and no coupling."""
+    g, d, _ = h.shape
+    diag = np.diagonal(h, axis1=1, axis2=2).copy()
+    perm = np.argsort(-diag, axis=1, kind="stable")
+    gi = np.arange(g)[:, None]
+    hp = h[gi[:, :, None], perm[:, :, None], perm[:, None, :]].copy()
+    dead = diag[gi, perm] <= 0
+    hp = np.where(dead[:, :, None] | dead[:, None, :], 0.0, hp)
+    idx = np.arange(d)
+    hp[:, idx, idx] = np.where(dead, 1.0, hp[:, idx, idx])
+    hp[:, idx, idx] += damp * np.mean(hp[:, idx, idx], axis=1)[:, None]
+    return perm, np.linalg.cholesky(np.linalg.inv(hp)).transpose(0, 2, 1)
+
+
+def signs_by_feedback(w: np.ndarray, c: np.ndarray, S: np.ndarray, perm: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Rows of ``M`` for fixed coefficients in the metric whose factor is ``u`` (:func:`_metric_factor`):
+    input by input (in the order ``perm``), each row takes the sign vector whose value ``s . c`` is
+    nearest to the weight, and its error is spread over the inputs not yet chosen through ``u`` (the
+    optimal-brain-quantization update of GPTQ, on the 2^k values ``s . c`` of each filter instead of
+    an integer grid). ``w`` ``(G, mg, D)``, ``c`` ``(G, mg, k)``; returns indices into ``S`` ``(G, mg, D)``."""
+    g, mg, d = w.shape
+    V = np.matmul(c, S.T)  # G, mg, 2^k candidate values
+    wp = np.take_along_axis(w, perm[:, None, :], axis=2).copy()
+    idx = np.empty((g, mg, d), np.int64)
+    for b0 in range(0, d, 128):
+        b1 = min(b0 + 128, d)
+        errs = np.empty((g, mg, b1 - b0))
+        for i in range(b0, b1):
+            col = wp[:, :, i]
+            j = np.argmin(np.abs(col[:, :, None] - V), axis=2)
+            val = np.take_along_axis(V, j[:, :, None], axis=2)[:, :, 0]
+            idx[:, :, i] = j
+            err = (col - val) / u[:, i, i][:, None]
+            errs[:, :, i - b0] = err
+            if i + 1 < b1:
+                wp[:, :, i + 1:b1] -= err[:, :, None] * u[:, None, i, i + 1:b1]
+        if b1 < d:
+            wp[:, :, b1:] -= np.matmul(errs, u[:, b0:b1, b1:])
+    out = np.empty_like(idx)
+    np.put_along_axis(out, perm[:, None, :], idx, axis=2)
+    return out
+
+
+def weighted_coefficients(M: np.ndarray, w: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """Least-squares ``c`` of ``w ~ M c`` in the metric ``h``: ``(M^T h M) c = M^T h w`` per filter.
+    ``M`` ``(G, mg, D, k)``, ``w`` ``(G, mg, D)``, ``h`` ``(G, D, D)``; returns ``(G, mg, k)``."""
+    hm = np.matmul(h[:, None], M)  # G, mg, D, k
+    a = np.matmul(M.transpose(0, 1, 3, 2), hm)
+    b = np.einsum("gmdk,gmd->gmk", hm, w)
+    k = M.shape[3]
+    tr = np.trace(a, axis1=2, axis2=3)[:, :, None, None] / k
+    return np.linalg.solve(a + 1e-12 * tr * np.eye(k) + 1e-300 * np.eye(k), b[..., None])[..., 0]
+
+
+def metric_error(w: np.ndarray, rec: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """``(w - rec)^T h (w - rec)`` per filter, ``(G, mg)``."""
+    e = w - rec
+    return np.sum(np.matmul(e, h) * e, axis=2)
+
+
+def refine_decomposition(d: Decomposition, w: np.ndarray, h: np.ndarray, *, rounds: int = 4,
+                         damp: float = 0.01) -> tuple[Decomposition, np.ndarray, np.ndarray]:
+    """The decomposition of ``w`` (``(O, D)``, the layer's target filters) that minimises the layer's
+    output error ``(w - M c)^T h (w - M c)`` instead of the weight error, starting from ``d``.
+
+    ``h`` ``(G, D, D)``: the metric of each group's inputs (their second moments, or their covariance
+    when the bias absorbs the mean). Each round sets ``c`` by least squares in ``h`` for the signs, then
+    the signs by :func:`signs_by_feedback` for ``c``; the coefficients are then rounded to ``d``'s
+    format and the signs chosen once more for them. Every filter keeps the best of ``d`` and the rounds
+    (so it never ends worse than ``d`` in ``h``). Returns the new decomposition (``rel_error`` still the
+    relative Frobenius error of the weights) and the metric errors per filter before and after ``(O,)``."""
+    G = d.group
+    O, D, k = d.M.shape
+    mg = O // G
+    S = sign_vectors(k)
+    h = np.asarray(h, np.float64)
+    wg = np.asarray(w, np.float64).reshape(G, mg, D)
+    perm, u = _metric_factor(h, damp)
+
+    def finish(c):  # coefficients rounded to the format, signs chosen for them
+        cq, _, _ = quantize_coefficients(c.reshape(O, k), d.coef_bits)
+        cq = cq.reshape(G, mg, k)
+        M = S[signs_by_feedback(wg, cq, S, perm, u)]
+        return M, cq, metric_error(wg, np.matmul(M, cq[..., None])[..., 0], h)
+
+    M0 = d.M.astype(np.float64).reshape(G, mg, D, k)
+    c0 = d.c.reshape(G, mg, k)
+    e0 = metric_error(wg, np.matmul(M0, c0[..., None])[..., 0], h)
+    best_M, best_c, best_e = M0, c0, e0
+    M = M0
+    for _ in range(max(1, int(rounds))):
+        c = weighted_coefficients(M, wg, h)
+        M = S[signs_by_feedback(wg, c, S, perm, u)]
+        Mf, cf, ef = finish(weighted_coefficients(M, wg, h))
+        take = ef < best_e
+        best_M = np.where(take[:, :, None, None], Mf, best_M)
+        best_c = np.where(take[:, :, None], cf, best_c)
+        best_e = np.where(take, ef, best_e)
+    c = best_c.reshape(O, k)
+    cq, ci, cf = quantize_coefficients(c, d.coef_bits)  # the kept ones are on the grid already
+    Mo = best_M.reshape(O, D, k)
+    W = np.asarray(w, np.float64).reshape(O, D)
+    rec = np.matmul(Mo, cq[:, :, None])[:, :, 0]
+    norm = float(np.linalg.norm(W))
+    rel = float(np.linalg.norm(W - rec) / norm) if norm > 0 else 0.0
+    nd = Decomposition(Mo.astype(np.int8), cq, ci.astype(d.c_int.dtype), cf.astype(np.int64), d.coef_bits,
+                       d.weight_shape, G, rel)
+    return nd, e0.reshape(O), best_e.reshape(O)

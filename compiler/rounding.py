@@ -32,10 +32,10 @@ from numpy.lib.stride_tricks import sliding_window_view
 from ..core.ir import Graph, Node
 from ..core.progress import progress_iter
 from ..core.qformat import QFormat, qrange
-from ..runtime.executor import batches, float_node_fn
+from ..runtime.executor import float_node_fn
 from ..runtime.fakequant import fake_quant_act, ir_node_fn
 from ..runtime.ops import conv_pads
-from .layerstats import LayerInputStats
+from .layerstats import LayerInputStats, run_side_by_side
 from .quant import bias_fits
 
 META_KEY = "mpqc.optimized_rounding"
@@ -228,7 +228,7 @@ def _quad(a: np.ndarray, h: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(np.matmul(a, h) * b, axis=2)
 
 
-def _reduced_metric(h: np.ndarray, free: int) -> tuple[np.ndarray, np.ndarray | None]:
+def reduced_metric(h: np.ndarray, free: int) -> tuple[np.ndarray, np.ndarray | None]:
     """The metric of the quantized columns with the free ones at their optimum (Schur complement
     ``H_QQ - H_QF H_FF^-1 H_FQ``) and ``H_QF H_FF^-1`` (None without free columns)."""
     if not free:
@@ -245,7 +245,7 @@ def with_free_columns(wq: np.ndarray, wstar: np.ndarray, h: np.ndarray, free: in
     if not free:
         return wq
     nq = wq.shape[2]
-    _, m = _reduced_metric(h, free)
+    _, m = reduced_metric(h, free)
     f = wstar[:, :, nq:] - np.matmul(wq - wstar[:, :, :nq], m)
     return np.concatenate([wq, f], axis=2)
 
@@ -266,6 +266,23 @@ class RoundingResult:
     finer: int
     error_nearest: float
     error_optimised: float
+
+
+def least_squares_target(wt: np.ndarray, hqq: np.ndarray, hqf: np.ndarray, *, damp: float = 0.01,
+                         count: int | None = None, min_samples: float = 32.0) -> np.ndarray:
+    """The weights that best map the quantized network's inputs to the float layer's outputs:
+    ``W* = Wt Hfq Hqq^-1 = Wt + Wt (Hfq - Hqq) Hqq^-1`` (the ridge ``damp * mean(diag Hqq)`` only on the
+    correction, so that float inputs give ``W* = Wt`` exactly). ``wt`` ``(G, O, D)``, the Grams
+    ``(G, D, D)``. With ``count`` input vectors below ``min_samples`` per input the correction is left
+    out (it would fit the calibration samples' noise) and ``wt`` comes back."""
+    dd = hqq.shape[1]
+    corr = hqf - hqq
+    if count is not None and count < min_samples * dd:
+        return wt
+    if not np.any(corr):
+        return wt
+    ridge = damp * np.mean(np.diagonal(hqq, axis1=1, axis2=2), axis=1)[:, None, None] * np.eye(dd)
+    return wt + np.linalg.solve(hqq + ridge, corr @ wt.transpose(0, 2, 1)).transpose(0, 2, 1)
 
 
 def optimise_layer(node: Node, grams: tuple[np.ndarray, np.ndarray, np.ndarray], fmt: QFormat, *,
@@ -292,17 +309,7 @@ def optimise_layer(node: Node, grams: tuple[np.ndarray, np.ndarray, np.ndarray],
         wt = wm
         hqq, hqf, hff = hqq[:, :d, :d], hqf[:, :d, :d], hff[:, :d, :d]
     free = 1 if use_bias else 0
-    # the least-squares target on the quantized inputs: W* = Wt Hfq Hqq^-1 = Wt + Wt (Hfq - Hqq) Hqq^-1 (the
-    # ridge only on the correction, so that float inputs give W* = Wt exactly)
-    dd = hqq.shape[1]
-    ridge = damp * np.mean(np.diagonal(hqq, axis1=1, axis2=2), axis=1)[:, None, None] * np.eye(dd)
-    corr = hqf - hqq
-    if count is not None and count < min_samples * dd:
-        corr = np.zeros_like(corr)  # too few samples per input: the correction would fit their noise
-    if np.any(corr):
-        wstar = wt + np.linalg.solve(hqq + ridge, corr @ wt.transpose(0, 2, 1)).transpose(0, 2, 1)
-    else:
-        wstar = wt
+    wstar = least_squares_target(wt, hqq, hqf, damp=damp, count=count, min_samples=min_samples)
     lo, hi = qrange(fmt.bits, fmt.signed)
     sc = np.broadcast_to(np.asarray(fmt.scale(), np.float64).reshape(-1), (g * o,)).reshape(g, o)
 
@@ -418,55 +425,33 @@ def optimise_rounding_sequential(graph: Graph, layers: list[Node], table, x: np.
     Holds the live activations of both networks for all of ``x`` (the caller bounds its size)."""
     todo = {id(n) for n in layers}
     rows: dict[int, dict] = {}
-    qfn = ir_node_fn(graph, rounding=rounding)
     nodes = list(graph.nodes)
-    remaining: dict[int, int] = {}
-    for n in nodes:
-        for v in n.inputs:
-            if v is not None and not v.is_const:
-                remaining[id(v)] = remaining.get(id(v), 0) + 1
-    pinned = {id(v) for v in graph.outputs}
-    inp = graph.inputs[0]
-    chunks = [x[sl] for sl in batches(len(x), batch_size)]
-    env_f: dict[int, list] = {id(inp): chunks}
-    env_q: dict[int, list] = {id(inp): chunks}
 
-    def args(env, n, i):
-        return [None if v is None else (v.const if v.is_const else env[id(v)][i]) for v in n.inputs]
+    def visit(i, args_f, args_q):  # args_f: the original constants, read before _apply
+        n = nodes[i]
+        if id(n) not in todo:
+            return
+        row = {"layer": n.name, "weight_bits": n.qconfig.weight_bits if n.qconfig else None}
+        why = _skip_reason(n, True)
+        if why:
+            row.update(applied=False, reason=why)
+        else:
+            f_in = n.inputs[0].qformat
+            acc = None
+            for af, aq in zip(args_f, args_q):
+                xq = aq[0] if f_in is None else fake_quant_act(aq[0], f_in, rounding)
+                part = layer_grams(n, np.asarray(af[0]), np.asarray(xq))
+                acc = part if acc is None else tuple(a + b for a, b in zip(acc, part))
+            hqq, hqf, hff, cnt = acc
+            r = optimise_layer(n, (hqq / cnt, hqf / cnt, hff / cnt), n.qconfig.weight_format, damp=damp,
+                               count=cnt, min_samples=min_samples,
+                               act_order=act_order, finer=finer, bias=bias, frac_cap=table.frac_cap(n))
+            row.update(_apply(graph, n, r, table))
+        rows[id(n)] = row
 
-    for n in progress_iter(nodes, desc=None if quiet else "rounding: layers"):
-        args_f = [args(env_f, n, i) for i in range(len(chunks))]  # the original constants, read before _apply
-        if id(n) in todo:
-            row = {"layer": n.name, "weight_bits": n.qconfig.weight_bits if n.qconfig else None}
-            why = _skip_reason(n, True)
-            if why:
-                row.update(applied=False, reason=why)
-            else:
-                f_in = n.inputs[0].qformat
-                acc = None
-                for i in range(len(chunks)):
-                    xq = env_q[id(n.inputs[0])][i]
-                    if f_in is not None:
-                        xq = fake_quant_act(xq, f_in, rounding)
-                    part = layer_grams(n, np.asarray(args_f[i][0]), np.asarray(xq))
-                    acc = part if acc is None else tuple(a + b for a, b in zip(acc, part))
-                hqq, hqf, hff, cnt = acc
-                r = optimise_layer(n, (hqq / cnt, hqf / cnt, hff / cnt), n.qconfig.weight_format, damp=damp,
-                                   count=cnt, min_samples=min_samples,
-                                   act_order=act_order, finer=finer, bias=bias, frac_cap=table.frac_cap(n))
-                row.update(_apply(graph, n, r, table))
-            rows[id(n)] = row
-        outs_f = [float_node_fn(n, a) for a in args_f]
-        outs_q = [qfn(n, args(env_q, n, i)) for i in range(len(chunks))]
-        for k, v in enumerate(n.outputs):
-            env_f[id(v)] = [o[k] for o in outs_f]
-            env_q[id(v)] = [o[k] for o in outs_q]
-        for v in n.inputs:
-            if v is not None and not v.is_const and id(v) in remaining:
-                remaining[id(v)] -= 1
-                if remaining[id(v)] == 0 and id(v) not in pinned:
-                    env_f.pop(id(v), None)
-                    env_q.pop(id(v), None)
+    run_side_by_side(nodes, nodes, graph.inputs[0], graph.inputs[0], x, fn_a=float_node_fn,
+                     fn_b=ir_node_fn(graph, rounding=rounding), visit=visit, keep=graph.outputs,
+                     batch_size=batch_size, progress=None if quiet else "rounding: layers")
     return [rows.get(id(n), {"layer": n.name, "applied": False, "reason": "not reached"}) for n in layers]
 
 

@@ -198,6 +198,27 @@ def pack_planes(q: np.ndarray, Q: int) -> np.ndarray:
     return pack_bits(planes)
 
 
+# --------------------------------------------------------------------------- epilogue
+def epilogue_constants(M: np.ndarray, c: np.ndarray, act: ActQuant, bias=None
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The constants of a binary layer's float32 epilogue, the one computation after the exact integer
+    sums that the runtime and the exported ONNX model (compiler/bdcnn.py) both perform, in the same
+    order, so that they give the same float32 bits:
+
+        S_k = P_k - zpm[k, o]                      (= sum_j M_jk (q_j - zp), an exact integer)
+        y   = ((f32(S_0) * a[0, o] + f32(S_1) * a[1, o]) + ...) + b[o]     (float32 steps)
+
+    ``a = f32(c * delta)`` (k, O) float32 (``c`` times the float32 ``delta`` is exact in float64, so
+    the one rounding is to float32), ``zpm = zp * sum_j M_jk`` (k, O) int64, ``b`` (O,) float32 (the
+    layer's bias, or zeros). ``M`` (O, D, k), ``c`` (O, k)."""
+    M = np.asarray(M)
+    a = np.ascontiguousarray((np.asarray(c, np.float64) * float(act.delta)).T.astype(np.float32))
+    zpm = np.ascontiguousarray(int(act.zp) * M.astype(np.int64).sum(axis=1).T)
+    O = M.shape[0]
+    b = np.zeros(O, np.float32) if bias is None else np.asarray(bias, np.float32).reshape(-1)
+    return a, zpm, np.ascontiguousarray(b)
+
+
 # --------------------------------------------------------------------------- kernels
 # Three paths (chosen per layer by :func:`choose_path`; ``BinaryLayer.path`` tells which):
 #
@@ -318,9 +339,10 @@ def _bgemm(A, Wt, Q, acc, tot):
 
 
 @numba.njit(cache=True)
-def _epilogue(T, SQ, n0, nn, P, g, k, mg, cd, bias, psum, y, want_psum, want_y):
-    """Rows r = nl*P + p of the chunk (samples n0 .. n0+nn-1): psum[n, p, kk, o] = 2*T - SQ;
-    y[n, o, p] = bias[o] + sum_k cd[k, o] * (2*T[r, kk*mg + o] - SQ[r]) (written along p)."""
+def _epilogue(T, SQ, n0, nn, P, g, k, mg, cd, zpm, bias, psum, y, want_psum, want_y):
+    """Rows r = nl*P + p of the chunk (samples n0 .. n0+nn-1): psum[n, p, kk, o] = P_k = 2*T - SQ;
+    y[n, o, p] = the float32 epilogue of :func:`epilogue_constants` on S_k = P_k - zpm[k, o]
+    (written along p)."""
     o0 = g * mg
     for nl in range(nn):
         n = n0 + nl
@@ -331,7 +353,7 @@ def _epilogue(T, SQ, n0, nn, P, g, k, mg, cd, bias, psum, y, want_psum, want_y):
                     for o in range(mg):
                         psum[n, p, kk, o0 + o] = 2 * T[r, kk * mg + o] - SQ[r]
         if want_y:  # blocks of 16 positions: vectorized along o into Yb, then written along p
-            Yb = np.empty((16, mg), np.float64)
+            Yb = np.empty((16, mg), np.float32)
             for pb in range(0, P, 16):
                 pe = min(P, pb + 16)
                 for p in range(pb, pe):
@@ -340,10 +362,12 @@ def _epilogue(T, SQ, n0, nn, P, g, k, mg, cd, bias, psum, y, want_psum, want_y):
                     yb = Yb[p - pb]
                     Tr = T[r]
                     for o in range(mg):
-                        yb[o] = bias[o0 + o]
-                    for kk in range(k):
+                        yb[o] = np.float32(2 * Tr[o] - s2 - zpm[0, o0 + o]) * cd[0, o0 + o]
+                    for kk in range(1, k):
                         for o in range(mg):
-                            yb[o] += cd[kk, o0 + o] * np.float64(2 * Tr[kk * mg + o] - s2)
+                            yb[o] = yb[o] + np.float32(2 * Tr[kk * mg + o] - s2 - zpm[kk, o0 + o]) * cd[kk, o0 + o]
+                    for o in range(mg):
+                        yb[o] = yb[o] + bias[o0 + o]
                 for o in range(mg):
                     yo = y[n, o0 + o]
                     for p in range(pb, pe):
@@ -354,7 +378,7 @@ CHUNK_P = 16  # from this many output positions per sample on, rows are blocked 
 
 
 @numba.njit(cache=True)
-def _conv_taps(planes, qsum, Wt, kh, kw, sh, sw, dh, dw, OH, OW, Q, k, cd, bias, psum, y, want_psum, want_y):
+def _conv_taps(planes, qsum, Wt, kh, kw, sh, sw, dh, dw, OH, OW, Q, k, cd, zpm, bias, psum, y, want_psum, want_y):
     """``tap`` path. planes/qsum from _prepack_taps; Wt (G, kh*kw*Wc, k*mg) uint64."""
     N, G, Hp, Wp, _, Wc = planes.shape
     Wn = Wt.shape[1]
@@ -396,11 +420,11 @@ def _conv_taps(planes, qsum, Wt, kh, kw, sh, sw, dh, dw, OH, OW, Q, k, cd, bias,
                             w0 += Wc
                     SQ[r] = s
                 _bgemm(A, Wg, Q, acc, T[r0:r0 + RB])
-            _epilogue(T, SQ, n0, nn, P, g, k, mg, cd, bias, psum, y, want_psum, want_y)
+            _epilogue(T, SQ, n0, nn, P, g, k, mg, cd, zpm, bias, psum, y, want_psum, want_y)
 
 
 @numba.njit(cache=True)
-def _conv_window(segs, qsum, Wt, kh, seg_bits, sh, sw, dh, OH, OW, Q, k, cd, bias, psum, y, want_psum,
+def _conv_window(segs, qsum, Wt, kh, seg_bits, sh, sw, dh, OH, OW, Q, k, cd, zpm, bias, psum, y, want_psum,
                  want_y):
     """``window`` path. segs/qsum from _prepack_rows; Wt (G, ceil(D/64), k*mg), D in (dy, dx, c) order."""
     N, G, Hp, SX, _ = segs.shape
@@ -445,11 +469,11 @@ def _conv_window(segs, qsum, Wt, kh, seg_bits, sh, sw, dh, OH, OW, Q, k, cd, bia
                                 A[b, e, wi + 1] |= v >> np.uint64(64 - bo)
                     SQ[r] = s
                 _bgemm(A, Wg, Q, acc, T[r0:r0 + RB])
-            _epilogue(T, SQ, n0, nn, P, g, k, mg, cd, bias, psum, y, want_psum, want_y)
+            _epilogue(T, SQ, n0, nn, P, g, k, mg, cd, zpm, bias, psum, y, want_psum, want_y)
 
 
 @numba.njit(cache=True)
-def _conv_direct(qp, Mi, G, kh, kw, sh, sw, dh, dw, OH, OW, cd, bias, psum, y, want_psum, want_y):
+def _conv_direct(qp, Mi, G, kh, kw, sh, sw, dh, dw, OH, OW, cd, zpm, bias, psum, y, want_psum, want_y):
     """``direct`` path: P_k = sum_j M_jk q_j by integer multiply-adds. Mi (O, cg, kh, kw, k) int64."""
     N, C, Hp, Wp = qp.shape
     O, cg, _, _, k = Mi.shape
@@ -477,10 +501,10 @@ def _conv_direct(qp, Mi, G, kh, kw, sh, sw, dh, dw, OH, OW, cd, bias, psum, y, w
                         for kk in range(k):
                             psum[n, p, kk, o] = acc[kk, oy, ox]
                     if want_y:
-                        s = bias[o]
-                        for kk in range(k):
-                            s += cd[kk, o] * np.float64(acc[kk, oy, ox])
-                        y[n, o, p] = s
+                        s = np.float32(acc[0, oy, ox] - zpm[0, o]) * cd[0, o]
+                        for kk in range(1, k):
+                            s = s + np.float32(acc[kk, oy, ox] - zpm[kk, o]) * cd[kk, o]
+                        y[n, o, p] = s + bias[o]
 
 
 # --------------------------------------------------------------------------- layer objects
@@ -639,28 +663,24 @@ def _run(layer: BinaryLayer, q, act: ActQuant, strides, pads, dilations, *, want
     P = OH * OW
     psum = np.zeros((N, P, k, O) if want_psum else (1, 1, 1, 1), np.int64)
     y = np.empty((N, O, P) if want_y else (1, 1, 1), dtype)
-    cd = np.ascontiguousarray((layer.c * act.delta).T)  # k, O
-    b = act.lo * layer.w_sum
-    if bias is not None:
-        b = b + np.asarray(bias, np.float64).reshape(-1)
-    b = np.ascontiguousarray(b, np.float64)
+    cd, zpm, b = epilogue_constants(layer.M, layer.c, act, bias)
     Hp, Wp = qp.shape[2:]
     if layer.path == "direct":
-        _conv_direct(qp, layer.kernel_words, G, kh, kw, sh, sw, dh, dw, OH, OW, cd, b, psum, y, want_psum, want_y)
+        _conv_direct(qp, layer.kernel_words, G, kh, kw, sh, sw, dh, dw, OH, OW, cd, zpm, b, psum, y, want_psum, want_y)
     elif layer.path == "window":
         cg = qp.shape[1] // G
         SX = (OW - 1) * sw + 1
         segs = np.empty((N, G, Hp, SX, Q), np.uint64)
         qsum = np.empty((N, G, Hp, SX), np.int64)
         _prepack_rows(qp, G, Q, kw, dw, SX, segs, qsum)
-        _conv_window(segs, qsum, layer.kernel_words, kh, kw * cg, sh, sw, dh, OH, OW, Q, k, cd, b, psum, y,
+        _conv_window(segs, qsum, layer.kernel_words, kh, kw * cg, sh, sw, dh, OH, OW, Q, k, cd, zpm, b, psum, y,
                      want_psum, want_y)
     else:
         Wc = n_words(qp.shape[1] // G)
         planes = np.empty((N, G, Hp, Wp, Q, Wc), np.uint64)
         qsum = np.empty((N, G, Hp, Wp), np.int64)
         _prepack_taps(qp, G, Q, Wc, planes, qsum)
-        _conv_taps(planes, qsum, layer.kernel_words, kh, kw, sh, sw, dh, dw, OH, OW, Q, k, cd, b, psum, y,
+        _conv_taps(planes, qsum, layer.kernel_words, kh, kw, sh, sw, dh, dw, OH, OW, Q, k, cd, zpm, b, psum, y,
                    want_psum, want_y)
     return psum, y, N, OH, OW, q.ndim == 2
 
@@ -681,8 +701,9 @@ def binary_partial_sums(layer: BinaryLayer, q: np.ndarray, act: ActQuant, stride
 
 def binary_forward(layer: BinaryLayer, q: np.ndarray, act: ActQuant, bias=None, strides=(1, 1),
                    pads=(0, 0, 0, 0), dilations=(1, 1), dtype=np.float64) -> np.ndarray:
-    """Float output ``sum_k c_k delta P_k + min * sum_j w~_j + bias`` (computed in float64,
-    stored as ``dtype``: float64 by default, float32 in the runtime).
+    """Float output ``sum_k c_k delta (P_k - zp sum_j M_jk) + bias`` (= ``sum_k c_k delta P_k + min *
+    sum_j w~_j + bias``), computed by the float32 epilogue of :func:`epilogue_constants` and stored as
+    ``dtype`` (float64 by default, float32 in the runtime).
 
     Shapes as :func:`binary_partial_sums`; returns (N, O, OH, OW) or (N, O).
     """

@@ -8,32 +8,42 @@ from mpqc.compiler.bdcnn import compile_bdcnn, decomposable
 from mpqc.runtime.bdcnn import run_bdcnn
 
 from tests.conftest import bench_path
-from tests.graphs import GraphBuilder, randn, rel_err
+from tests.graphs import GraphBuilder, randn, rel_err, run_float
 from tests.runtime.test_bdcnn import small_net
 
 
-def ort_run(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
+def ort_run(model_bytes: bytes, x: np.ndarray, level=None) -> np.ndarray:
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.intra_op_num_threads = 1
-    # onnxruntime >= 1.20 would otherwise round float weights read next to a DequantizeLinear to int8
-    s = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"],
-                             disabled_optimizers=["WeightBiasQuantization"])
+    if level is not None:
+        so.graph_optimization_level = level
+    s = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
     return s.run(None, {s.get_inputs()[0].name: x})[0]
 
 
 @pytest.mark.parametrize("q", [2, 5, 8])
-def test_onnx_export_runs_in_onnxruntime_and_matches_popcount(q):
+@pytest.mark.parametrize("k", [1, 3])
+def test_onnx_export_equals_popcount_runtime_bit_for_bit(q, k):
+    import onnxruntime as ort
     g = small_net()
-    x = np.random.default_rng(1).uniform(-1, 1, (8, 3, 8, 8)).astype(np.float32)
-    res = compile_bdcnn(g, x, q_fixed=q, bases=3, restarts=1, iterations=5)
+    x = np.random.default_rng(1).uniform(-1, 1, (32, 3, 8, 8)).astype(np.float32)
+    res = compile_bdcnn(g, x, q_fixed=q, bases=k, restarts=1, iterations=5)
     ops = [n.op_type for n in res.graph.nodes]
-    assert ops.count("QuantizeLinear") == 3 and ops.count("DequantizeLinear") == 3
+    # the integer form: codes, q - zp, one +-1 Conv/Gemm per layer, a Gather and a Mul per base
+    assert ops.count("QuantizeLinear") == 3 and ops.count("DequantizeLinear") == 0
+    assert ops.count("Cast") == 3 and ops.count("Sub") == 3 and ops.count("Conv") == 2 and ops.count("Gemm") == 1
+    assert ops.count("Gather") == 3 * k and ops.count("Mul") == 3 * k
     assert ops.count("Clip") == (3 if q < 8 else 0)
-    got = ort_run(res.onnx_bytes(), x)
+    conv = next(n for n in res.graph.nodes if n.op_type == "Conv")
+    assert set(np.unique(conv.inputs[1].const)) == {-1.0, 1.0} and conv.inputs[1].const.shape[0] == 8 * k
     pop = run_bdcnn(res.program, x)[0]
-    assert rel_err(pop, got) < 1e-5
+    # onnxruntime's default session, and with no graph optimization at all: the same bits
+    for level in (None, ort.GraphOptimizationLevel.ORT_DISABLE_ALL):
+        np.testing.assert_array_equal(ort_run(res.onnx_bytes(), x, level), pop)
+    # and mpqc's own float runtime on the exported graph
+    np.testing.assert_array_equal(run_float(res.graph, {"x": x})[0], pop)
 
 
 def test_algorithm1_report_and_undecomposable_layer_is_kept():
