@@ -46,6 +46,7 @@ from .rounding import layer_grams, least_squares_target, reduced_metric, row_los
 from .export import to_onnx
 from .metrics import evaluate
 from .qsearch import QSearchResult, algorithm1, drop_rates
+from .options import BDCNN_FITS
 from .targets import get_target
 
 log = logging.getLogger(__name__)
@@ -443,12 +444,17 @@ def _default_runner(batch_size: int) -> Runner:
 
 def compile_bdcnn(graph: Graph, calib_x: np.ndarray, eval_x: np.ndarray | None = None,
                   eval_y: np.ndarray | None = None, *, max_drop: float = 0.01, bases=2, restarts: int = 3,
-                  iterations: int = 20, q_fixed: int | dict | None = None, qmin: int = 2, qmax: int = 8,
+                  iterations: int = 20, fit: str = "outputs", fit_samples: int = 32, fit_rounds: int = 4,
+                  q_fixed: int | dict | None = None, qmin: int = 2, qmax: int = 8,
                   coef_bits: int | None = None, metric: str | None = None, seed: int = 0, batch_size: int = 64,
                   runner: Runner | None = None, measure: bool = True, quiet: bool = True) -> BdcnnResult:
     """Compile a canonical float ``graph`` for the bdcnn target (see the module docstring).
 
-    ``bases``: k for every layer, or ``{layer name: k, "*": default}``; ``q_fixed``: Q for every
+    ``bases``: k for every layer, or ``{layer name: k, "*": default}``; ``fit``: "outputs" (default)
+    re-fits every decomposition to its layer's outputs on the first ``fit_samples`` calibration
+    samples, from the decomposed network's inputs (:func:`refine_in_place`, ``fit_rounds`` rounds),
+    "outputs-float" from the float network's inputs, "weights" keeps the weight-space fit of the
+    paper; ``q_fixed``: Q for every
     layer (int) or per layer name (dict) instead of Algorithm 1; ``max_drop``: tolerated relative
     drop of the eval value (``D = R * max_drop``); ``metric``: top1 with labels, agreement with the
     float network otherwise; ``runner(graph, x) -> first output`` evaluates the QDQ networks of the
@@ -465,6 +471,13 @@ def compile_bdcnn(graph: Graph, calib_x: np.ndarray, eval_x: np.ndarray | None =
     dec_graph, decs, skipped = decompose_graph(graph, bases=bases, restarts=restarts, iterations=iterations,
                                                coef_bits=coef_bits, seed=seed,
                                                progress=None if quiet else "decompose")
+    if fit not in BDCNN_FITS:
+        raise OptionError(f"fit must be one of {', '.join(BDCNN_FITS)}, got {fit!r}")
+    fit_rows = None
+    if fit != "weights" and decs:
+        fit_rows = refine_in_place(graph, dec_graph, decs, np.asarray(calib_x)[:max(1, int(fit_samples))],
+                                   inputs="decomposed" if fit == "outputs" else "float", rounds=fit_rounds,
+                                   batch_size=batch_size, progress=None if quiet else "fit to outputs")
     names = [n.name for n in dec_graph.nodes if n.name in decs]
     ranges = activation_ranges(dec_graph, names, np.asarray(calib_x), batch_size=batch_size,
                                progress=None if quiet else "calibrate")
@@ -502,13 +515,17 @@ def compile_bdcnn(graph: Graph, calib_x: np.ndarray, eval_x: np.ndarray | None =
     acts = acts_for(qs)
     qgraph = qdq_graph(dec_graph, acts, decs)
     rows = []
+    fitted = {r["layer"]: r for r in fit_rows or []}
     for n in names:
         d, a = decs[n], acts[n]
+        fr = fitted.get(n)
+        fit_cols = {} if fr is None else {"output_error": fr["output_error_data_fit"],
+                                          "output_error_weights_fit": fr["output_error_weights_fit"]}
         node = dec_graph.node_by_name(n)
         rows.append({"layer": n, "op": node.op_type, "k": d.k, "rel_error": d.rel_error, "Q": a.Q,
                      "min": a.lo, "max": a.hi, "delta": a.delta, "zero_point": a.zp,
                      "calib_range": list(ranges[n]), "D": d.D, "O": d.O, "group": d.group,
-                     "binary_ops_per_output": d.k * a.Q * (-(-d.D // 64)), **d.sizes()})
+                     "binary_ops_per_output": d.k * a.Q * (-(-d.D // 64)), **fit_cols, **d.sizes()})
     program = build_program(dec_graph, decs, acts, rows)
     bundle, manifest = bdcnn_bundle_bytes(program)
     tot = {k: int(sum(r[k] for r in rows)) for k in ("bytes", "bases_bytes", "coef_bytes", "float_bytes", "int8_bytes")}
@@ -522,8 +539,10 @@ def compile_bdcnn(graph: Graph, calib_x: np.ndarray, eval_x: np.ndarray | None =
                   "other_float_bytes": max(0, other_float), "bundle_bytes": len(bundle)},
         "q": {n: qs[n] for n in names},
         "q_mode": "fixed" if q_fixed is not None else "algorithm1",
+        "fit": {"mode": fit, "samples": min(len(calib_x), max(1, int(fit_samples))) if fit_rows is not None else 0,
+                "rounds": fit_rounds, "layers": fit_rows or []},
         "settings": {"bases": bases if not isinstance(bases, dict) else dict(sorted(bases.items())),
-                     "restarts": restarts, "iterations": iterations, "coef_bits": coef_bits, "seed": seed,
+                     "restarts": restarts, "iterations": iterations, "fit": fit, "coef_bits": coef_bits, "seed": seed,
                      "max_drop": max_drop, "qmin": qmin, "qmax": qmax},
     })
     if eval_x is not None:

@@ -355,7 +355,7 @@ def _compile_bdcnn(graph: Graph, ctx: PassContext, level: int, opts: CompileOpti
                        max_drop=0.01 if opts.max_drop is None else opts.max_drop,
                        bases=parse_bases(opts.bases) if opts.bases is not None else 3,
                        restarts=opts.restarts or 3, iterations=20 if opts.iterations is None else opts.iterations,
-                       q_fixed=planes, metric=ctx.metric, seed=ctx.seed, batch_size=ctx.batch_size, quiet=ctx.quiet)
+                       fit=opts.fit, q_fixed=planes, metric=ctx.metric, seed=ctx.seed, batch_size=ctx.batch_size, quiet=ctx.quiet)
     rep = ctx.report
     rep["bdcnn"] = bd.report
     info = model_info(bd.decomposed)

@@ -95,6 +95,10 @@ def parse_input_shapes(specs, where: str = "--input-shape") -> dict[str | None, 
     return out
 
 
+#: what a binary decomposition is fitted to (``--fit``; compiler/bdcnn.py ``compile_bdcnn``)
+BDCNN_FITS = ("outputs", "outputs-float", "weights")
+
+
 def parse_bases(text: str | int, where: str = "--bases") -> int | dict[str, int]:
     """``"3"`` (every layer) or ``"3,LAYER=2,..."`` / ``"LAYER=2,*=3"`` (per layer, ``*`` or a bare
     number the default) into k or ``{layer: k, "*": default}``; k in 1..8."""
@@ -130,6 +134,9 @@ class CompileOptions:
     [--prune]: channel selection (reap, l1, l1-norefit, thinet); ratios [--ratios]: per-layer
     pruning ratios (pro, uniform). Binary decomposition (``--target bdcnn``): bases [--bases] (k,
     or per layer), restarts [--restarts], iterations [--iterations] of the decomposition;
+    fit [--fit]: what each decomposition is fitted to (``BDCNN_FITS``: "outputs", the default, the
+    layer's outputs on the calibration data with the decomposed network's inputs; "outputs-float",
+    the same from the float network's inputs; "weights", the weights alone, as the paper does);
     planes [--planes]: one activation bit-plane count Q for every layer instead of the search.
     strict [--strict]: an accuracy goal that cannot be met is an error (nothing written); without
     it the best network found is written and the report's ``goal_missed`` says by how much.
@@ -158,6 +165,7 @@ class CompileOptions:
     bases: str | None = None
     restarts: int | None = None
     iterations: int | None = None
+    fit: str = "outputs"
     planes: int | None = None
     strict: bool = False
     time_budget: float | None = None
@@ -184,6 +192,8 @@ class CompileOptions:
             raise OptionError(f"--iterations must be >= 0, got {self.iterations}")
         if self.planes is not None and not 2 <= self.planes <= 8:
             raise OptionError(f"--planes (activation bit-planes Q) must be in 2..8, got {self.planes}")
+        if self.fit not in BDCNN_FITS:
+            raise OptionError(f"--fit must be one of {', '.join(BDCNN_FITS)}, got {self.fit!r}")
         if self.time_budget is not None and not (self.time_budget > 0 and self.time_budget < float("inf")):
             raise OptionError(f"--time-budget is in seconds and must be a positive number, got {self.time_budget}")
         if self.sim not in SIM_ENGINES:

@@ -124,6 +124,10 @@ def compile_parser() -> argparse.ArgumentParser:
     bd.add_argument("--restarts", type=int, metavar="N", help="seeded restarts of each decomposition (default 3)")
     bd.add_argument("--iterations", type=int, metavar="N",
                     help="alternating-optimisation rounds of each decomposition (default 20)")
+    bd.add_argument("--fit", choices=("outputs", "outputs-float", "weights"), default="outputs",
+                    help="fit each decomposition to the layer's outputs on --calib, from the decomposed "
+                         "network's inputs (outputs, default) or the float network's (outputs-float), or "
+                         "to the weights alone, as the paper does (weights)")
     bd.add_argument("--planes", type=int, metavar="Q",
                     help="activation bit-planes Q (2..8) of every layer instead of the per-layer search "
                          "(default: 8 at -O1, searched at -O2)")
@@ -241,7 +245,7 @@ def cmd_compile(argv: list[str]) -> int:
     options = CompileOptions(max_drop=args.max_drop, target_score=args.target_score, strategy=args.strategy,
                              cycles=args.cycles, finetune=args.finetune, finetune_epochs=args.finetune_epochs,
                              flops=args.flops, prune=args.prune, ratios=args.ratios, bases=args.bases,
-                             restarts=args.restarts, iterations=args.iterations, planes=args.planes,
+                             restarts=args.restarts, iterations=args.iterations, planes=args.planes, fit=args.fit,
                              strict=args.strict, time_budget=args.time_budget, sim=args.sim,
                              rank_signal=args.rank_signal, ranking_subset=args.ranking_subset,
                              input_shape=tuple(args.input_shape))

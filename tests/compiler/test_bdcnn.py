@@ -108,3 +108,52 @@ def test_ort_agreement_same_input_is_bit_exact_quantizer_and_float_tolerance(q):
     assert agr["codes"] > 0 and agr["code_flips"] <= agr["codes"]
     if agr["code_flips"] == 0:
         assert agr["end_to_end_rel"] < 1e-5
+
+
+@pytest.mark.parametrize("inputs", ["decomposed", "float"])
+def test_refine_in_place_fits_the_layer_outputs(inputs):
+    from mpqc.compiler.bdcnn import decompose_graph, refine_in_place
+    g = small_net()
+    r = np.random.default_rng(7)
+
+    def images(n):  # smooth, correlated pixels, as in photos (2x2 blocks of noise plus a little detail)
+        x = np.repeat(np.repeat(r.uniform(-1, 1, (n, 3, 4, 4)), 2, axis=2), 2, axis=3)
+        return (x + 0.1 * r.normal(size=x.shape)).astype(np.float32)
+    xc, xt = images(256), images(64)
+    dg, decs, _ = decompose_graph(g, bases=2, restarts=1, iterations=5)
+    before = {n: d.M.copy() for n, d in decs.items()}
+    y_f = run_float(g, {"x": xt})[0]
+    y_w = run_float(dg, {"x": xt})[0]
+    rows = refine_in_place(g, dg, decs, xc, inputs=inputs, rounds=3, batch_size=64)
+    y_d = run_float(dg, {"x": xt})[0]
+    assert [row["layer"] for row in rows] == ["conv1", "dw", "fc"]
+    assert all(row["output_error_data_fit"] <= row["output_error_weights_fit"] for row in rows)
+    assert any(not np.array_equal(before[n], decs[n].M) for n in decs)
+    # the network's outputs on held-out data come closer to the float network's
+    assert np.mean((y_d - y_f) ** 2) < 0.7 * np.mean((y_w - y_f) ** 2)
+    # every layer of the graph is its decomposition (weights M c, a fitted bias)
+    for n in ("conv1", "dw", "fc"):
+        node = dg.node_by_name(n)
+        np.testing.assert_allclose(node.weight.const, decs[n].reconstructed().reshape(node.weight.shape), rtol=1e-6)
+        assert node.bias is not None
+
+
+def test_fit_option_is_checked():
+    from mpqc.core.errors import OptionError
+    with pytest.raises(OptionError, match="fit must be one of"):
+        compile_bdcnn(small_net(), np.zeros((4, 3, 8, 8), np.float32), q_fixed=4, fit="data")
+
+
+@pytest.mark.slow
+def test_efficientnet_onnx_export_equals_the_popcount_runtime():
+    """49 requantizations of EfficientNet-Lite0 and not one code apart: the integer form is exact."""
+    from mpqc.compiler.bdcnn import ort_agreement
+    from mpqc import load
+    ph = np.load(bench_path("photos.npz"))
+    g = load(str(bench_path("efficientnet_lite0.onnx")))
+    res = compile_bdcnn(g, ph["x_calib"][:4].astype(np.float32), q_fixed=4, bases=2, restarts=1, iterations=2,
+                        fit="weights")
+    x = ph["x_test"][:2].astype(np.float32)
+    np.testing.assert_array_equal(ort_run(res.onnx_bytes(), x), run_bdcnn(res.program, x)[0])
+    agr = ort_agreement(res, x)
+    assert agr["code_flips"] == 0 and agr["codes"] > 10 ** 7 and agr["end_to_end_rel"] == 0.0
