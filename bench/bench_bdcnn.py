@@ -106,21 +106,6 @@ def word_ops(rt, positions, n):
     return tot, paths
 
 
-def cached_decomposition():
-    """Decompose each (graph, k, restarts, iterations) once for all the Q configurations."""
-    import mpqc.compiler.bdcnn as B
-    orig = B.decompose_graph
-    cache = {}
-
-    def deco(graph, **kw):
-        key = (id(graph), repr(sorted(kw.items())))
-        if key not in cache:
-            cache[key] = orig(graph, **kw)
-        dg, decs, skipped = cache[key]
-        return dg.copy(), decs, skipped
-    B.decompose_graph = deco
-
-
 def timed_emulator(em):
     """Wrap ``em._exec`` so that the seconds of each step accumulate per node name."""
     em.timings = {}
@@ -160,12 +145,13 @@ def main():
     ap.add_argument("--restarts", type=int, default=2)
     ap.add_argument("--iterations", type=int, default=10)
     ap.add_argument("--repeat", type=int, default=5, help="timing repeats (best of)")
+    ap.add_argument("--fit", default="outputs", help="comma-separated --fit modes to compare (outputs, "
+                    "outputs-float, weights; default outputs)")
     ap.add_argument("--tag", default="", help="write bench/out/bdcnn_<model><tag>.json")
     ap.add_argument("--md", default=None, help="markdown output (default bench/results/bdcnn.md)")
     ap.add_argument("--search-drop", type=float, default=None,
                     help="relative drop of the first search (default: the first of --drops)")
     args = ap.parse_args()
-    cached_decomposition()
     from mpqc.compiler.bdcnn import compile_bdcnn, ort_agreement
     from mpqc.compiler.driver import compile_model
     from mpqc.compiler.export import to_onnx
@@ -179,7 +165,7 @@ def main():
 
     cmd = f"`bench/bench_bdcnn.py --models {args.models} --bases {args.bases} --qs {args.qs} " \
           f"--drops {args.drops} --eval-n {args.eval_n} --test-n {args.test_n} --restarts {args.restarts} " \
-          f"--iterations {args.iterations} --time-n {args.time_n} --repeat {args.repeat}" + \
+          f"--iterations {args.iterations} --time-n {args.time_n} --repeat {args.repeat} --fit {args.fit}" + \
         (f" --search-drop {args.search_drop}" if args.search_drop is not None else "") + "`"
     lines = [SECTION, "", f"One thread each (OPENBLAS_NUM_THREADS=1, "
              f"onnxruntime intra-op 1). CPU: {cpu_model()} at {cpu_hz() / 1e9:.2f} GHz; timings taken on a "
@@ -219,15 +205,16 @@ def main():
         t_ort8 = best_time(lambda: s8.run(None, {g.inputs[0].name: xs}))
         rows, speed, sizes = [], [], []
         out_json = {"model": model, "float": float_acc, "configs": []}
-        for k in [int(v) for v in args.bases.split(",")]:
+        for fit, k in [(f, int(v)) for f in args.fit.split(",") for v in args.bases.split(",")]:
+            kf = f"{k} ({fit})"
             t0 = time.perf_counter()
             sd = args.search_drop if args.search_drop is not None else float(args.drops.split(",")[0])
             base = compile_bdcnn(g, xc, xe, None if eff else ye, max_drop=sd, bases=k,
                                  restarts=args.restarts, iterations=args.iterations, runner=ort_runner,
-                                 measure=False)
+                                 measure=False, fit=fit)
             t_compile = time.perf_counter() - t0
             sz = base.report["sizes"]
-            sizes.append((k, sz))
+            sizes.append((kf, sz))
             srch = base.search
             configs = [(f"Q={q}", None, {n: q for n in base.report["q"]}) for q in [int(v) for v in args.qs.split(",")]]
             for dd in [float(v) for v in args.drops.split(",")]:
@@ -235,6 +222,7 @@ def main():
                 configs.append((f"Alg.1 D={dd:g}", a1.predicted, dict(zip(base.report["q"], a1.q))))
             for label, pred, qs in configs:
                 res = compile_bdcnn(g, xc, None, None, bases=k, restarts=args.restarts, iterations=args.iterations,
+                                    reuse=base,
                                     q_fixed=qs, measure=False)
                 acc = score(ort_runner(res.graph, xt))
                 rt = BdcnnRuntime(res.program)
@@ -262,15 +250,16 @@ def main():
                 limit = cpu_hz() * words_per_cycle()
                 util = sum(ops.values()) / max(1e-12, sum(layer_t.values())) / limit
                 qv = "/".join(str(qs[n]) for n in qs)
-                rows.append((k, label, qv, pred, acc, t_pop, dev, util, agr))
-                out_json["configs"].append({"k": k, "config": label, "q": qs, "predicted": pred, "measured": acc,
+                rows.append((kf, label, qv, pred, acc, t_pop, dev, util, agr))
+                out_json["configs"].append({"k": k, "fit": fit, "config": label, "q": qs, "predicted": pred, "measured": acc,
                                             "popcount_s": t_pop, "ort_vs_popcount_rel": dev, "ort_agreement": agr,
                                             "popcount_utilisation": util, "layer_s": layer_t, "word_ops": ops,
                                             "paths": paths, "emulator_layer_s": emu_layer})
                 if label.startswith("Q=") and int(label[2:]) * k <= 6 or label.startswith("Alg.1"):
-                    speed.append((k, label, qs, layer_t, ops, paths))
-            out_json.setdefault("compile_s", {})[k] = t_compile
-            print(model, "k", k, "compiled in", round(t_compile, 1), "s", flush=True)
+                    speed.append((kf, k, label, qs, layer_t, ops, paths))
+            out_json.setdefault("compile_s", {})[kf] = t_compile
+            out_json.setdefault("fit_layers", {})[kf] = base.report["fit"]["layers"]
+            print(model, "k", kf, "compiled in", round(t_compile, 1), "s", flush=True)
         # emulator per-layer is not timed per step: whole network only
         lines += [f"### {model}", "", f"Command: {cmd}", "",
                   f"float accuracy {float_acc:.4f} on {len(xt)} test samples ({'agreement' if eff else 'top-1'}); "
@@ -295,7 +284,7 @@ def main():
                   "of popcount vs emulator; kernel path (tap: per-pixel pre-packed words per tap; window: per-row "
                   "segments into one dense window; direct: integer multiply-adds, depthwise); share of the popcount "
                   "limit (word ops / time / limit; direct layers: none).", ""]
-        names = list(speed[0][2]) if speed else []
+        names = list(speed[0][3]) if speed else []
         wide = len(names) <= 10
         if wide:
             lines += ["| k | Q | k*Q<=6 | " + " | ".join(names) + " | conv layers total |",
@@ -303,7 +292,7 @@ def main():
         else:
             lines += ["| k | Q | k*Q<=6 | tap layers | window layers | direct layers | Gemm | conv layers total |",
                       "|---|---|---|---|---|---|---|---|"]
-        for k, label, qs, lt, ops, paths in speed:
+        for kf, k, label, qs, lt, ops, paths in speed:
             cells = []
             for n in names:
                 te = emu_layer.get(n, float("nan"))
@@ -322,7 +311,7 @@ def main():
             if not wide:
                 cells = [tot(lambda n, pth=pth: isconv(n) and paths[n] == pth) for pth in ("tap", "window", "direct")]
                 cells.append(tot(lambda n: not isconv(n)))
-            lines.append(f"| {k} | {label} | {'yes' if okq else 'no'} | " + " | ".join(cells) +
+            lines.append(f"| {kf} | {label} | {'yes' if okq else 'no'} | " + " | ".join(cells) +
                          f" | {tot(isconv)} |")
         lines.append("")
         OUT.mkdir(parents=True, exist_ok=True)

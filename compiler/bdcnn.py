@@ -257,6 +257,34 @@ def refine_in_place(graph: Graph, dec: Graph, decs: dict[str, Decomposition], x:
     return rows
 
 
+def decompose_and_fit(g: Graph, calib_x: np.ndarray | None, *, fit: str = "outputs", fit_samples: int = 32,
+                      fit_rounds: int = 4, bases=2, restarts: int = 3, iterations: int = 20, coef_bits: int = 8,
+                      seed: int = 0, batch_size: int = 64, quiet: bool = True, record: bool = False
+                      ) -> tuple[dict[str, Decomposition], dict[str, str], list[dict] | None]:
+    """:func:`decompose_in_place` on ``g``, then (``fit`` "outputs" or "outputs-float") every
+    decomposition re-fitted to its layer's outputs on the first ``fit_samples`` samples of
+    ``calib_x`` (:func:`refine_in_place`); ``record``: the final decompositions in ``g.metadata``.
+    Returns the decompositions, the skipped layers with their reasons, and the fit's rows (None
+    with ``fit="weights"``)."""
+    if fit not in BDCNN_FITS:
+        raise OptionError(f"fit must be one of {', '.join(BDCNN_FITS)}, got {fit!r}")
+    if fit != "weights" and calib_x is None:
+        raise DataError(f"fit={fit} fits each decomposition to its layer's outputs on calibration data: "
+                        f"give --calib FILE.npz[:calib], or fit=weights")
+    float_g = g.copy() if fit != "weights" else None
+    decs, skipped = decompose_in_place(g, bases=bases, restarts=restarts, iterations=iterations,
+                                       coef_bits=coef_bits, seed=seed, progress=None if quiet else "decompose")
+    rows = None
+    if float_g is not None and decs:
+        rows = refine_in_place(float_g, g, decs, np.asarray(calib_x)[:max(1, int(fit_samples))],
+                               inputs="decomposed" if fit == "outputs" else "float", rounds=fit_rounds,
+                               batch_size=batch_size, progress=None if quiet else "fit to outputs")
+    if record:
+        for name, d in decs.items():
+            g.metadata[METADATA_PREFIX + name] = d.to_metadata()
+    return decs, skipped, rows
+
+
 # ---------------------------------------------------------------------------- calibration
 def activation_ranges(graph: Graph, names: list[str], x: np.ndarray, *, batch_size: int = 64,
                       progress: str | None = None) -> dict[str, tuple[float, float]]:
@@ -447,7 +475,8 @@ def compile_bdcnn(graph: Graph, calib_x: np.ndarray, eval_x: np.ndarray | None =
                   iterations: int = 20, fit: str = "outputs", fit_samples: int = 32, fit_rounds: int = 4,
                   q_fixed: int | dict | None = None, qmin: int = 2, qmax: int = 8,
                   coef_bits: int | None = None, metric: str | None = None, seed: int = 0, batch_size: int = 64,
-                  runner: Runner | None = None, measure: bool = True, quiet: bool = True) -> BdcnnResult:
+                  runner: Runner | None = None, measure: bool = True, quiet: bool = True,
+                  reuse: "BdcnnResult | None" = None) -> BdcnnResult:
     """Compile a canonical float ``graph`` for the bdcnn target (see the module docstring).
 
     ``bases``: k for every layer, or ``{layer name: k, "*": default}``; ``fit``: "outputs" (default)
@@ -458,7 +487,9 @@ def compile_bdcnn(graph: Graph, calib_x: np.ndarray, eval_x: np.ndarray | None =
     layer (int) or per layer name (dict) instead of Algorithm 1; ``max_drop``: tolerated relative
     drop of the eval value (``D = R * max_drop``); ``metric``: top1 with labels, agreement with the
     float network otherwise; ``runner(graph, x) -> first output`` evaluates the QDQ networks of the
-    search (default: mpqc's float executor); ``measure``: run the popcount runtime on the eval split.
+    search (default: mpqc's float executor); ``measure``: run the popcount runtime on the eval split;
+    ``reuse``: the result of an earlier compile of the same graph whose decompositions (and their
+    fit) are taken as they are (the bases, fit and seed options are then not used again).
     """
     if not 0 <= max_drop < 1:
         raise OptionError(f"max_drop must be in [0, 1), got {max_drop}")
@@ -468,16 +499,16 @@ def compile_bdcnn(graph: Graph, calib_x: np.ndarray, eval_x: np.ndarray | None =
     coef_bits = int(coef_bits or tgt.weight_bits[0])
     runner = runner or _default_runner(batch_size)
     pg = None if quiet else "bdcnn"
-    dec_graph, decs, skipped = decompose_graph(graph, bases=bases, restarts=restarts, iterations=iterations,
-                                               coef_bits=coef_bits, seed=seed,
-                                               progress=None if quiet else "decompose")
-    if fit not in BDCNN_FITS:
-        raise OptionError(f"fit must be one of {', '.join(BDCNN_FITS)}, got {fit!r}")
-    fit_rows = None
-    if fit != "weights" and decs:
-        fit_rows = refine_in_place(graph, dec_graph, decs, np.asarray(calib_x)[:max(1, int(fit_samples))],
-                                   inputs="decomposed" if fit == "outputs" else "float", rounds=fit_rounds,
-                                   batch_size=batch_size, progress=None if quiet else "fit to outputs")
+    if reuse is not None:  # the decompositions (and their fit) of an earlier compile of the same graph
+        dec_graph, decs = reuse.decomposed.copy(), dict(reuse.decompositions)
+        skipped = {r["layer"]: r["reason"] for r in reuse.report["not_decomposed"]}
+        fit_rows = reuse.report["fit"]["layers"] or None
+    else:
+        dec_graph = graph.copy()
+        decs, skipped, fit_rows = decompose_and_fit(dec_graph, calib_x, fit=fit, fit_samples=fit_samples,
+                                                    fit_rounds=fit_rounds, bases=bases, restarts=restarts,
+                                                    iterations=iterations, coef_bits=coef_bits, seed=seed,
+                                                    batch_size=batch_size, quiet=quiet)
     names = [n.name for n in dec_graph.nodes if n.name in decs]
     ranges = activation_ranges(dec_graph, names, np.asarray(calib_x), batch_size=batch_size,
                                progress=None if quiet else "calibrate")

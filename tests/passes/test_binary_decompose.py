@@ -66,3 +66,30 @@ def test_undecomposable_layer_is_reported_not_crashed():
     res = BinaryDecomposePass().run(g, ctx)
     assert res.info == {"decomposed": 0, "skipped": 1}
     assert "ConvTranspose" in ctx.report["passes"]["binary-decompose"]["not_decomposed"][0]["reason"]
+
+
+def test_fit_outputs_refits_to_the_calibration_outputs_and_records_the_final_bases():
+    import pytest
+    from mpqc.compiler.data import Dataset
+    from mpqc.core.errors import DataError
+    g0 = net()
+    r = np.random.default_rng(8)
+    xc = np.repeat(np.repeat(r.uniform(0, 1, (200, 2, 3, 3)), 2, axis=2), 2, axis=3).astype(np.float32)
+    xt = np.repeat(np.repeat(r.uniform(0, 1, (50, 2, 3, 3)), 2, axis=2), 2, axis=3).astype(np.float32)
+    want = run_float(g0, {"x": xt})[0]
+    outs = {}
+    for fit in ("weights", "outputs"):
+        g = net()
+        ctx = PassContext(batch_size=50)
+        ctx.calib = Dataset(xc, None, "calib")
+        BinaryDecomposePass(bases=1, restarts=1, iterations=5, fit=fit, samples=200).run(g, ctx)
+        sec = ctx.report["passes"]["binary-decompose"]
+        assert sec["fit"] == fit
+        d = Decomposition.from_metadata(g.metadata[METADATA_PREFIX + "conv"])
+        np.testing.assert_array_equal(d.reconstructed().astype(np.float32), g.node_by_name("conv").weight.const)
+        if fit == "outputs":
+            assert all(row["output_error"] <= row["output_error_weights_fit"] for row in sec["layers"])
+        outs[fit] = run_float(g, {"x": xt})[0]
+    assert np.mean((outs["outputs"] - want) ** 2) < 0.5 * np.mean((outs["weights"] - want) ** 2)
+    with pytest.raises(DataError, match="give --calib"):
+        BinaryDecomposePass(fit="outputs").run(net(), PassContext())
