@@ -101,9 +101,12 @@ class ActQuant:
         return self.lo + self.qmax * self.delta
 
     def quantize(self, x: np.ndarray) -> np.ndarray:
-        """Integer ``q`` (int32) of ``x``: ONNX QuantizeLinear(delta, zp) + Clip(0, 2^Q-1)."""
-        y = np.rint(np.asarray(x, np.float32) / np.float32(self.delta)).astype(np.float64) + self.zp
-        return np.clip(y, 0, self.qmax).astype(np.int32)
+        """Integer ``q`` (int32) of ``x``: ONNX QuantizeLinear(delta, zp) + Clip(0, 2^Q-1), i.e.
+        ``clip(rint(f32(x) / f32(delta)) + zp, 0, 2^Q - 1)`` (one numba pass)."""
+        x = np.ascontiguousarray(x, np.float32)
+        out = np.empty(x.shape, np.int32)
+        _quantize(x.reshape(-1), np.float32(self.delta), float(self.zp), float(self.qmax), out.reshape(-1))
+        return out
 
     def dequantize(self, q: np.ndarray) -> np.ndarray:
         """``min + delta * q`` as ONNX DequantizeLinear: float32 ``(q - zp) * delta``."""
@@ -111,6 +114,13 @@ class ActQuant:
 
     def fake_quant(self, x: np.ndarray) -> np.ndarray:
         return self.dequantize(self.quantize(x))
+
+
+@numba.njit(cache=True)
+def _quantize(x, delta, zp, qmax, out):
+    for i in range(x.size):
+        v = np.float64(np.rint(x[i] / delta)) + zp  # float32 division and rounding (ties to even)
+        out[i] = np.int32(min(max(v, 0.0), qmax))
 
 
 # --------------------------------------------------------------------------- popcount intrinsic
@@ -472,39 +482,98 @@ def _conv_window(segs, qsum, Wt, kh, seg_bits, sh, sw, dh, OH, OW, Q, k, cd, zpm
             _epilogue(T, SQ, n0, nn, P, g, k, mg, cd, zpm, bias, psum, y, want_psum, want_y)
 
 
+#: bits per base in a packed direct-path weight: |P_k| <= 64 * 255 < 2^15 fits a signed 16-bit field
+FIELD = 16
+#: bases per packed int64 weight
+FIELDS = 64 // FIELD
+
+
+def pack_direct(M: np.ndarray, weight_shape) -> np.ndarray:
+    """Direct-path weights: the k bases of every tap packed into int64 words, ``sum_k M_k 2^(16 k)``
+    for up to 4 bases a word: ``(ceil(k/4), O, cg, kh, kw)``. One integer multiply-add then sums
+    every base's ``P_k`` at once in its own 16-bit field (``|P_k| <= D * 255 < 2^15`` for D <= 64)."""
+    O, D, k = M.shape
+    _, cg, kh, kw = weight_shape
+    m = np.asarray(M, np.int64).reshape(O, cg, kh, kw, k)
+    nw = -(-k // FIELDS)
+    out = np.zeros((nw, O, cg, kh, kw), np.int64)
+    for kk in range(k):
+        out[kk // FIELDS] += m[..., kk] << np.int64(FIELD * (kk % FIELDS))
+    return out
+
+
+def stride_phases(qp: np.ndarray, sw: int) -> np.ndarray:
+    """(sw, N, C, H, ceil(W / sw)): phase ``r`` holds columns ``r, r + sw, ...`` of ``qp`` (the last
+    column of a shorter phase repeats; it is never read)."""
+    if sw == 1:
+        return qp[None]
+    W = qp.shape[3]
+    wq = -(-W // sw)
+    out = np.empty((sw,) + qp.shape[:3] + (wq,), qp.dtype)
+    for r in range(sw):
+        ph = qp[..., r::sw]
+        out[r, ..., :ph.shape[3]] = ph
+        if ph.shape[3] < wq:
+            out[r, ..., ph.shape[3]:] = ph[..., -1:] if ph.shape[3] else 0
+    return out
+
+
 @numba.njit(cache=True)
-def _conv_direct(qp, Mi, G, kh, kw, sh, sw, dh, dw, OH, OW, cd, zpm, bias, psum, y, want_psum, want_y):
-    """``direct`` path: P_k = sum_j M_jk q_j by integer multiply-adds. Mi (O, cg, kh, kw, k) int64."""
-    N, C, Hp, Wp = qp.shape
-    O, cg, _, _, k = Mi.shape
+def _conv_direct(qp, Wp, k, G, kh, kw, sh, sw, dh, dw, OH, OW, cd, zpm, bias, psum, y, want_psum, want_y):
+    """``direct`` path: ``P_k = sum_j M_jk q_j`` by integer multiply-adds, one output row at a time,
+    every group of 4 bases in one int64 multiply-add (:func:`pack_direct`), the fields then split
+    (sign-extended 16-bit) and the float32 epilogue applied to the row. Wp (ceil(k/4), O, cg, kh, kw);
+    qp (sw, N, C, Hp, ceil(Wp / sw)): the padded input's columns split into the ``sw`` phases of the
+    stride (:func:`stride_phases`)."""
+    N = qp.shape[1]
+    nw, O, cg, _, _ = Wp.shape
     mg = O // G
-    acc = np.zeros((k, OH, OW), np.int64)
+    acc = np.zeros((nw, OW), np.int64)
+    Pk = np.zeros((k, OW), np.int64)
+    yr = np.zeros(OW, np.float32)
     for n in range(N):
         for o in range(O):
             g = o // mg
-            acc[...] = 0
-            for c in range(cg):
-                ci = g * cg + c
-                for dy in range(kh):
-                    for dx in range(kw):
-                        for kk in range(k):
-                            m = Mi[o, c, dy, dx, kk]
-                            for oy in range(OH):
-                                iy = oy * sh + dy * dh
-                                row = qp[n, ci, iy]
-                                for ox in range(OW):
-                                    acc[kk, oy, ox] += m * np.int64(row[ox * sw + dx * dw])
             for oy in range(OH):
-                for ox in range(OW):
-                    p = oy * OW + ox
-                    if want_psum:
-                        for kk in range(k):
-                            psum[n, p, kk, o] = acc[kk, oy, ox]
-                    if want_y:
-                        s = np.float32(acc[0, oy, ox] - zpm[0, o]) * cd[0, o]
-                        for kk in range(1, k):
-                            s = s + np.float32(acc[kk, oy, ox] - zpm[kk, o]) * cd[kk, o]
-                        y[n, o, p] = s + bias[o]
+                acc[:, :] = 0
+                for c in range(cg):
+                    ci = g * cg + c
+                    for dy in range(kh):
+                        iy = oy * sh + dy * dh
+                        for dx in range(kw):
+                            off = dx * dw
+                            # column ox * sw + off is column ox + off // sw of phase off % sw: unit stride
+                            seg = qp[off % sw, n, ci, iy, off // sw:off // sw + OW]
+                            for wi in range(nw):
+                                m = Wp[wi, o, c, dy, dx]
+                                a = acc[wi]
+                                for ox in range(OW):
+                                    a[ox] += m * np.int64(seg[ox])
+                for kk in range(k):  # split the 16-bit fields (each signed; lower fields first)
+                    a = acc[kk // FIELDS]
+                    for ox in range(OW):
+                        v = (a[ox] << np.int64(64 - FIELD)) >> np.int64(64 - FIELD)
+                        Pk[kk, ox] = v
+                        a[ox] = (a[ox] - v) >> np.int64(FIELD)
+                p0 = oy * OW
+                if want_psum:
+                    for kk in range(k):
+                        for ox in range(OW):
+                            psum[n, p0 + ox, kk, o] = Pk[kk, ox]
+                if want_y:
+                    a0 = cd[0, o]
+                    z0 = zpm[0, o]
+                    for ox in range(OW):
+                        yr[ox] = np.float32(Pk[0, ox] - z0) * a0
+                    for kk in range(1, k):
+                        ak = cd[kk, o]
+                        zk = zpm[kk, o]
+                        for ox in range(OW):
+                            yr[ox] = yr[ox] + np.float32(Pk[kk, ox] - zk) * ak
+                    b = bias[o]
+                    yo = y[n, o]
+                    for ox in range(OW):
+                        yo[p0 + ox] = yr[ox] + b
 
 
 # --------------------------------------------------------------------------- layer objects
@@ -581,7 +650,7 @@ class BinaryLayer:
             raise DataError("the window path needs kw * C/group <= 64")
         if self.path == "direct":
             _, cg, kh, kw = self.weight_shape
-            self.kernel_words = np.ascontiguousarray(self.M.astype(np.int64).reshape(O, cg, kh, kw, k))
+            self.kernel_words = pack_direct(self.M, self.weight_shape)
         else:
             self.kernel_words = _relayout(self.M, self.weight_shape, self.group, self.path)
         # reconstructed filters and their sums (the ``min * sum_j w~_j`` term)
@@ -666,7 +735,8 @@ def _run(layer: BinaryLayer, q, act: ActQuant, strides, pads, dilations, *, want
     cd, zpm, b = epilogue_constants(layer.M, layer.c, act, bias)
     Hp, Wp = qp.shape[2:]
     if layer.path == "direct":
-        _conv_direct(qp, layer.kernel_words, G, kh, kw, sh, sw, dh, dw, OH, OW, cd, zpm, b, psum, y, want_psum, want_y)
+        _conv_direct(stride_phases(qp, sw), layer.kernel_words, k, G, kh, kw, sh, sw, dh, dw, OH, OW, cd, zpm, b, psum, y, want_psum,
+                     want_y)
     elif layer.path == "window":
         cg = qp.shape[1] // G
         SX = (OW - 1) * sw + 1
