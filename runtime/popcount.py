@@ -452,6 +452,8 @@ def _conv_window(segs, qsum, Wt, kh, seg_bits, sh, sw, dh, OH, OW, Q, k, cd, zpm
 FIELD = 16
 #: bases per packed int64 weight
 FIELDS = 64 // FIELD
+#: int64 accumulators of one block of output rows on the direct path (16 KiB: in L1)
+DIRECT_ACC = 2048
 
 
 def pack_direct(M: np.ndarray, weight_shape) -> np.ndarray:
@@ -468,78 +470,174 @@ def pack_direct(M: np.ndarray, weight_shape) -> np.ndarray:
     return out
 
 
-def stride_phases(qp: np.ndarray, sw: int) -> np.ndarray:
-    """(sw, N, C, H, ceil(W / sw)): phase ``r`` holds columns ``r, r + sw, ...`` of ``qp`` (the last
-    column of a shorter phase repeats; it is never read)."""
-    if sw == 1:
-        return qp[None]
-    W = qp.shape[3]
-    wq = -(-W // sw)
-    out = np.empty((sw,) + qp.shape[:3] + (wq,), qp.dtype)
-    for r in range(sw):
-        ph = qp[..., r::sw]
-        out[r, ..., :ph.shape[3]] = ph
-        if ph.shape[3] < wq:
-            out[r, ..., ph.shape[3]:] = ph[..., -1:] if ph.shape[3] else 0
+@numba.njit(cache=True)
+def _prepack_pixels(q, G, Q, planes, qsum):
+    """``pixels`` layout of a 1x1 convolution's input q (N, C, P): planes (N, G, Q, Wc, P) uint64 <-
+    bit c % 64 of word c // 64 is bit e of q[c, p] (channels of group g); qsum (N, G, P) <- sum of q.
+    Vectorized along the positions."""
+    N, C, P = q.shape
+    cg = C // G
+    planes[...] = 0
+    qsum[...] = 0
+    for n in range(N):
+        for g in range(G):
+            s = qsum[n, g]
+            for c in range(cg):
+                row = q[n, g * cg + c]
+                wi = c >> 6
+                bit = np.uint64(c & 63)
+                for i in range(P):
+                    s[i] += row[i]
+                for e in range(Q):
+                    dst = planes[n, g, e, wi]
+                    for i in range(P):
+                        dst[i] |= np.uint64((row[i] >> e) & 1) << bit
+
+
+#: positions per chunk of the pixels path (its accumulators and plane words stay in L1)
+PCH = 512
+
+
+@numba.njit(cache=True)
+def _conv_pixels(planes, qsum, Wt, Q, k, cd, zpm, bias, psum, y, want_psum, want_y):
+    """``pixels`` path of a 1x1, stride-1, unpadded convolution: the popcount core vectorized along the
+    output positions instead of the filters (for layers with few filters and many positions), one
+    filter at a time with its k bases, then the float32 epilogue along the positions into y (N, O, P).
+    planes/qsum from :func:`_prepack_pixels`; Wt (G, Wc, k*mg) the ``tap`` words (column kk*mg + o)."""
+    N, G, _, Wc, P = planes.shape
+    J = Wt.shape[2]
+    mg = J // k
+    T = np.zeros((k, PCH), np.int64)
+    yr = np.zeros(PCH, np.float32)
+    for n in range(N):
+        for g in range(G):
+            for p0 in range(0, P, PCH):
+                pn = min(PCH, P - p0)
+                sq = qsum[n, g, p0:p0 + pn]
+                for o in range(mg):
+                    oo = g * mg + o
+                    for kk in range(k):
+                        t = T[kk]
+                        for i in range(pn):
+                            t[i] = 0
+                        j = kk * mg + o
+                        for e in range(Q):
+                            for w in range(Wc):
+                                m = Wt[g, w, j]
+                                a = planes[n, g, e, w, p0:p0 + pn]
+                                for i in range(pn):
+                                    t[i] += popcount64(a[i] & m) << e
+                    if want_psum:
+                        for kk in range(k):
+                            t = T[kk]
+                            for i in range(pn):
+                                psum[n, p0 + i, kk, oo] = 2 * t[i] - sq[i]
+                    if want_y:
+                        t = T[0]
+                        a0 = cd[0, oo]
+                        z0 = zpm[0, oo]
+                        for i in range(pn):
+                            yr[i] = np.float32(2 * t[i] - sq[i] - z0) * a0
+                        for kk in range(1, k):
+                            t = T[kk]
+                            ak = cd[kk, oo]
+                            zk = zpm[kk, oo]
+                            for i in range(pn):
+                                yr[i] = yr[i] + np.float32(2 * t[i] - sq[i] - zk) * ak
+                        b = bias[oo]
+                        yo = y[n, oo, p0:p0 + pn]
+                        for i in range(pn):
+                            yo[i] = yr[i] + b
+
+
+def stride_phases(qp: np.ndarray, sh: int, sw: int) -> np.ndarray:
+    """(sh * sw, N, C, ceil(H / sh) * ceil(W / sw) + pad): phase ``(rh, rw)`` (index ``rh * sw + rw``)
+    holds rows ``rh, rh + sh, ...`` and columns ``rw, rw + sw, ...`` of ``qp``, each phase flattened
+    row-major with ``ceil(W / sw)`` columns (entries past a shorter phase's end are 0 and never read
+    for a valid output), and enough zeros after the last row for the flat windows of the kernel."""
+    N, C, H, W = qp.shape
+    hq, wq = -(-H // sh), -(-W // sw)
+    out = np.zeros((sh * sw, N, C, hq * wq + wq + sw), qp.dtype)
+    for rh in range(sh):
+        for rw in range(sw):
+            ph = qp[:, :, rh::sh, rw::sw]
+            v = out[rh * sw + rw, :, :, :hq * wq].reshape(N, C, hq, wq)
+            v[:, :, :ph.shape[2], :ph.shape[3]] = ph
     return out
 
 
 @numba.njit(cache=True)
-def _conv_direct(qp, Wp, k, G, kh, kw, sh, sw, dh, dw, OH, OW, cd, zpm, bias, psum, y, want_psum, want_y):
-    """``direct`` path: ``P_k = sum_j M_jk q_j`` by integer multiply-adds, one output row at a time,
+def _conv_direct(qp, Wp, k, G, kh, kw, sh, sw, dh, dw, OH, OW, wq, cd, zpm, bias, psum, y, want_psum, want_y):
+    """``direct`` path: ``P_k = sum_j M_jk q_j`` by integer multiply-adds, one output plane at a time,
     every group of 4 bases in one int64 multiply-add (:func:`pack_direct`), the fields then split
-    (sign-extended 16-bit) and the float32 epilogue applied to the row. Wp (ceil(k/4), O, cg, kh, kw);
-    qp (sw, N, C, Hp, ceil(Wp / sw)): the padded input's columns split into the ``sw`` phases of the
-    stride (:func:`stride_phases`)."""
+    (sign-extended 16-bit) and the float32 epilogue applied. qp: the padded input in the flat stride
+    phases of :func:`stride_phases` (``wq`` columns a phase row): output (oy, ox) reads, for tap
+    (dy, dx), phase ((dy*dh) % sh, (dx*dw) % sw) at flat index ``(oy + dy*dh // sh) * wq + ox +
+    dx*dw // sw``, so a tap is one contiguous multiply-add over the flat plane ``i = oy * wq + ox``
+    (the columns ox >= OW of it are computed and dropped). Wp (ceil(k/4), O, cg, kh, kw)."""
     N = qp.shape[1]
     nw, O, cg, _, _ = Wp.shape
     mg = O // G
-    acc = np.zeros((nw, OW), np.int64)
+    # output rows per block: one row of a wide output (measured faster), else as many rows as keep the
+    # block's accumulators in L1 (narrow outputs: fewer, longer loops)
+    rb = 1 if OW >= 32 else max(1, DIRECT_ACC // wq)
+    acc = np.zeros((nw, min(rb, OH) * wq), np.int64)
     Pk = np.zeros((k, OW), np.int64)
     yr = np.zeros(OW, np.float32)
     for n in range(N):
         for o in range(O):
             g = o // mg
-            for oy in range(OH):
+            for oy0 in range(0, OH, rb):
+                nr = min(rb, OH - oy0)
+                L = nr * wq
                 acc[:, :] = 0
                 for c in range(cg):
                     ci = g * cg + c
                     for dy in range(kh):
-                        iy = oy * sh + dy * dh
+                        ry = dy * dh
                         for dx in range(kw):
-                            off = dx * dw
-                            # column ox * sw + off is column ox + off // sw of phase off % sw: unit stride
-                            seg = qp[off % sw, n, ci, iy, off // sw:off // sw + OW]
+                            rx = dx * dw
+                            base = (oy0 + ry // sh) * wq + rx // sw
+                            src = qp[(ry % sh) * sw + rx % sw, n, ci, base:base + L]
                             for wi in range(nw):
                                 m = Wp[wi, o, c, dy, dx]
                                 a = acc[wi]
-                                for ox in range(OW):
-                                    a[ox] += m * np.int64(seg[ox])
-                for kk in range(k):  # split the 16-bit fields (each signed; lower fields first)
-                    a = acc[kk // FIELDS]
-                    for ox in range(OW):
-                        v = (a[ox] << np.int64(64 - FIELD)) >> np.int64(64 - FIELD)
-                        Pk[kk, ox] = v
-                        a[ox] = (a[ox] - v) >> np.int64(FIELD)
-                p0 = oy * OW
-                if want_psum:
-                    for kk in range(k):
-                        for ox in range(OW):
-                            psum[n, p0 + ox, kk, o] = Pk[kk, ox]
-                if want_y:
-                    a0 = cd[0, o]
-                    z0 = zpm[0, o]
-                    for ox in range(OW):
-                        yr[ox] = np.float32(Pk[0, ox] - z0) * a0
-                    for kk in range(1, k):
-                        ak = cd[kk, o]
-                        zk = zpm[kk, o]
-                        for ox in range(OW):
-                            yr[ox] = yr[ox] + np.float32(Pk[kk, ox] - zk) * ak
-                    b = bias[o]
-                    yo = y[n, o]
-                    for ox in range(OW):
-                        yo[p0 + ox] = yr[ox] + b
+                                for i in range(L):
+                                    a[i] += m * np.int64(src[i])
+                for oyl in range(nr):
+                    _direct_row(acc, oyl * wq, (oy0 + oyl) * OW, OW, n, o, k, Pk, yr, cd, zpm, bias, psum, y,
+                                want_psum, want_y)
+
+
+@numba.njit(cache=True, inline="always")
+def _direct_row(acc, r0, p0, OW, n, o, k, Pk, yr, cd, zpm, bias, psum, y, want_psum, want_y):
+    """One output row of the direct path: split the packed fields at acc[:, r0:r0+OW], write the
+    partial sums and/or the float32 epilogue at positions p0.."""
+    for kk in range(k):  # split the 16-bit fields (each signed; lower fields first)
+        a = acc[kk // FIELDS]
+        for ox in range(OW):
+            v0 = a[r0 + ox]
+            v = (v0 << np.int64(64 - FIELD)) >> np.int64(64 - FIELD)
+            Pk[kk, ox] = v
+            a[r0 + ox] = (v0 - v) >> np.int64(FIELD)
+    if want_psum:
+        for kk in range(k):
+            for ox in range(OW):
+                psum[n, p0 + ox, kk, o] = Pk[kk, ox]
+    if want_y:
+        a0 = cd[0, o]
+        z0 = zpm[0, o]
+        for ox in range(OW):
+            yr[ox] = np.float32(Pk[0, ox] - z0) * a0
+        for kk in range(1, k):
+            ak = cd[kk, o]
+            zk = zpm[kk, o]
+            for ox in range(OW):
+                yr[ox] = yr[ox] + np.float32(Pk[kk, ox] - zk) * ak
+        b = bias[o]
+        yo = y[n, o]
+        for ox in range(OW):
+            yo[p0 + ox] = yr[ox] + b
 
 
 # --------------------------------------------------------------------------- layer objects
@@ -698,13 +796,26 @@ def _run(layer: BinaryLayer, q, act: ActQuant, strides, pads, dilations, *, want
     Q = int(act.Q)
     P = OH * OW
     psum = np.zeros((N, P, k, O) if want_psum else (1, 1, 1, 1), np.int64)
-    # the direct path writes (N, O, P); the popcount paths (N, P, O), transposed at the end
-    y = np.empty(((N, O, P) if layer.path == "direct" else (N, P, O)) if want_y else (1, 1, 1), np.float32)
+    # a 1x1, stride-1, unpadded convolution with more positions than (base, filter) columns: the
+    # popcount core along the positions (``pixels``); else the layer's own path
+    path = layer.path
+    if path == "tap" and q.ndim == 4 and kh == kw == 1 and sh == sw == 1 and not any(pd) \
+            and N * OH * OW >= layer.kernel_words.shape[2]:
+        path = "pixels"
+    # the direct and pixels paths write (N, O, P); the others (N, P, O), transposed at the end
+    y = np.empty(((N, O, P) if path in ("direct", "pixels") else (N, P, O)) if want_y else (1, 1, 1), np.float32)
     cd, zpm, b = epilogue_constants(None, layer.c, act, bias, msum=layer.msum)
     Hp, Wp = qp.shape[2:]
-    if layer.path == "direct":
-        _conv_direct(stride_phases(qp, sw), layer.kernel_words, k, G, kh, kw, sh, sw, dh, dw, OH, OW, cd, zpm, b, psum,
-                     y, want_psum, want_y)
+    if path == "pixels":
+        Wc = n_words(qp.shape[1] // G)
+        qf = qp.reshape(N, qp.shape[1], P)
+        planes = np.empty((N, G, Q, Wc, P), np.uint64)
+        qsum = np.empty((N, G, P), np.int64)
+        _prepack_pixels(qf, G, Q, planes, qsum)
+        _conv_pixels(planes, qsum, layer.kernel_words, Q, k, cd, zpm, b, psum, y, want_psum, want_y)
+    elif path == "direct":
+        _conv_direct(stride_phases(qp, sh, sw), layer.kernel_words, k, G, kh, kw, sh, sw, dh, dw, OH, OW,
+                     -(-qp.shape[3] // sw), cd, zpm, b, psum, y, want_psum, want_y)
     elif layer.path == "window":
         cg = qp.shape[1] // G
         SX = (OW - 1) * sw + 1
@@ -720,7 +831,7 @@ def _run(layer: BinaryLayer, q, act: ActQuant, strides, pads, dilations, *, want
         _prepack_taps(qp, G, Q, Wc, planes, qsum)
         _conv_taps(planes, qsum, layer.kernel_words, kh, kw, sh, sw, dh, dw, OH, OW, Q, k, cd, zpm, b, psum, y,
                    want_psum, want_y)
-    if want_y and layer.path != "direct":
+    if want_y and path not in ("direct", "pixels"):
         y = y.transpose(0, 2, 1)
     if want_y:
         y = np.ascontiguousarray(y, dtype)
