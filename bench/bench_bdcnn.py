@@ -102,7 +102,7 @@ def word_ops(rt, positions, n):
         if s.kind != "binary":
             continue
         tot[s.node] = n * ex.layer.word_ops(positions.get(s.node, 1), ex.act.Q)
-        paths[s.node] = ex.layer.path
+        paths[s.node] = ex.layer.last_path
     return tot, paths
 
 
@@ -281,8 +281,9 @@ def main():
         lim = cpu_hz() * words_per_cycle()
         lines += ["", f"Per binary layer on {len(xs)} samples: popcount runtime ms (quantization sub-layer + "
                   "AND/popcount + float epilogue) / int8 emulator ms (integer product-sum + requantization) = speed "
-                  "of popcount vs emulator; kernel path (tap: per-pixel pre-packed words per tap; window: per-row "
-                  "segments into one dense window; direct: integer multiply-adds, depthwise); share of the popcount "
+                  "of popcount vs emulator; kernel path (pixels: 1x1 layers, the popcount core along the positions; "
+                  "tap: per-pixel pre-packed words per tap; window: per-row segments into one dense window; direct: "
+                  "integer multiply-adds with 4 bases packed per int64, depthwise); share of the popcount "
                   "limit (word ops / time / limit; direct layers: none).", ""]
         names = list(speed[0][3]) if speed else []
         wide = len(names) <= 10
@@ -290,8 +291,8 @@ def main():
             lines += ["| k | Q | k*Q<=6 | " + " | ".join(names) + " | conv layers total |",
                       "|---|---|---|" + "---|" * len(names) + "---|"]
         else:
-            lines += ["| k | Q | k*Q<=6 | tap layers | window layers | direct layers | Gemm | conv layers total |",
-                      "|---|---|---|---|---|---|---|---|"]
+            lines += ["| k | Q | k*Q<=6 | pixels layers | tap layers | window layers | direct layers | Gemm | "
+                      "conv layers total |", "|---|---|---|---|---|---|---|---|---|"]
         for kf, k, label, qs, lt, ops, paths in speed:
             cells = []
             for n in names:
@@ -309,7 +310,7 @@ def main():
             okq = all(k * qs[n] <= 6 for n in names)
             isconv = lambda n: not n.endswith("Gemm") and "gemm" not in n.lower() and "MatMul" not in n
             if not wide:
-                cells = [tot(lambda n, pth=pth: isconv(n) and paths[n] == pth) for pth in ("tap", "window", "direct")]
+                cells = [tot(lambda n, pth=pth: isconv(n) and paths[n] == pth) for pth in ("pixels", "tap", "window", "direct")]
                 cells.append(tot(lambda n: not isconv(n)))
             lines.append(f"| {kf} | {label} | {'yes' if okq else 'no'} | " + " | ".join(cells) +
                          f" | {tot(isconv)} |")

@@ -721,6 +721,7 @@ class BinaryLayer:
         self.w_rec = np.einsum("odk,ok->od", self.M.astype(np.float64), self.c)
         self.w_sum = self.w_rec.sum(axis=1)
         self.msum = self.M.astype(np.int64).sum(axis=1)  # (O, k): the epilogue's sum_j M_jk
+        self.last_path = self.path  # the kernel path the last call took (``pixels`` for some 1x1 layers)
 
     @property
     def k(self) -> int:
@@ -802,6 +803,7 @@ def _run(layer: BinaryLayer, q, act: ActQuant, strides, pads, dilations, *, want
     if path == "tap" and q.ndim == 4 and kh == kw == 1 and sh == sw == 1 and not any(pd) \
             and N * OH * OW >= layer.kernel_words.shape[2]:
         path = "pixels"
+    layer.last_path = path
     # the direct and pixels paths write (N, O, P); the others (N, P, O), transposed at the end
     y = np.empty(((N, O, P) if path in ("direct", "pixels") else (N, P, O)) if want_y else (1, 1, 1), np.float32)
     cd, zpm, b = epilogue_constants(None, layer.c, act, bias, msum=layer.msum)

@@ -48,6 +48,11 @@ def test_popcount_words():
     dict(C=12, O=10, kh=3, kw=5, k=2, Q=4, strides=(2, 3), pads=(1, 2, 0, 1), group=2),  # segments span words
     dict(C=6, O=6, kh=5, kw=5, k=3, Q=4, strides=(2, 2), pads=(2, 1, 2, 3), group=6),  # depthwise 5x5
     dict(C=100, O=130, kh=3, kw=3, k=1, Q=2, strides=(1, 1), pads=(1, 1, 1, 1), group=1),  # 2 words per tap
+    # 1x1, stride 1, unpadded, more positions than columns: the pixels path (2 words, 2 groups)
+    dict(C=140, O=6, kh=1, kw=1, k=3, Q=5, strides=(1, 1), pads=(0, 0, 0, 0), group=2),
+    # depthwise with wide outputs (row blocks of one row) and strided narrow ones (several rows a block)
+    dict(C=3, O=3, kh=3, kw=3, k=4, Q=8, strides=(1, 1), pads=(1, 1, 1, 1), group=3, hw=(9, 40)),
+    dict(C=4, O=8, kh=5, kw=5, k=5, Q=3, strides=(2, 2), pads=(2, 2, 2, 2), group=4, hw=(21, 23)),
 ])
 @pytest.mark.parametrize("path", [None, "tap", "window", "direct"])
 def test_conv_popcount_equals_dense_integer_sums(case, path):
@@ -58,7 +63,7 @@ def test_conv_popcount_equals_dense_integer_sums(case, path):
     lay = _layer(O, C // g, case["kh"], case["kw"], case["k"], g, seed=2, path=path)
     act = ActQuant.from_range(-0.7, 2.3, case["Q"])
     assert act.zp > 0  # a non-zero zero point: padding must hold it
-    q = r.integers(0, act.qmax + 1, size=(2, C, 7, 6)).astype(np.int32)
+    q = r.integers(0, act.qmax + 1, size=(2, C) + case.get("hw", (7, 6))).astype(np.int32)
     dil = case.get("dil", (1, 1))
     got = binary_partial_sums(lay, q, act, case["strides"], case["pads"], dil)
     want = dense_partial_sums(lay.M, q, act.zp, lay.weight_shape, g, case["strides"], case["pads"], dil)
