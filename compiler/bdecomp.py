@@ -36,6 +36,7 @@ import numpy as np
 
 from ..core.errors import DataError, OptionError
 from ..core.qformat import QFormat, choose_frac_mse_per_channel, dequantize_pow2, quantize_pow2
+from .rounding import obq_sweep
 
 MAX_BASES = 8  # 2^k candidates per row: 256 at k = 8
 
@@ -235,50 +236,21 @@ def decompose_weight(w: np.ndarray, k: int, *, group: int = 1, restarts: int = 3
 
 
 # ---------------------------------------------------------------------------- data-aware refinement
-def _metric_factor(h: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray]:
-    """Column order (decreasing ``h[i, i]``) and the upper Cholesky factor ``U`` of the damped,
-    permuted ``h^-1`` (``h^-1 = U^T U``), per group: ``(G, D)`` and ``(G, D, D)``. An input that never
-    carries signal (``h[i, i] == 0``) gets unit curvature and no coupling."""
-    g, d, _ = h.shape
-    diag = np.diagonal(h, axis1=1, axis2=2).copy()
-    perm = np.argsort(-diag, axis=1, kind="stable")
-    gi = np.arange(g)[:, None]
-    hp = h[gi[:, :, None], perm[:, :, None], perm[:, None, :]].copy()
-    dead = diag[gi, perm] <= 0
-    hp = np.where(dead[:, :, None] | dead[:, None, :], 0.0, hp)
-    idx = np.arange(d)
-    hp[:, idx, idx] = np.where(dead, 1.0, hp[:, idx, idx])
-    hp[:, idx, idx] += damp * np.mean(hp[:, idx, idx], axis=1)[:, None]
-    return perm, np.linalg.cholesky(np.linalg.inv(hp)).transpose(0, 2, 1)
-
-
-def signs_by_feedback(w: np.ndarray, c: np.ndarray, S: np.ndarray, perm: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """Rows of ``M`` for fixed coefficients in the metric whose factor is ``u`` (:func:`_metric_factor`):
-    input by input (in the order ``perm``), each row takes the sign vector whose value ``s . c`` is
-    nearest to the weight, and its error is spread over the inputs not yet chosen through ``u`` (the
-    optimal-brain-quantization update of GPTQ, on the 2^k values ``s . c`` of each filter instead of
-    an integer grid). ``w`` ``(G, mg, D)``, ``c`` ``(G, mg, k)``; returns indices into ``S`` ``(G, mg, D)``."""
-    g, mg, d = w.shape
+def signs_by_feedback(w: np.ndarray, c: np.ndarray, S: np.ndarray, h: np.ndarray, damp: float = 0.01) -> np.ndarray:
+    """Rows of ``M`` for fixed coefficients in the metric ``h``: an optimal-brain-quantization sweep
+    (compiler/rounding.py ``obq_sweep``) whose grid is the 2^k values ``s . c`` of each filter
+    instead of integers: input by input, in the order of decreasing ``h[i, i]``, each row takes the
+    sign vector whose value is nearest to the weight, and its error is spread over the inputs not
+    yet chosen. ``w`` ``(G, mg, D)``, ``c`` ``(G, mg, k)``, ``h`` ``(G, D, D)``; returns indices into
+    ``S`` ``(G, mg, D)``."""
     V = np.matmul(c, S.T)  # G, mg, 2^k candidate values
-    wp = np.take_along_axis(w, perm[:, None, :], axis=2).copy()
-    idx = np.empty((g, mg, d), np.int64)
-    for b0 in range(0, d, 128):
-        b1 = min(b0 + 128, d)
-        errs = np.empty((g, mg, b1 - b0))
-        for i in range(b0, b1):
-            col = wp[:, :, i]
-            j = np.argmin(np.abs(col[:, :, None] - V), axis=2)
-            val = np.take_along_axis(V, j[:, :, None], axis=2)[:, :, 0]
-            idx[:, :, i] = j
-            err = (col - val) / u[:, i, i][:, None]
-            errs[:, :, i - b0] = err
-            if i + 1 < b1:
-                wp[:, :, i + 1:b1] -= err[:, :, None] * u[:, None, i, i + 1:b1]
-        if b1 < d:
-            wp[:, :, b1:] -= np.matmul(errs, u[:, b0:b1, b1:])
-    out = np.empty_like(idx)
-    np.put_along_axis(out, perm[:, None, :], idx, axis=2)
-    return out
+
+    def nearest(col):
+        j = np.argmin(np.abs(col[:, :, None] - V), axis=2)
+        return np.take_along_axis(V, j[:, :, None], axis=2)[:, :, 0], j
+
+    idx, _ = obq_sweep(w, h, nearest, damp=damp)
+    return idx
 
 
 def weighted_coefficients(M: np.ndarray, w: np.ndarray, h: np.ndarray) -> np.ndarray:
@@ -315,12 +287,11 @@ def refine_decomposition(d: Decomposition, w: np.ndarray, h: np.ndarray, *, roun
     S = sign_vectors(k)
     h = np.asarray(h, np.float64)
     wg = np.asarray(w, np.float64).reshape(G, mg, D)
-    perm, u = _metric_factor(h, damp)
 
     def finish(c):  # coefficients rounded to the format, signs chosen for them
         cq, _, _ = quantize_coefficients(c.reshape(O, k), d.coef_bits)
         cq = cq.reshape(G, mg, k)
-        M = S[signs_by_feedback(wg, cq, S, perm, u)]
+        M = S[signs_by_feedback(wg, cq, S, h, damp)]
         return M, cq, metric_error(wg, np.matmul(M, cq[..., None])[..., 0], h)
 
     M0 = d.M.astype(np.float64).reshape(G, mg, D, k)
@@ -330,7 +301,7 @@ def refine_decomposition(d: Decomposition, w: np.ndarray, h: np.ndarray, *, roun
     M = M0
     for _ in range(max(1, int(rounds))):
         c = weighted_coefficients(M, wg, h)
-        M = S[signs_by_feedback(wg, c, S, perm, u)]
+        M = S[signs_by_feedback(wg, c, S, h, damp)]
         Mf, cf, ef = finish(weighted_coefficients(M, wg, h))
         take = ef < best_e
         best_M = np.where(take[:, :, None, None], Mf, best_M)

@@ -170,23 +170,24 @@ def weight_tensor(node: Node, m: np.ndarray) -> np.ndarray:
     return m[0].T
 
 
-def obq_round(w: np.ndarray, h: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, *,
-              damp: float = 0.01, act_order: bool = True, free: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Integers ``q`` with ``q * scale`` close to ``w`` in the metric of ``h``: column by column (in the
-    order of decreasing ``h[i, i]`` with ``act_order``), each column rounded to nearest and saturated,
-    its error spread over the columns not yet quantized through the Cholesky factor of
-    ``(h + damp * mean(diag h) I)^-1``. The last ``free`` columns are never quantized: they take their
-    share of the errors and come back as floats (a bias column).
+def obq_sweep(w: np.ndarray, h: np.ndarray, pick, *, damp: float = 0.01, act_order: bool = True,
+              free: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Optimal-brain-quantization sweep of the rows of ``w`` in the metric of ``h``: column by column
+    (in the order of decreasing ``h[i, i]`` with ``act_order``), ``pick(col)`` chooses each column's
+    values on the caller's grid, and the column's error is spread over the columns not yet chosen
+    through the Cholesky factor of ``(h + damp * mean(diag h) I)^-1`` (GPTQ's lazy block updates).
+    The last ``free`` columns are never chosen: they take their share of the errors and come back as
+    floats (a bias column). Inputs that never carry signal (``h[i, i] == 0``) take ``pick``'s choice
+    and pass nothing on.
 
-    ``w``: ``(G, O, D)``; ``h``: ``(G, D, D)`` symmetric positive semi-definite; ``scale``: ``(G, O)``,
-    the step of each row. Inputs that never carry signal (``h[i, i] == 0``) round to nearest.
-    Returns ``(q, rest)``: ``(G, O, D - free)`` int64 and the free columns ``(G, O, free)`` float64.
+    ``w``: ``(G, O, D)``; ``h``: ``(G, D, D)`` symmetric positive semi-definite; ``pick(col)`` with
+    ``col`` ``(G, O)`` returns ``(values, codes)``, both ``(G, O)``. Returns the codes ``(G, O, D -
+    free)`` int64 in the original column order and the free columns ``(G, O, free)`` float64.
     """
     w = np.array(w, dtype=np.float64)
     h = np.array(h, dtype=np.float64)
     g, o, d = w.shape
     nq = d - free
-    s = np.asarray(scale, np.float64).reshape(g, o)
     diag = np.diagonal(h, axis1=1, axis2=2).copy()
     dead = diag <= 0
     idx = np.arange(d)
@@ -196,7 +197,7 @@ def obq_round(w: np.ndarray, h: np.ndarray, scale: np.ndarray, qmin: int, qmax: 
     gi = np.arange(g)[:, None]
     hp = h[gi[:, :, None], perm[:, :, None], perm[:, None, :]]
     deadp = dead[gi, perm]
-    # a dead input: no coupling, unit curvature (it then rounds to nearest and passes nothing on)
+    # a dead input: no coupling, unit curvature (it then takes pick's choice and passes nothing on)
     hp = np.where(deadp[:, :, None] | deadp[:, None, :], 0.0, hp)
     hp[:, idx, idx] = np.where(deadp, 1.0, hp[:, idx, idx])
     hp[:, idx, idx] += damp * np.mean(hp[:, idx, idx], axis=1)[:, None]
@@ -210,9 +211,9 @@ def obq_round(w: np.ndarray, h: np.ndarray, scale: np.ndarray, qmin: int, qmax: 
         errs = np.empty((g, o, b1 - b0))
         for i in range(b0, b1):
             col = wp[:, :, i]
-            qi = np.clip(np.floor(col / s + 0.5), qmin, qmax)
-            q[:, :, i] = qi.astype(np.int64)
-            err = (col - qi * s) / u[:, i, i][:, None]
+            val, code = pick(col)
+            q[:, :, i] = code
+            err = (col - val) / u[:, i, i][:, None]
             errs[:, :, i - b0] = err
             if i + 1 < b1:
                 wp[:, :, i + 1:b1] -= err[:, :, None] * u[:, None, i, i + 1:b1]
@@ -221,6 +222,22 @@ def obq_round(w: np.ndarray, h: np.ndarray, scale: np.ndarray, qmin: int, qmax: 
     out = np.empty_like(q)
     np.put_along_axis(out, perm[:, None, :nq], q, axis=2)
     return out, wp[:, :, nq:]
+
+
+def obq_round(w: np.ndarray, h: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, *,
+              damp: float = 0.01, act_order: bool = True, free: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Integers ``q`` with ``q * scale`` close to ``w`` in the metric of ``h``: :func:`obq_sweep` with
+    each column rounded to nearest and saturated. ``scale``: ``(G, O)``, the step of each row.
+    Returns ``(q, rest)``: ``(G, O, D - free)`` int64 and the free columns ``(G, O, free)`` float64.
+    """
+    g, o, _ = np.shape(w)
+    s = np.asarray(scale, np.float64).reshape(g, o)
+
+    def nearest(col):
+        qi = np.clip(np.floor(col / s + 0.5), qmin, qmax)
+        return qi * s, qi.astype(np.int64)
+
+    return obq_sweep(w, h, nearest, damp=damp, act_order=act_order, free=free)
 
 
 def _quad(a: np.ndarray, h: np.ndarray, b: np.ndarray) -> np.ndarray:

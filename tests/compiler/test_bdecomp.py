@@ -72,14 +72,13 @@ def _correlated_inputs(D, n, seed):
 
 
 def test_signs_by_feedback_without_coupling_is_the_nearest_sign_vector():
-    from mpqc.compiler.bdecomp import _metric_factor, _search_rows, signs_by_feedback
+    from mpqc.compiler.bdecomp import _search_rows, signs_by_feedback
     r = np.random.default_rng(3)
     W = r.normal(size=(5, 12))
     c = np.abs(r.normal(size=(5, 3)))
     S = sign_vectors(3)
     h = np.diag(r.uniform(0.5, 2.0, 12))[None]  # a diagonal metric: no error to pass on
-    perm, u = _metric_factor(h, damp=0.0)
-    idx = signs_by_feedback(W[None], c[None], S, perm, u)[0]
+    idx = signs_by_feedback(W[None], c[None], S, h, damp=0.0)[0]
     want, _ = _search_rows(W, c, S)
     np.testing.assert_array_equal(idx, want)
 
