@@ -22,10 +22,11 @@ is padded with ``zp`` and every position, pad or not, obeys the identity above.
 
 In the kernel the constant term ``sum_e 2^e popcount(b_e)`` is ``sum_j q_j`` of the
 window, computed once per position, so each (output, base) costs ``Q * ceil(D/64)``
-AND + popcount and the loop over the filters of a group is innermost (it vectorizes:
-AVX-512 VPOPCNTQ where the CPU has it, scalar POPCNT otherwise; the popcount is LLVM's
-``ctpop`` intrinsic). The kernels are serial (see runtime/emulator_kernels.py on
-numba's thread pool at these sizes).
+AND + popcount; the innermost loop runs along the filters or along the positions (see
+the kernel paths below) and vectorizes (AVX-512 VPOPCNTQ where the CPU has it, scalar
+POPCNT otherwise; the popcount is LLVM's ``ctpop`` intrinsic). The integer sums are
+followed by the float32 epilogue of :func:`epilogue_constants`. The kernels are serial
+(see runtime/emulator_kernels.py on numba's thread pool at these sizes).
 
 References: :func:`dense_partial_sums` (plain integer numpy) and
 :func:`float_reference_conv` / :func:`float_reference_gemm` (reconstructed weights on
@@ -232,7 +233,10 @@ def epilogue_constants(M: np.ndarray | None, c: np.ndarray, act: ActQuant, bias=
 
 
 # --------------------------------------------------------------------------- kernels
-# Three paths (chosen per layer by :func:`choose_path`; ``BinaryLayer.path`` tells which):
+# Four paths: three chosen per layer by :func:`choose_path` (``BinaryLayer.path``), and
+# ``pixels`` taken per call by a ``tap`` layer that is a 1x1, stride-1, unpadded convolution
+# with more output positions than (base, filter) columns (``BinaryLayer.last_path`` tells which
+# path the last call took):
 #
 # * ``tap``: the input's bit-planes are packed once per layer call, per pixel: the C/group
 #   channels of pixel (iy, ix) of plane e are ``Wc = ceil(C/group / 64)`` words (channel
@@ -246,12 +250,14 @@ def epilogue_constants(M: np.ndarray | None, c: np.ndarray, act: ActQuant, bias=
 #   plane instead of D bit inserts).
 # * ``direct``: depthwise-like layers (one or two filters per group: D tiny, so a 64-bit
 #   word per tap would be mostly padding) compute ``P_k = sum_j M_jk q_j`` with integer
-#   multiply-adds straight from q, vectorized along the output row. Exact as well.
+#   multiply-adds straight from q (up to 4 bases packed in one int64), vectorized along
+#   blocks of output rows. Exact as well.
+# * ``pixels``: the input's bit-planes packed per channel word along the positions; the
+#   popcount core runs along the positions, one filter and its k bases at a time.
 #
-# The popcount core (_bgemm) is a binary GEMM: rows = output positions (blocks of 4, so
-# that every weight word loaded serves 4 positions), columns = (base, filter) of a group
-# (contiguous, the vectorized loop: VPOPCNTQ on AVX-512 VPOPCNTDQ CPUs), reduction over
-# the window's words, one plane e at a time (``P += popcount(...) << e`` after the plane).
+# The popcount core of ``tap`` and ``window`` (_bgemm) is a binary GEMM: rows = output
+# positions (blocks of 4), columns = (base, filter) of a group (contiguous, the vectorized
+# loop), reduction over the window's words and planes (``P += popcount(...) << e``).
 
 RB = 4  # output positions per block of the popcount core
 
@@ -471,6 +477,32 @@ def pack_direct(M: np.ndarray, weight_shape) -> np.ndarray:
 
 
 @numba.njit(cache=True)
+def _epilogue_line(Pk, n, o, p0, cnt, cd, zpm, bias, yr, psum, y, want_psum, want_y):
+    """Filter ``o`` of sample ``n`` at ``cnt`` consecutive positions from ``p0``, given its partial
+    sums Pk (k, >= cnt): psum[n, p, kk, o] = Pk; y[n, o, p] = the float32 epilogue of
+    :func:`epilogue_constants` along the positions (yr: a float32 scratch row)."""
+    k = Pk.shape[0]
+    if want_psum:
+        for kk in range(k):
+            for i in range(cnt):
+                psum[n, p0 + i, kk, o] = Pk[kk, i]
+    if want_y:
+        a0 = cd[0, o]
+        z0 = zpm[0, o]
+        for i in range(cnt):
+            yr[i] = np.float32(Pk[0, i] - z0) * a0
+        for kk in range(1, k):
+            ak = cd[kk, o]
+            zk = zpm[kk, o]
+            for i in range(cnt):
+                yr[i] = yr[i] + np.float32(Pk[kk, i] - zk) * ak
+        b = bias[o]
+        yo = y[n, o, p0:p0 + cnt]
+        for i in range(cnt):
+            yo[i] = yr[i] + b
+
+
+@numba.njit(cache=True)
 def _prepack_pixels(q, G, Q, planes, qsum):
     """``pixels`` layout of a 1x1 convolution's input q (N, C, P): planes (N, G, Q, Wc, P) uint64 <-
     bit c % 64 of word c // 64 is bit e of q[c, p] (channels of group g); qsum (N, G, P) <- sum of q.
@@ -516,38 +548,18 @@ def _conv_pixels(planes, qsum, Wt, Q, k, cd, zpm, bias, psum, y, want_psum, want
                 sq = qsum[n, g, p0:p0 + pn]
                 for o in range(mg):
                     oo = g * mg + o
-                    for kk in range(k):
+                    for kk in range(k):  # t = P_k = 2 sum_e 2^e popcount(M+ & b_e) - sum q, built in place
                         t = T[kk]
                         for i in range(pn):
-                            t[i] = 0
+                            t[i] = -sq[i]
                         j = kk * mg + o
                         for e in range(Q):
                             for w in range(Wc):
                                 m = Wt[g, w, j]
                                 a = planes[n, g, e, w, p0:p0 + pn]
                                 for i in range(pn):
-                                    t[i] += popcount64(a[i] & m) << e
-                    if want_psum:
-                        for kk in range(k):
-                            t = T[kk]
-                            for i in range(pn):
-                                psum[n, p0 + i, kk, oo] = 2 * t[i] - sq[i]
-                    if want_y:
-                        t = T[0]
-                        a0 = cd[0, oo]
-                        z0 = zpm[0, oo]
-                        for i in range(pn):
-                            yr[i] = np.float32(2 * t[i] - sq[i] - z0) * a0
-                        for kk in range(1, k):
-                            t = T[kk]
-                            ak = cd[kk, oo]
-                            zk = zpm[kk, oo]
-                            for i in range(pn):
-                                yr[i] = yr[i] + np.float32(2 * t[i] - sq[i] - zk) * ak
-                        b = bias[oo]
-                        yo = y[n, oo, p0:p0 + pn]
-                        for i in range(pn):
-                            yo[i] = yr[i] + b
+                                    t[i] += popcount64(a[i] & m) << (e + 1)
+                    _epilogue_line(T, n, oo, p0, pn, cd, zpm, bias, yr, psum, y, want_psum, want_y)
 
 
 def stride_phases(qp: np.ndarray, sh: int, sw: int) -> np.ndarray:
@@ -568,13 +580,13 @@ def stride_phases(qp: np.ndarray, sh: int, sw: int) -> np.ndarray:
 
 @numba.njit(cache=True)
 def _conv_direct(qp, Wp, k, G, kh, kw, sh, sw, dh, dw, OH, OW, wq, cd, zpm, bias, psum, y, want_psum, want_y):
-    """``direct`` path: ``P_k = sum_j M_jk q_j`` by integer multiply-adds, one output plane at a time,
-    every group of 4 bases in one int64 multiply-add (:func:`pack_direct`), the fields then split
+    """``direct`` path: ``P_k = sum_j M_jk q_j`` by integer multiply-adds, a block of output rows at a
+    time, every group of 4 bases in one int64 multiply-add (:func:`pack_direct`), the fields then split
     (sign-extended 16-bit) and the float32 epilogue applied. qp: the padded input in the flat stride
     phases of :func:`stride_phases` (``wq`` columns a phase row): output (oy, ox) reads, for tap
     (dy, dx), phase ((dy*dh) % sh, (dx*dw) % sw) at flat index ``(oy + dy*dh // sh) * wq + ox +
-    dx*dw // sw``, so a tap is one contiguous multiply-add over the flat plane ``i = oy * wq + ox``
-    (the columns ox >= OW of it are computed and dropped). Wp (ceil(k/4), O, cg, kh, kw)."""
+    dx*dw // sw``, so a tap is one contiguous multiply-add over the block's flat rows ``i = oy * wq +
+    ox`` (the columns ox >= OW of it are computed and dropped). Wp (ceil(k/4), O, cg, kh, kw)."""
     N = qp.shape[1]
     nw, O, cg, _, _ = Wp.shape
     mg = O // G
@@ -605,39 +617,15 @@ def _conv_direct(qp, Wp, k, G, kh, kw, sh, sw, dh, dw, OH, OW, wq, cd, zpm, bias
                                 for i in range(L):
                                     a[i] += m * np.int64(src[i])
                 for oyl in range(nr):
-                    _direct_row(acc, oyl * wq, (oy0 + oyl) * OW, OW, n, o, k, Pk, yr, cd, zpm, bias, psum, y,
-                                want_psum, want_y)
-
-
-@numba.njit(cache=True, inline="always")
-def _direct_row(acc, r0, p0, OW, n, o, k, Pk, yr, cd, zpm, bias, psum, y, want_psum, want_y):
-    """One output row of the direct path: split the packed fields at acc[:, r0:r0+OW], write the
-    partial sums and/or the float32 epilogue at positions p0.."""
-    for kk in range(k):  # split the 16-bit fields (each signed; lower fields first)
-        a = acc[kk // FIELDS]
-        for ox in range(OW):
-            v0 = a[r0 + ox]
-            v = (v0 << np.int64(64 - FIELD)) >> np.int64(64 - FIELD)
-            Pk[kk, ox] = v
-            a[r0 + ox] = (v0 - v) >> np.int64(FIELD)
-    if want_psum:
-        for kk in range(k):
-            for ox in range(OW):
-                psum[n, p0 + ox, kk, o] = Pk[kk, ox]
-    if want_y:
-        a0 = cd[0, o]
-        z0 = zpm[0, o]
-        for ox in range(OW):
-            yr[ox] = np.float32(Pk[0, ox] - z0) * a0
-        for kk in range(1, k):
-            ak = cd[kk, o]
-            zk = zpm[kk, o]
-            for ox in range(OW):
-                yr[ox] = yr[ox] + np.float32(Pk[kk, ox] - zk) * ak
-        b = bias[o]
-        yo = y[n, o]
-        for ox in range(OW):
-            yo[p0 + ox] = yr[ox] + b
+                    r0 = oyl * wq
+                    for kk in range(k):  # split the 16-bit fields (each signed; lower fields first)
+                        a = acc[kk // FIELDS]
+                        for ox in range(OW):
+                            v0 = a[r0 + ox]
+                            v = (v0 << np.int64(64 - FIELD)) >> np.int64(64 - FIELD)
+                            Pk[kk, ox] = v
+                            a[r0 + ox] = (v0 - v) >> np.int64(FIELD)
+                    _epilogue_line(Pk, n, o, (oy0 + oyl) * OW, OW, cd, zpm, bias, yr, psum, y, want_psum, want_y)
 
 
 # --------------------------------------------------------------------------- layer objects
@@ -717,9 +705,7 @@ class BinaryLayer:
             self.kernel_words = pack_direct(self.M, self.weight_shape)
         else:
             self.kernel_words = _relayout(self.M, self.weight_shape, self.group, self.path)
-        # reconstructed filters and their sums (the ``min * sum_j w~_j`` term)
-        self.w_rec = np.einsum("odk,ok->od", self.M.astype(np.float64), self.c)
-        self.w_sum = self.w_rec.sum(axis=1)
+        self.w_rec = np.einsum("odk,ok->od", self.M.astype(np.float64), self.c)  # reconstructed filters
         self.msum = self.M.astype(np.int64).sum(axis=1)  # (O, k): the epilogue's sum_j M_jk
         self.last_path = self.path  # the kernel path the last call took (``pixels`` for some 1x1 layers)
 
@@ -818,7 +804,7 @@ def _run(layer: BinaryLayer, q, act: ActQuant, strides, pads, dilations, *, want
     elif path == "direct":
         _conv_direct(stride_phases(qp, sh, sw), layer.kernel_words, k, G, kh, kw, sh, sw, dh, dw, OH, OW,
                      -(-qp.shape[3] // sw), cd, zpm, b, psum, y, want_psum, want_y)
-    elif layer.path == "window":
+    elif path == "window":
         cg = qp.shape[1] // G
         SX = (OW - 1) * sw + 1
         segs = np.empty((N, G, Hp, SX, Q), np.uint64)
