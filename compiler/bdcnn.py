@@ -44,7 +44,8 @@ from ..runtime.executor import float_node_fn, run_batched
 from ..runtime.popcount import ActQuant, epilogue_constants, pack_weights
 from .bdecomp import METADATA_PREFIX, Decomposition, decompose_weight, refine_decomposition
 from .layerstats import run_side_by_side
-from .rounding import layer_grams, least_squares_target, reduced_metric, row_loss, with_free_columns
+from .rounding import (augmented_problem, least_squares_target, mean_layer_grams, quad_rows, reduced_metric,
+                       row_loss, with_free_columns)
 from .export import to_onnx
 from .metrics import evaluate
 from .qsearch import QSearchResult, algorithm1, drop_rates
@@ -133,24 +134,23 @@ def _bases_for(bases, name: str) -> int:
     return int(bases)
 
 
-def decompose_graph(graph: Graph, *, bases=2, restarts: int = 3, iterations: int = 20, coef_bits: int = 8,
-                    seed: int = 0, progress: str | None = None
-                    ) -> tuple[Graph, dict[str, Decomposition], dict[str, str]]:
-    """A copy of ``graph`` with :func:`decompose_in_place` applied; the decompositions by layer
-    name; the skipped layers with their reasons."""
-    g = graph.copy()
-    decs, skipped = decompose_in_place(g, bases=bases, restarts=restarts, iterations=iterations,
-                                       coef_bits=coef_bits, seed=seed, progress=progress)
-    return g, decs, skipped
+def _set_layer(g: Graph, n: Node, rec: np.ndarray, bias: np.ndarray | None, tag: str) -> None:
+    """Give the decomposed layer ``n`` the reconstructed weight ``rec`` ((O, ...) in the Conv/Gemm
+    transB=1 layout; a MatMul's transposed) and, when given, the bias; the constants' names end in
+    ``_tag``."""
+    rec = rec.astype(np.float32)
+    g.set_input(n, 1, g.constant(f"{n.inputs[1].name}_{tag}",
+                                 np.ascontiguousarray(rec.T) if n.op_type == "MatMul" else rec))
+    if bias is not None:
+        g.set_input(n, 2, g.constant(f"{n.name}_bias_{tag}", bias.astype(np.float32)))
 
 
 def decompose_in_place(g: Graph, *, bases=2, restarts: int = 3, iterations: int = 20, coef_bits: int = 8,
-                       seed: int = 0, progress: str | None = None, record: bool = False
+                       seed: int = 0, progress: str | None = None
                        ) -> tuple[dict[str, Decomposition], dict[str, str]]:
     """Give every decomposable layer of ``g`` the reconstructed weight ``M c`` (fully connected
     layers normalised to Gemm transB=1, alpha=beta=1) and every other layer 8-bit fixed-point
-    weights. ``record``: also store each decomposition as JSON in ``g.metadata`` under
-    ``METADATA_PREFIX + layer name`` (``Decomposition.from_metadata`` reads it back)."""
+    weights."""
     decs: dict[str, Decomposition] = {}
     skipped: dict[str, str] = {}
     layers = [n for n in g.nodes if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and n.inputs
@@ -169,33 +169,13 @@ def decompose_in_place(g: Graph, *, bases=2, restarts: int = 3, iterations: int 
         d = decompose_weight(W, _bases_for(bases, n.name), group=group, restarts=restarts, iterations=iterations,
                              coef_bits=coef_bits, seed=seed + i)
         decs[n.name] = d
-        rec = d.reconstructed().astype(np.float32)
-        if n.op_type == "MatMul":
-            g.set_input(n, 1, g.constant(n.inputs[1].name + "_bdec", np.ascontiguousarray(rec.T)))
-        else:
-            g.set_input(n, 1, g.constant(n.inputs[1].name + "_bdec", rec))
         if n.op_type == "Gemm":
             n.attrs.update(transB=1, alpha=1.0, beta=1.0)
-            if b is not None:
-                g.set_input(n, 2, g.constant(n.name + "_bias_bdec", b.astype(np.float32)))
-        if record:
-            g.metadata[METADATA_PREFIX + n.name] = d.to_metadata()
+        _set_layer(g, n, d.reconstructed(), b if n.op_type == "Gemm" else None, "bdec")
     return decs, skipped
 
 
 # ---------------------------------------------------------------------------- data-aware refinement
-def _set_layer(g: Graph, n: Node, rec: np.ndarray, bias: np.ndarray | None) -> None:
-    """Give the decomposed layer ``n`` the reconstructed weight ``rec`` ((O, ...) in the Conv/Gemm
-    transB=1 layout) and, when given, the bias."""
-    if n.op_type == "MatMul":
-        g.set_input(n, 1, g.constant(n.inputs[1].name + "_fit", np.ascontiguousarray(rec.T.astype(np.float32))))
-    else:
-        g.set_input(n, 1, g.constant(n.inputs[1].name + "_fit", rec.astype(np.float32)))
-    if bias is not None:
-        name = f"{n.name}_bias_fit"
-        g.set_input(n, 2, g.constant(name, bias.astype(np.float32)))
-
-
 def refine_in_place(graph: Graph, dec: Graph, decs: dict[str, Decomposition], x: np.ndarray, *,
                     inputs: str = "decomposed", rounds: int = 4, damp: float = 0.01, min_samples: float = 32.0,
                     batch_size: int = 64, progress: str | None = None) -> list[dict]:
@@ -203,8 +183,8 @@ def refine_in_place(graph: Graph, dec: Graph, decs: dict[str, Decomposition], x:
     calibration samples ``x`` instead of its weights (compiler/bdecomp.py ``refine_decomposition``),
     with the bias re-fitted jointly.
 
-    ``graph`` is the float network and ``dec`` its decomposed copy (``decompose_graph``: the same
-    nodes in the same order); both run side by side over ``x``. ``inputs="decomposed"`` (sequential):
+    ``graph`` is the float network and ``dec`` its decomposed copy (:func:`decompose_in_place` on a
+    copy: the same nodes in the same order); both run side by side over ``x``. ``inputs="decomposed"`` (sequential):
     each layer is fitted to reproduce the float network's output from the *decomposed* network's input
     (``E|w~ . x_d + b~ - w . x_f - b|^2``), so it also makes up for what the layers before it lost;
     ``inputs="float"``: from the float network's input. Changes ``dec`` and ``decs`` in place; one row
@@ -222,33 +202,24 @@ def refine_in_place(graph: Graph, dec: Graph, decs: dict[str, Decomposition], x:
         if d is None:
             return
         node_f = nf[i]
-        acc = None
-        for af, ad in zip(args_f, args_d):
-            xf = np.asarray(af[0])
-            part = layer_grams(node_f, xf, None if inputs == "float" else np.asarray(ad[0]))
-            acc = part if acc is None else tuple(a + b for a, b in zip(acc, part))
-        cnt = acc[-1]
-        hqq, hqf, hff = (a / cnt for a in acc[:-1]) if len(acc) == 4 else (acc[0] / cnt,) * 3
+        grams = mean_layer_grams(node_f, ((af[0], None if inputs == "float" else ad[0])
+                                          for af, ad in zip(args_f, args_d)))
+        cnt = grams[3]
         W, b = effective_weight(node_f)
         G, O, D = d.group, d.O, d.D
         mg = O // G
-        wm = W.reshape(G, mg, D)
-        free = 0 if n.op_type == "MatMul" else 1
-        if free:
-            wt = np.concatenate([wm, (np.zeros(O) if b is None else b).reshape(G, mg, 1)], axis=2)
-        else:
-            wt, hqq, hqf, hff = wm, hqq[:, :D, :D], hqf[:, :D, :D], hff[:, :D, :D]
+        wt, (hqq, hqf, hff), free = augmented_problem(W.reshape(G, mg, D), b, grams[:3], n.op_type != "MatMul")
         wstar = least_squares_target(wt, hqq, hqf, damp=damp, count=cnt, min_samples=min_samples)
         hr, _ = reduced_metric(hqq, free)
-        nd_, e0, e1 = refine_decomposition(d, wstar[:, :, :D].reshape(O, D), hr, rounds=rounds, damp=damp)
-        rec = nd_.reconstructed().reshape(G, mg, D)
-        full = with_free_columns(rec, wstar, hqq, free)
-        energy = float(np.sum(np.matmul(wt, hff) * wt)) or 1.0
+        nd_, _, _ = refine_decomposition(d, wstar[:, :, :D].reshape(O, D), hr, rounds=rounds, damp=damp)
+        rec = nd_.reconstructed()
+        full = with_free_columns(rec.reshape(G, mg, D), wstar, hqq, free)
+        energy = float(quad_rows(wt, hff, wt).sum()) or 1.0
         err = lambda m: float(np.sum(row_loss(m, wt, hqq, hqf, hff)))  # noqa: E731
         start = with_free_columns(d.reconstructed().reshape(G, mg, D), wstar, hqq, free)
         decs[n.name] = nd_
-        _set_layer(dec, n, nd_.reconstructed().reshape((O,) + tuple(nd_.weight_shape[1:])),
-                   full[:, :, D].reshape(O) if free else None)
+        _set_layer(dec, n, rec.reshape((O,) + tuple(nd_.weight_shape[1:])),
+                   full[:, :, D].reshape(O) if free else None, "fit")
         rows.append({"layer": n.name, "output_error_weights_fit": err(start) / energy,
                      "output_error_data_fit": err(full) / energy, "rel_error_weights_fit": d.rel_error,
                      "rel_error": nd_.rel_error, "samples": int(cnt)})
@@ -257,6 +228,13 @@ def refine_in_place(graph: Graph, dec: Graph, decs: dict[str, Decomposition], x:
                      fn_b=float_node_fn, visit=visit, keep=list(graph.outputs) + list(dec.outputs),
                      batch_size=batch_size, progress=progress)
     return rows
+
+
+def fit_columns(rows: list[dict] | None) -> dict[str, dict]:
+    """Per layer, the report columns of :func:`refine_in_place`'s rows: the output error with the
+    output fit (``output_error``) and with the weight fit (``output_error_weights_fit``)."""
+    return {r["layer"]: {"output_error": r["output_error_data_fit"],
+                         "output_error_weights_fit": r["output_error_weights_fit"]} for r in rows or []}
 
 
 def decompose_and_fit(g: Graph, calib_x: np.ndarray | None, *, fit: str = "outputs", fit_samples: int = 32,
@@ -548,17 +526,14 @@ def compile_bdcnn(graph: Graph, calib_x: np.ndarray, eval_x: np.ndarray | None =
     acts = acts_for(qs)
     qgraph = qdq_graph(dec_graph, acts, decs)
     rows = []
-    fitted = {r["layer"]: r for r in fit_rows or []}
+    fitted = fit_columns(fit_rows)
     for n in names:
         d, a = decs[n], acts[n]
-        fr = fitted.get(n)
-        fit_cols = {} if fr is None else {"output_error": fr["output_error_data_fit"],
-                                          "output_error_weights_fit": fr["output_error_weights_fit"]}
         node = dec_graph.node_by_name(n)
         rows.append({"layer": n, "op": node.op_type, "k": d.k, "rel_error": d.rel_error, "Q": a.Q,
                      "min": a.lo, "max": a.hi, "delta": a.delta, "zero_point": a.zp,
                      "calib_range": list(ranges[n]), "D": d.D, "O": d.O, "group": d.group,
-                     "binary_ops_per_output": d.k * a.Q * (-(-d.D // 64)), **fit_cols, **d.sizes()})
+                     "binary_ops_per_output": d.k * a.Q * (-(-d.D // 64)), **fitted.get(n, {}), **d.sizes()})
     program = build_program(dec_graph, decs, acts, rows)
     bundle, manifest = bdcnn_bundle_bytes(program)
     tot = {k: int(sum(r[k] for r in rows)) for k in ("bytes", "bases_bytes", "coef_bytes", "float_bytes", "int8_bytes")}

@@ -36,7 +36,7 @@ import numpy as np
 
 from ..core.errors import DataError, OptionError
 from ..core.qformat import QFormat, choose_frac_mse_per_channel, dequantize_pow2, quantize_pow2
-from .rounding import obq_sweep
+from .rounding import obq_sweep, quad_rows
 
 MAX_BASES = 8  # 2^k candidates per row: 256 at k = 8
 
@@ -228,9 +228,7 @@ def decompose_weight(w: np.ndarray, k: int, *, group: int = 1, restarts: int = 3
     cq, ci, cf = quantize_coefficients(best_c, coef_bits)
     if not np.array_equal(cq, best_c):  # pragma: no cover - rounding a rounded value is exact
         best_c = cq
-    rec = np.matmul(best_M, best_c[:, :, None])[:, :, 0]
-    norm = float(np.linalg.norm(W))
-    rel = float(np.linalg.norm(W - rec) / norm) if norm > 0 else 0.0
+    rel = relative_error(W, np.matmul(best_M, best_c[:, :, None])[:, :, 0])
     return Decomposition(best_M.astype(np.int8), best_c, ci.astype(np.int16 if coef_bits > 8 else np.int8),
                          cf.astype(np.int64), coef_bits, tuple(int(d) for d in w.shape), int(group), rel)
 
@@ -267,7 +265,13 @@ def weighted_coefficients(M: np.ndarray, w: np.ndarray, h: np.ndarray) -> np.nda
 def metric_error(w: np.ndarray, rec: np.ndarray, h: np.ndarray) -> np.ndarray:
     """``(w - rec)^T h (w - rec)`` per filter, ``(G, mg)``."""
     e = w - rec
-    return np.sum(np.matmul(e, h) * e, axis=2)
+    return quad_rows(e, h, e)
+
+
+def relative_error(W: np.ndarray, rec: np.ndarray) -> float:
+    """``||W - rec||_F / ||W||_F`` (0 for a zero ``W``)."""
+    norm = float(np.linalg.norm(W))
+    return float(np.linalg.norm(W - rec) / norm) if norm > 0 else 0.0
 
 
 def refine_decomposition(d: Decomposition, w: np.ndarray, h: np.ndarray, *, rounds: int = 4,
@@ -310,10 +314,7 @@ def refine_decomposition(d: Decomposition, w: np.ndarray, h: np.ndarray, *, roun
     c = best_c.reshape(O, k)
     cq, ci, cf = quantize_coefficients(c, d.coef_bits)  # the kept ones are on the grid already
     Mo = best_M.reshape(O, D, k)
-    W = np.asarray(w, np.float64).reshape(O, D)
-    rec = np.matmul(Mo, cq[:, :, None])[:, :, 0]
-    norm = float(np.linalg.norm(W))
-    rel = float(np.linalg.norm(W - rec) / norm) if norm > 0 else 0.0
+    rel = relative_error(np.asarray(w, np.float64).reshape(O, D), np.matmul(Mo, cq[:, :, None])[:, :, 0])
     nd = Decomposition(Mo.astype(np.int8), cq, ci.astype(d.c_int.dtype), cf.astype(np.int64), d.coef_bits,
                        d.weight_shape, G, rel)
     return nd, e0.reshape(O), best_e.reshape(O)

@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from mpqc.compiler.bdcnn import decompose_and_fit
+from mpqc.compiler.bdcnn import decompose_and_fit, fit_columns
 from mpqc.compiler.options import parse_bases
 from mpqc.compiler.passes import Pass, PassContext, PassResult
 from mpqc.core.errors import OptionError
@@ -64,11 +64,9 @@ class BinaryDecomposePass(Pass):
             iterations=self.iterations, coef_bits=coef_bits, seed=ctx.seed, batch_size=ctx.batch_size,
             quiet=ctx.quiet, record=True)
         sec = ctx.section(self.name)
-        fitted = {r["layer"]: r for r in fit_rows or []}
+        fitted = fit_columns(fit_rows)
         sec["fit"] = self.fit
-        sec["layers"] = [{"layer": n, "k": d.k, "rel_error": d.rel_error,
-                          **({"output_error": fitted[n]["output_error_data_fit"],
-                              "output_error_weights_fit": fitted[n]["output_error_weights_fit"]} if n in fitted else {}),
-                          **d.sizes()} for n, d in decs.items()]
+        sec["layers"] = [{"layer": n, "k": d.k, "rel_error": d.rel_error, **fitted.get(n, {}), **d.sizes()}
+                         for n, d in decs.items()]
         sec["not_decomposed"] = [{"layer": n, "reason": r} for n, r in skipped.items()]
         return PassResult(bool(decs) or bool(skipped), {"decomposed": len(decs), "skipped": len(skipped)})

@@ -112,7 +112,7 @@ def test_ort_agreement_same_input_is_bit_exact_quantizer_and_float_tolerance(q):
 
 @pytest.mark.parametrize("inputs", ["decomposed", "float"])
 def test_refine_in_place_fits_the_layer_outputs(inputs):
-    from mpqc.compiler.bdcnn import decompose_graph, refine_in_place
+    from mpqc.compiler.bdcnn import decompose_in_place, refine_in_place
     g = small_net()
     r = np.random.default_rng(7)
 
@@ -120,7 +120,8 @@ def test_refine_in_place_fits_the_layer_outputs(inputs):
         x = np.repeat(np.repeat(r.uniform(-1, 1, (n, 3, 4, 4)), 2, axis=2), 2, axis=3)
         return (x + 0.1 * r.normal(size=x.shape)).astype(np.float32)
     xc, xt = images(256), images(64)
-    dg, decs, _ = decompose_graph(g, bases=2, restarts=1, iterations=5)
+    dg = g.copy()
+    decs, _ = decompose_in_place(dg, bases=2, restarts=1, iterations=5)
     before = {n: d.M.copy() for n, d in decs.items()}
     y_f = run_float(g, {"x": xt})[0]
     y_w = run_float(dg, {"x": xt})[0]
