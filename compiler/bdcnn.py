@@ -469,7 +469,8 @@ def compile_bdcnn(graph: Graph, calib_x: np.ndarray, eval_x: np.ndarray | None =
     float network otherwise; ``runner(graph, x) -> first output`` evaluates the QDQ networks of the
     search (default: mpqc's float executor); ``measure``: run the popcount runtime on the eval split;
     ``reuse``: the result of an earlier compile of the same graph whose decompositions (and their
-    fit) are taken as they are (the bases, fit and seed options are then not used again).
+    fit) are taken as they are (the bases, fit and seed options are then not used again; the
+    report's ``fit`` is the reused one's).
     """
     if not 0 <= max_drop < 1:
         raise OptionError(f"max_drop must be in [0, 1), got {max_drop}")
@@ -482,7 +483,8 @@ def compile_bdcnn(graph: Graph, calib_x: np.ndarray, eval_x: np.ndarray | None =
     if reuse is not None:  # the decompositions (and their fit) of an earlier compile of the same graph
         dec_graph, decs = reuse.decomposed.copy(), dict(reuse.decompositions)
         skipped = {r["layer"]: r["reason"] for r in reuse.report["not_decomposed"]}
-        fit_rows = reuse.report["fit"]["layers"] or None
+        rf = reuse.report["fit"]  # the report then says how these were fitted, not what this call was given
+        fit, fit_samples, fit_rounds, fit_rows = rf["mode"], max(1, rf["samples"]), rf["rounds"], rf["layers"] or None
     else:
         dec_graph = graph.copy()
         decs, skipped, fit_rows = decompose_and_fit(dec_graph, calib_x, fit=fit, fit_samples=fit_samples,

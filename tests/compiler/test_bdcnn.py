@@ -158,3 +158,15 @@ def test_efficientnet_onnx_export_equals_the_popcount_runtime():
     np.testing.assert_array_equal(ort_run(res.onnx_bytes(), x), run_bdcnn(res.program, x)[0])
     agr = ort_agreement(res, x)
     assert agr["code_flips"] == 0 and agr["codes"] > 10 ** 7 and agr["end_to_end_rel"] == 0.0
+
+
+def test_reuse_takes_the_decompositions_and_says_how_they_were_fitted():
+    g = small_net()
+    x = np.random.default_rng(3).uniform(-1, 1, (16, 3, 8, 8)).astype(np.float32)
+    base = compile_bdcnn(g, x, q_fixed=4, bases=2, restarts=1, iterations=5, fit="weights")
+    res = compile_bdcnn(g, x, q_fixed=3, bases=3, reuse=base)  # bases and fit of this call are not used
+    assert res.report["fit"] == base.report["fit"] and res.report["settings"]["fit"] == "weights"
+    assert {n: d.k for n, d in res.decompositions.items()} == {"conv1": 2, "dw": 2, "fc": 2}
+    for n, d in base.decompositions.items():
+        np.testing.assert_array_equal(res.decompositions[n].M, d.M)
+    assert {r["Q"] for r in res.report["layers"]} == {3}
