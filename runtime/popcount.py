@@ -249,9 +249,9 @@ def epilogue_constants(M: np.ndarray | None, c: np.ndarray, act: ActQuant, bias=
 #   shifted into a dense (dy, dx, c) bit string of ceil(D/64) words (kh shift/ORs per
 #   plane instead of D bit inserts).
 # * ``direct``: depthwise-like layers (one or two filters per group: D tiny, so a 64-bit
-#   word per tap would be mostly padding) compute ``P_k = sum_j M_jk q_j`` with integer
-#   multiply-adds straight from q (up to 4 bases packed in one int64), vectorized along
-#   blocks of output rows. Exact as well.
+#   word per tap would be mostly padding) compute ``P_k = sum_j M_jk q_j`` by adding or
+#   subtracting each tap's run of q (M is +-1) into int16 accumulators, 32 lanes a vector,
+#   along blocks of output rows. Exact as well.
 # * ``pixels``: the input's bit-planes packed per channel word along the positions; the
 #   popcount core runs along the positions, one filter and its k bases at a time.
 #
@@ -454,28 +454,6 @@ def _conv_window(segs, qsum, Wt, kh, seg_bits, sh, sw, dh, OH, OW, Q, k, cd, zpm
             _epilogue(T, SQ, n0, nn, P, g, k, mg, cd, zpm, bias, psum, y, want_psum, want_y)
 
 
-#: bits per base in a packed direct-path weight: |P_k| <= 64 * 255 < 2^15 fits a signed 16-bit field
-FIELD = 16
-#: bases per packed int64 weight
-FIELDS = 64 // FIELD
-#: int64 accumulators of one block of output rows on the direct path (16 KiB: in L1)
-DIRECT_ACC = 2048
-
-
-def pack_direct(M: np.ndarray, weight_shape) -> np.ndarray:
-    """Direct-path weights: the k bases of every tap packed into int64 words, ``sum_k M_k 2^(16 k)``
-    for up to 4 bases a word: ``(ceil(k/4), O, cg, kh, kw)``. One integer multiply-add then sums
-    every base's ``P_k`` at once in its own 16-bit field (``|P_k| <= D * 255 < 2^15`` for D <= 64)."""
-    O, D, k = M.shape
-    _, cg, kh, kw = weight_shape
-    m = np.asarray(M, np.int64).reshape(O, cg, kh, kw, k)
-    nw = -(-k // FIELDS)
-    out = np.zeros((nw, O, cg, kh, kw), np.int64)
-    for kk in range(k):
-        out[kk // FIELDS] += m[..., kk] << np.int64(FIELD * (kk % FIELDS))
-    return out
-
-
 @numba.njit(cache=True)
 def _epilogue_line(Pk, n, o, p0, cnt, cd, zpm, bias, yr, psum, y, want_psum, want_y):
     """Filter ``o`` of sample ``n`` at ``cnt`` consecutive positions from ``p0``, given its partial
@@ -562,47 +540,62 @@ def _conv_pixels(planes, qsum, Wt, Q, k, cd, zpm, bias, psum, y, want_psum, want
                     _epilogue_line(T, n, oo, p0, pn, cd, zpm, bias, yr, psum, y, want_psum, want_y)
 
 
-def stride_phases(qp: np.ndarray, sh: int, sw: int) -> np.ndarray:
-    """(sh * sw, N, C, ceil(H / sh) * ceil(W / sw) + pad): phase ``(rh, rw)`` (index ``rh * sw + rw``)
-    holds rows ``rh, rh + sh, ...`` and columns ``rw, rw + sw, ...`` of ``qp``, each phase flattened
-    row-major with ``ceil(W / sw)`` columns (entries past a shorter phase's end are 0 and never read
-    for a valid output), and enough zeros after the last row for the flat windows of the kernel."""
-    N, C, H, W = qp.shape
-    hq, wq = -(-H // sh), -(-W // sw)
-    out = np.zeros((sh * sw, N, C, hq * wq + wq + sw), qp.dtype)
+#: spare int16 lanes: the direct path runs its loops over whole vectors of this many lanes
+VEC = 32
+#: int16 accumulators of one block of output rows on the direct path (per base; in L1)
+DIRECT_ACC = 2048
+
+
+def direct_input(q: np.ndarray, pads, zp: int, sh: int, sw: int, dtype=np.int16) -> tuple[np.ndarray, int]:
+    """The direct path's input: ``q`` (N, C, H, W) padded with ``zp`` (ONNX pads ``[top, left,
+    bottom, right]``, none negative) as ``dtype`` (the kernel's accumulator type) flat stride phases ``(sh * sw, N, C, ceil(Hp / sh) *
+    ceil(Wp / sw) + spare)``: phase ``(rh, rw)`` (index ``rh * sw + rw``) holds padded rows ``rh, rh +
+    sh, ...`` and columns ``rw, rw + sw, ...``, flattened row-major with ``wq = ceil(Wp / sw)`` columns,
+    followed by spare entries that the kernel's whole-vector loops may read (and whose sums it drops).
+    Returns ``(phases, wq)``."""
+    N, C, H, W = q.shape
+    t, l, b, r = (int(v) for v in pads)
+    Hp, Wp = H + t + b, W + l + r
+    hq, wq = -(-Hp // sh), -(-Wp // sw)
+    flat = hq * wq + wq + sw + 2 * VEC
+    if sh == 1 and sw == 1:
+        out = np.full((1, N, C, flat), zp, dtype)
+        out[0, :, :, :Hp * Wp].reshape(N, C, Hp, Wp)[:, :, t:t + H, l:l + W] = q
+        return out, wq
+    qp = np.full((N, C, Hp, Wp), zp, dtype)
+    qp[:, :, t:t + H, l:l + W] = q
+    out = np.zeros((sh * sw, N, C, flat), dtype)
     for rh in range(sh):
         for rw in range(sw):
             ph = qp[:, :, rh::sh, rw::sw]
-            v = out[rh * sw + rw, :, :, :hq * wq].reshape(N, C, hq, wq)
-            v[:, :, :ph.shape[2], :ph.shape[3]] = ph
-    return out
+            out[rh * sw + rw, :, :, :hq * wq].reshape(N, C, hq, wq)[:, :, :ph.shape[2], :ph.shape[3]] = ph
+    return out, wq
 
 
 @numba.njit(cache=True)
-def _conv_direct(qp, Wp, k, G, kh, kw, sh, sw, dh, dw, OH, OW, wq, cd, zpm, bias, psum, y, want_psum, want_y):
-    """``direct`` path: ``P_k = sum_j M_jk q_j`` by integer multiply-adds, a block of output rows at a
-    time, every group of 4 bases in one int64 multiply-add (:func:`pack_direct`), the fields then split
-    (sign-extended 16-bit) and the float32 epilogue applied. qp: the padded input in the flat stride
-    phases of :func:`stride_phases` (``wq`` columns a phase row): output (oy, ox) reads, for tap
-    (dy, dx), phase ((dy*dh) % sh, (dx*dw) % sw) at flat index ``(oy + dy*dh // sh) * wq + ox +
-    dx*dw // sw``, so a tap is one contiguous multiply-add over the block's flat rows ``i = oy * wq +
-    ox`` (the columns ox >= OW of it are computed and dropped). Wp (ceil(k/4), O, cg, kh, kw)."""
+def _conv_direct(qp, S, G, kh, kw, sh, sw, dh, dw, OH, OW, wq, cd, zpm, bias, psum, y, want_psum, want_y):
+    """``direct`` path: ``P_k = sum_j M_jk q_j`` by integer additions and subtractions (``M`` is +-1), one
+    base at a time, over a block of output rows at once, then the float32 epilogue of
+    :func:`epilogue_constants` into y (N, O, P). qp from :func:`direct_input`: output (oy, ox) reads,
+    for tap (dy, dx), phase ((dy*dh) % sh, (dx*dw) % sw) at flat index ``(oy + dy*dh // sh) * wq + ox +
+    dx*dw // sw``, so a tap is one contiguous run over the block's flat positions ``i = oy * wq + ox``
+    (columns ox >= OW and the run's rounding up to whole vectors are computed and dropped). S (O, cg,
+    kh, kw, k) int8 the signs of M. The accumulators have qp's type: int16 (32 lanes a vector) where
+    ``|P_k| <= D * (2^Q - 1) < 2^15`` (always for the layers :func:`choose_path` sends here: D <= 64),
+    else int32."""
     N = qp.shape[1]
-    nw, O, cg, _, _ = Wp.shape
+    O, cg, _, _, k = S.shape
     mg = O // G
-    # output rows per block: one row of a wide output (measured faster), else as many rows as keep the
-    # block's accumulators in L1 (narrow outputs: fewer, longer loops)
-    rb = 1 if OW >= 32 else max(1, DIRECT_ACC // wq)
-    acc = np.zeros((nw, min(rb, OH) * wq), np.int64)
-    Pk = np.zeros((k, OW), np.int64)
-    yr = np.zeros(OW, np.float32)
+    rb = min(OH, max(1, DIRECT_ACC // wq))
+    acc = np.zeros((k, rb * wq + VEC), qp.dtype)
+    yb = np.zeros(rb * wq + VEC, np.float32)
     for n in range(N):
         for o in range(O):
             g = o // mg
             for oy0 in range(0, OH, rb):
                 nr = min(rb, OH - oy0)
-                L = nr * wq
-                acc[:, :] = 0
+                L = -(-nr * wq // VEC) * VEC
+                acc[:, :L] = 0
                 for c in range(cg):
                     ci = g * cg + c
                     for dy in range(kh):
@@ -611,21 +604,38 @@ def _conv_direct(qp, Wp, k, G, kh, kw, sh, sw, dh, dw, OH, OW, wq, cd, zpm, bias
                             rx = dx * dw
                             base = (oy0 + ry // sh) * wq + rx // sw
                             src = qp[(ry % sh) * sw + rx % sw, n, ci, base:base + L]
-                            for wi in range(nw):
-                                m = Wp[wi, o, c, dy, dx]
-                                a = acc[wi]
-                                for i in range(L):
-                                    a[i] += m * np.int64(src[i])
-                for oyl in range(nr):
-                    r0 = oyl * wq
-                    for kk in range(k):  # split the 16-bit fields (each signed; lower fields first)
-                        a = acc[kk // FIELDS]
+                            for kk in range(k):
+                                a = acc[kk, :L]
+                                if S[o, c, dy, dx, kk] > 0:
+                                    for i in range(L):
+                                        a[i] += src[i]
+                                else:
+                                    for i in range(L):
+                                        a[i] -= src[i]
+                if want_psum:
+                    for oyl in range(nr):
+                        for kk in range(k):
+                            for ox in range(OW):
+                                psum[n, (oy0 + oyl) * OW + ox, kk, o] = acc[kk, oyl * wq + ox]
+                if want_y:  # the float32 epilogue over the whole block, then its valid columns
+                    yv = yb[:L]
+                    for kk in range(k):
+                        ak = cd[kk, o]
+                        zk = zpm[kk, o]
+                        sk = acc[kk, :L]
+                        if kk == 0:
+                            for i in range(L):
+                                yv[i] = np.float32(np.int64(sk[i]) - zk) * ak
+                        else:
+                            for i in range(L):
+                                yv[i] = yv[i] + np.float32(np.int64(sk[i]) - zk) * ak
+                    b = bias[o]
+                    for oyl in range(nr):
+                        p0 = (oy0 + oyl) * OW
+                        yo = y[n, o, p0:p0 + OW]
+                        yi = yb[oyl * wq:oyl * wq + OW]
                         for ox in range(OW):
-                            v0 = a[r0 + ox]
-                            v = (v0 << np.int64(64 - FIELD)) >> np.int64(64 - FIELD)
-                            Pk[kk, ox] = v
-                            a[r0 + ox] = (v0 - v) >> np.int64(FIELD)
-                    _epilogue_line(Pk, n, o, (oy0 + oyl) * OW, OW, cd, zpm, bias, yr, psum, y, want_psum, want_y)
+                            yo[ox] = yi[ox] + b
 
 
 # --------------------------------------------------------------------------- layer objects
@@ -700,9 +710,8 @@ class BinaryLayer:
             raise DataError(f"unknown kernel path {self.path!r} for weights of shape {self.weight_shape}")
         if self.path == "window" and self.weight_shape[1] * self.weight_shape[3] > WORD:
             raise DataError("the window path needs kw * C/group <= 64")
-        if self.path == "direct":
-            _, cg, kh, kw = self.weight_shape
-            self.kernel_words = pack_direct(self.M, self.weight_shape)
+        if self.path == "direct":  # the signs, (O, cg, kh, kw, k)
+            self.kernel_words = np.ascontiguousarray(self.M.reshape(self.weight_shape + (k,)))
         else:
             self.kernel_words = _relayout(self.M, self.weight_shape, self.group, self.path)
         self.w_rec = np.einsum("odk,ok->od", self.M.astype(np.float64), self.c)  # reconstructed filters
@@ -728,13 +737,18 @@ class BinaryLayer:
         return int(positions) * int(Q) * self.kernel_words.shape[1] * self.kernel_words.shape[2] * self.group
 
 
-def _pad_q(q: np.ndarray, pads, value: int) -> np.ndarray:
-    """Pad the spatial axes of (N, C, H, W) with ``value``; negative pads crop."""
+def _crop_negative(q: np.ndarray, pads) -> tuple[np.ndarray, list]:
+    """Crop the spatial axes of (N, C, H, W) where a pad is negative; the pads left (none negative)."""
     t, l, b, r = pads
     if min(pads) < 0:
         H, W = q.shape[2:]
         q = q[:, :, max(-t, 0):H - max(-b, 0), max(-l, 0):W - max(-r, 0)]
-        t, l, b, r = (max(p, 0) for p in pads)
+    return q, [max(int(p), 0) for p in pads]
+
+
+def _pad_q(q: np.ndarray, pads, value: int) -> np.ndarray:
+    """Pad the spatial axes of (N, C, H, W) with ``value``; negative pads crop."""
+    q, (t, l, b, r) = _crop_negative(q, pads)
     if t or l or b or r:
         q = np.pad(q, ((0, 0), (0, 0), (t, b), (l, r)), mode="constant", constant_values=value)
     return q
@@ -775,7 +789,6 @@ def _run(layer: BinaryLayer, q, act: ActQuant, strides, pads, dilations, *, want
     kh, kw, sh, sw, dh, dw, OH, OW, pd = geo
     if q4.shape[1] != layer.D // (kh * kw) * layer.group:
         raise DataError(f"input of shape {q.shape} does not match bases of length D={layer.D}")
-    qp = np.ascontiguousarray(_pad_q(q4.astype(np.int32, copy=False), pd, act.zp))
     N = q4.shape[0]
     O = layer.M.shape[0]
     k = layer.k
@@ -793,29 +806,32 @@ def _run(layer: BinaryLayer, q, act: ActQuant, strides, pads, dilations, *, want
     # the direct and pixels paths write (N, O, P); the others (N, P, O), transposed at the end
     y = np.empty(((N, O, P) if path in ("direct", "pixels") else (N, P, O)) if want_y else (1, 1, 1), np.float32)
     cd, zpm, b = epilogue_constants(None, layer.c, act, bias, msum=layer.msum)
-    Hp, Wp = qp.shape[2:]
-    if path == "pixels":
+    # the packing paths read q padded with zp; the direct path pads while it lays out its input
+    qp = None if path == "direct" else np.ascontiguousarray(_pad_q(q4.astype(np.int32, copy=False), pd, act.zp))
+    if path == "direct":
+        acc_t = np.int16 if layer.D * act.qmax < 1 << 15 else np.int32  # |P_k| <= D * qmax
+        phases, wq = direct_input(*_crop_negative(q4, pd), act.zp, sh, sw, acc_t)
+        _conv_direct(phases, layer.kernel_words, G, kh, kw, sh, sw, dh, dw, OH, OW, wq, cd, zpm, b, psum, y,
+                     want_psum, want_y)
+    elif path == "pixels":
         Wc = n_words(qp.shape[1] // G)
         qf = qp.reshape(N, qp.shape[1], P)
         planes = np.empty((N, G, Q, Wc, P), np.uint64)
         qsum = np.empty((N, G, P), np.int64)
         _prepack_pixels(qf, G, Q, planes, qsum)
         _conv_pixels(planes, qsum, layer.kernel_words, Q, k, cd, zpm, b, psum, y, want_psum, want_y)
-    elif path == "direct":
-        _conv_direct(stride_phases(qp, sh, sw), layer.kernel_words, k, G, kh, kw, sh, sw, dh, dw, OH, OW,
-                     -(-qp.shape[3] // sw), cd, zpm, b, psum, y, want_psum, want_y)
     elif path == "window":
         cg = qp.shape[1] // G
         SX = (OW - 1) * sw + 1
-        segs = np.empty((N, G, Hp, SX, Q), np.uint64)
-        qsum = np.empty((N, G, Hp, SX), np.int64)
+        segs = np.empty((N, G, qp.shape[2], SX, Q), np.uint64)
+        qsum = np.empty((N, G, qp.shape[2], SX), np.int64)
         _prepack_rows(qp, G, Q, kw, dw, SX, segs, qsum)
         _conv_window(segs, qsum, layer.kernel_words, kh, kw * cg, sh, sw, dh, OH, OW, Q, k, cd, zpm, b, psum, y,
                      want_psum, want_y)
     else:
         Wc = n_words(qp.shape[1] // G)
-        planes = np.empty((N, G, Hp, Wp, Q, Wc), np.uint64)
-        qsum = np.empty((N, G, Hp, Wp), np.int64)
+        planes = np.empty((N, G) + qp.shape[2:] + (Q, Wc), np.uint64)
+        qsum = np.empty((N, G) + qp.shape[2:], np.int64)
         _prepack_taps(qp, G, Q, Wc, planes, qsum)
         _conv_taps(planes, qsum, layer.kernel_words, kh, kw, sh, sw, dh, dw, OH, OW, Q, k, cd, zpm, b, psum, y,
                    want_psum, want_y)

@@ -184,3 +184,22 @@ def test_actquant_is_onnx_quantize_linear_bit_for_bit_at_ties(Q):
     yb = binary_forward(lay, a.quantize(xb), a)
     ulp = float(np.spacing(np.float32(max(np.abs(ya).max(), np.abs(yb).max()))))  # the float32 epilogue
     np.testing.assert_allclose(np.abs(yb - ya), abs(float(lay.w_rec.sum())) * a.delta, rtol=1e-6, atol=8 * ulp)
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+@pytest.mark.parametrize("Q", [8, 2])
+def test_direct_path_extremes_are_exact(sign, Q):
+    """The direct path's int16 accumulators at their bound (D = 64 taps of the largest code, every
+    sign alike: |P_k| = 64 * 255 = 16320), its int32 fallback where D * qmax >= 2^15 (a forced
+    direct path on a D = 144 layer), and negative pads (cropping)."""
+    act = ActQuant.from_range(0.0, 1.0, Q)
+    for O, cg, kh, kw, g, pads in [(8, 4, 4, 4, 4, (1, 2, 2, 1)), (6, 16, 3, 3, 2, (-1, 0, 1, -2))]:
+        M = np.full((O, cg * kh * kw, 2), sign, np.int8)
+        M[:, ::7, 1] *= -1
+        lay = BinaryLayer(M, np.ones((O, 2)), (O, cg, kh, kw), g, path="direct")
+        q = np.full((2, cg * g, 9, 10), act.qmax, np.int32)
+        q[1, :, ::3] = 0
+        got = binary_partial_sums(lay, q, act, (1, 2), pads)
+        want = dense_partial_sums(lay.M, q, act.zp, lay.weight_shape, g, (1, 2), pads)
+        np.testing.assert_array_equal(got, want)
+        assert np.abs(want).max() == cg * kh * kw * act.qmax
