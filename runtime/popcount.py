@@ -233,10 +233,11 @@ def epilogue_constants(M: np.ndarray | None, c: np.ndarray, act: ActQuant, bias=
 
 
 # --------------------------------------------------------------------------- kernels
-# Four paths: three chosen per layer by :func:`choose_path` (``BinaryLayer.path``), and
-# ``pixels`` taken per call by a ``tap`` layer that is a 1x1, stride-1, unpadded convolution
-# with more output positions than (base, filter) columns (``BinaryLayer.last_path`` tells which
-# path the last call took):
+# Five paths: three chosen per layer by :func:`choose_path` (``BinaryLayer.path``), and two
+# taken per call where there are more output positions than (base, filter) columns:
+# ``pixels`` by a ``tap`` layer that is a 1x1, stride-1, unpadded convolution, and
+# ``window-pixels`` by a ``window`` layer (``BinaryLayer.last_path`` tells which path the
+# last call took):
 #
 # * ``tap``: the input's bit-planes are packed once per layer call, per pixel: the C/group
 #   channels of pixel (iy, ix) of plane e are ``Wc = ceil(C/group / 64)`` words (channel
@@ -254,6 +255,10 @@ def epilogue_constants(M: np.ndarray | None, c: np.ndarray, act: ActQuant, bias=
 #   along blocks of output rows. Exact as well.
 # * ``pixels``: the input's bit-planes packed per channel word along the positions; the
 #   popcount core runs along the positions, one filter and its k bases at a time.
+# * ``window-pixels``: the same core for a ``window`` layer with more positions than
+#   (base, filter) columns (e.g. a network's first layer): each position's whole window is
+#   packed, in the ``window`` weights' dense (dy, dx, c) order, vectorized along the
+#   output columns; no transpose of the output.
 #
 # The popcount core of ``tap`` and ``window`` (_bgemm) is a binary GEMM: rows = output
 # positions (blocks of 4), columns = (base, filter) of a group (contiguous, the vectorized
@@ -504,16 +509,50 @@ def _prepack_pixels(q, G, Q, planes, qsum):
                         dst[i] |= np.uint64((row[i] >> e) & 1) << bit
 
 
+@numba.njit(cache=True)
+def _prepack_windows(qp, G, Q, kh, kw, sh, sw, dh, dw, OH, OW, planes, qsum):
+    """``pixels`` layout of a windowed layer (the ``window`` path's layers with many positions): planes
+    (N, G, Q, Wn, OH*OW) uint64 <- bit ``b % 64`` of word ``b // 64`` is bit e of the window's element
+    ``b = (dy*kw + dx)*cg + c`` (the ``window`` weights' dense (dy, dx, c) order) at each output position;
+    qsum (N, G, OH*OW) <- the window's sum of q. qp: the padded input. Vectorized along the output
+    columns."""
+    N, C, _, _ = qp.shape
+    cg = C // G
+    planes[...] = 0
+    qsum[...] = 0
+    for n in range(N):
+        for g in range(G):
+            for dy in range(kh):
+                for dx in range(kw):
+                    for c in range(cg):
+                        b = (dy * kw + dx) * cg + c
+                        wi = b >> 6
+                        bit = np.uint64(b & 63)
+                        plane = qp[n, g * cg + c]
+                        for oy in range(OH):
+                            row = plane[oy * sh + dy * dh, dx * dw:dx * dw + (OW - 1) * sw + 1:sw]
+                            p0 = oy * OW
+                            s = qsum[n, g, p0:p0 + OW]
+                            for ox in range(OW):
+                                s[ox] += row[ox]
+                            for e in range(Q):
+                                dst = planes[n, g, e, wi, p0:p0 + OW]
+                                for ox in range(OW):
+                                    dst[ox] |= np.uint64((row[ox] >> e) & 1) << bit
+
+
 #: positions per chunk of the pixels path (its accumulators and plane words stay in L1)
 PCH = 512
 
 
 @numba.njit(cache=True)
 def _conv_pixels(planes, qsum, Wt, Q, k, cd, zpm, bias, psum, y, want_psum, want_y):
-    """``pixels`` path of a 1x1, stride-1, unpadded convolution: the popcount core vectorized along the
-    output positions instead of the filters (for layers with few filters and many positions), one
-    filter at a time with its k bases, then the float32 epilogue along the positions into y (N, O, P).
-    planes/qsum from :func:`_prepack_pixels`; Wt (G, Wc, k*mg) the ``tap`` words (column kk*mg + o)."""
+    """``pixels`` and ``window-pixels`` paths: the popcount core vectorized along the output positions
+    instead of the filters (for layers with few filters and many positions), one filter at a time with
+    its k bases, then the float32 epilogue along the positions into y (N, O, P). planes (N, G, Q, Wc, P)
+    / qsum (N, G, P) the words and sum of q of each position's input: a 1x1 layer's channels
+    (:func:`_prepack_pixels`, Wt the ``tap`` words) or a window (:func:`_prepack_windows`, Wt the
+    ``window`` words); Wt (G, Wc, k*mg), column kk*mg + o."""
     N, G, _, Wc, P = planes.shape
     J = Wt.shape[2]
     mg = J // k
@@ -802,9 +841,12 @@ def _run(layer: BinaryLayer, q, act: ActQuant, strides, pads, dilations, *, want
     if path == "tap" and q.ndim == 4 and kh == kw == 1 and sh == sw == 1 and not any(pd) \
             and N * OH * OW >= layer.kernel_words.shape[2]:
         path = "pixels"
+    elif path == "window" and N * OH * OW >= layer.kernel_words.shape[2]:
+        path = "window-pixels"
     layer.last_path = path
-    # the direct and pixels paths write (N, O, P); the others (N, P, O), transposed at the end
-    y = np.empty(((N, O, P) if path in ("direct", "pixels") else (N, P, O)) if want_y else (1, 1, 1), np.float32)
+    # the paths along the positions write (N, O, P); the others (N, P, O), transposed at the end
+    along = path in ("direct", "pixels", "window-pixels")
+    y = np.empty(((N, O, P) if along else (N, P, O)) if want_y else (1, 1, 1), np.float32)
     cd, zpm, b = epilogue_constants(None, layer.c, act, bias, msum=layer.msum)
     # the packing paths read q padded with zp; the direct path pads while it lays out its input
     qp = None if path == "direct" else np.ascontiguousarray(_pad_q(q4.astype(np.int32, copy=False), pd, act.zp))
@@ -819,6 +861,12 @@ def _run(layer: BinaryLayer, q, act: ActQuant, strides, pads, dilations, *, want
         planes = np.empty((N, G, Q, Wc, P), np.uint64)
         qsum = np.empty((N, G, P), np.int64)
         _prepack_pixels(qf, G, Q, planes, qsum)
+        _conv_pixels(planes, qsum, layer.kernel_words, Q, k, cd, zpm, b, psum, y, want_psum, want_y)
+    elif path == "window-pixels":
+        Wn = layer.kernel_words.shape[1]
+        planes = np.empty((N, G, Q, Wn, P), np.uint64)
+        qsum = np.empty((N, G, P), np.int64)
+        _prepack_windows(qp, G, Q, kh, kw, sh, sw, dh, dw, OH, OW, planes, qsum)
         _conv_pixels(planes, qsum, layer.kernel_words, Q, k, cd, zpm, b, psum, y, want_psum, want_y)
     elif path == "window":
         cg = qp.shape[1] // G
@@ -835,7 +883,7 @@ def _run(layer: BinaryLayer, q, act: ActQuant, strides, pads, dilations, *, want
         _prepack_taps(qp, G, Q, Wc, planes, qsum)
         _conv_taps(planes, qsum, layer.kernel_words, kh, kw, sh, sw, dh, dw, OH, OW, Q, k, cd, zpm, b, psum, y,
                    want_psum, want_y)
-    if want_y and path not in ("direct", "pixels"):
+    if want_y and not along:
         y = y.transpose(0, 2, 1)
     if want_y:
         y = np.ascontiguousarray(y, dtype)

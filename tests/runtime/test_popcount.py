@@ -53,6 +53,10 @@ def test_popcount_words():
     # depthwise with wide outputs (row blocks of one row) and strided narrow ones (several rows a block)
     dict(C=3, O=3, kh=3, kw=3, k=4, Q=8, strides=(1, 1), pads=(1, 1, 1, 1), group=3, hw=(9, 40)),
     dict(C=4, O=8, kh=5, kw=5, k=5, Q=3, strides=(2, 2), pads=(2, 2, 2, 2), group=4, hw=(21, 23)),
+    # a window layer with fewer positions than columns (the window path proper; others: window-pixels)
+    dict(C=2, O=40, kh=3, kw=3, k=2, Q=4, strides=(1, 1), pads=(1, 1, 1, 1), group=1, hw=(4, 3)),
+    # window-pixels with a window of 2 words (D = 90) and a dilation
+    dict(C=10, O=3, kh=3, kw=3, k=2, Q=3, strides=(1, 2), pads=(2, 0, 1, 2), group=1, hw=(9, 11), dil=(2, 1)),
 ])
 @pytest.mark.parametrize("path", [None, "tap", "window", "direct"])
 def test_conv_popcount_equals_dense_integer_sums(case, path):
@@ -203,3 +207,19 @@ def test_direct_path_extremes_are_exact(sign, Q):
         want = dense_partial_sums(lay.M, q, act.zp, lay.weight_shape, g, (1, 2), pads)
         np.testing.assert_array_equal(got, want)
         assert np.abs(want).max() == cg * kh * kw * act.qmax
+
+
+def test_paths_taken_per_call():
+    """Which path each kind of layer takes (``last_path``), so that every kernel above is exercised."""
+    act = ActQuant.from_range(0.0, 1.0, 3)
+    r = np.random.default_rng(0)
+    for (O, cg, kh, kw, g, hw, pads, want) in [
+            (40, 2, 3, 3, 1, (4, 3), (1, 1, 1, 1), "window"),  # 24 positions < 80 columns
+            (4, 2, 3, 3, 1, (9, 9), (1, 1, 1, 1), "window-pixels"),
+            (6, 70, 1, 1, 1, (5, 5), (0, 0, 0, 0), "pixels"),
+            (6, 70, 1, 1, 1, (5, 5), (1, 0, 0, 0), "tap"),  # padded 1x1
+            (6, 1, 3, 3, 6, (5, 5), (1, 1, 1, 1), "direct")]:
+        lay = _layer(O, cg, kh, kw, 2, g, seed=1)
+        q = r.integers(0, act.qmax + 1, size=(2, cg * g) + hw)
+        binary_partial_sums(lay, q, act, (1, 1), pads)
+        assert lay.last_path == want, (O, cg, kh, kw, lay.last_path)
