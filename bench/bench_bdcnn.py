@@ -95,6 +95,32 @@ def words_per_cycle():
     return 4 if "avx512_vpopcntdq" in cpu_flags() else 1
 
 
+def kernel_ceilings(repeat=5):
+    """Throughput of the two cores on this CPU, one thread, measured now: the popcount core (_bgemm: 4
+    positions x 36 words x 256 (base, filter) columns, one plane) in AND+popcount word ops/s, and the int8
+    emulator's GEMM (onnxruntime MatMulInteger, uint8 x int8, 1024 x 576 x 64) and float32 BLAS in
+    MAC/s. A binary MAC at k bases and Q planes costs k*Q/64 word ops, so the popcount core beats the int8
+    GEMM only while k*Q < 64 * words/s / MAC/s (``break_even_kq``), whatever the overheads."""
+    from mpqc.runtime.intgemm import IntGemm
+    from mpqc.runtime.popcount import _bgemm
+    r = np.random.default_rng(0)
+    A = r.integers(0, 2**63, (4, 1, 36)).astype(np.uint64)
+    Wt = r.integers(0, 2**63, (36, 256)).astype(np.uint64)
+    tot = np.zeros((4, 256), np.int64)
+
+    def many(fn, n):
+        return lambda: [fn() for _ in range(n)]
+    words = 4 * 36 * 256 * 200 / best_time(many(lambda: _bgemm(A, Wt, 1, tot), 200), repeat)
+    R, K, M = 1024, 576, 64
+    g = IntGemm(r.integers(-128, 128, (K, M)).astype(np.int8))
+    a = r.integers(0, 256, (R, K)).astype(np.uint8)
+    int8 = R * K * M * 10 / best_time(many(lambda: g(a, 0, 255), 10), repeat)
+    af, wf = a.astype(np.float32), g.w.astype(np.float32)
+    f32 = R * K * M * 10 / best_time(many(lambda: af @ wf, 10), repeat)
+    return {"popcount_words_per_s": words, "int8_gemm_macs_per_s": int8, "sgemm_macs_per_s": f32,
+            "break_even_kq": 64 * words / int8, "break_even_kq_sgemm": 64 * words / f32}
+
+
 def word_ops(rt, positions, n):
     """AND+popcount word operations of the binary layers for ``n`` samples (padding words included)."""
     tot, paths = {}, {}
@@ -172,6 +198,17 @@ def main():
              f"**shared 2-core machine** (other jobs running: best of repeats, expect +-20% noise). Popcount "
              f"limit = {words_per_cycle()} AND+popcount word ops per cycle ({words_per_cycle() * 64} binary "
              f"ops/cycle: 256-bit VPOPCNTQ, 1/cycle, which is what LLVM emits for the kernels here).", ""]
+    ceil = kernel_ceilings()
+    lines += [f"Cores, measured in this run (one thread): the popcount core (_bgemm) "
+              f"{ceil['popcount_words_per_s'] / 1e9:.2f} G AND+popcount word ops/s "
+              f"({ceil['popcount_words_per_s'] * 64 / 1e9:.0f} G binary MACs/s; "
+              f"{ceil['popcount_words_per_s'] / cpu_hz() / words_per_cycle() * 100:.0f}% of the limit above); the "
+              f"int8 emulator's GEMM (onnxruntime MatMulInteger, uint8 x int8: VNNI) "
+              f"{ceil['int8_gemm_macs_per_s'] / 1e9:.0f} G MACs/s; float32 BLAS {ceil['sgemm_macs_per_s'] / 1e9:.0f} "
+              f"G MACs/s. A decomposed MAC costs k*Q binary MACs, so even with no other work the popcount "
+              f"core beats the int8 GEMM only below **k*Q = {ceil['break_even_kq']:.1f}** (float32 BLAS: "
+              f"below k*Q = {ceil['break_even_kq_sgemm']:.1f}); above it, a layer can only win where the emulator "
+              f"spends its time outside the GEMM (im2col, requantization, depthwise layers).", ""]
     for model in args.models.split(","):
         eff = model.startswith("efficientnet")
         g = load_graph(model_path(model))
@@ -204,7 +241,7 @@ def main():
         s8 = ort.InferenceSession(c1.onnx_bytes(), so, providers=["CPUExecutionProvider"])
         t_ort8 = best_time(lambda: s8.run(None, {g.inputs[0].name: xs}))
         rows, speed, sizes = [], [], []
-        out_json = {"model": model, "float": float_acc, "configs": []}
+        out_json = {"model": model, "float": float_acc, "configs": [], "ceilings": ceil}
         for fit, k in [(f, int(v)) for f in args.fit.split(",") for v in args.bases.split(",")]:
             kf = f"{k} ({fit})"
             t0 = time.perf_counter()
@@ -282,8 +319,9 @@ def main():
         lines += ["", f"Per binary layer on {len(xs)} samples: popcount runtime ms (quantization sub-layer + "
                   "AND/popcount + float epilogue) / int8 emulator ms (integer product-sum + requantization) = speed "
                   "of popcount vs emulator; kernel path (pixels: 1x1 layers, the popcount core along the positions; "
-                  "tap: per-pixel pre-packed words per tap; window: per-row segments into one dense window; direct: "
-                  "integer multiply-adds with 4 bases packed per int64, depthwise); share of the popcount "
+                  "tap: per-pixel pre-packed words per tap; window: per-row segments into one dense window; "
+                  "window-pixels: each position's whole window packed, the core along the positions; direct: "
+                  "int16 additions/subtractions of each tap's run of q, depthwise); share of the popcount "
                   "limit (word ops / time / limit; direct layers: none).", ""]
         names = list(speed[0][3]) if speed else []
         wide = len(names) <= 10
@@ -291,8 +329,8 @@ def main():
             lines += ["| k | Q | k*Q<=6 | " + " | ".join(names) + " | conv layers total |",
                       "|---|---|---|" + "---|" * len(names) + "---|"]
         else:
-            lines += ["| k | Q | k*Q<=6 | pixels layers | tap layers | window layers | direct layers | Gemm | "
-                      "conv layers total |", "|---|---|---|---|---|---|---|---|---|"]
+            lines += ["| k | Q | k*Q<=6 | pixels layers | tap layers | window layers | window-pixels layers | "
+                      "direct layers | Gemm | conv layers total |", "|---|---|---|---|---|---|---|---|---|---|"]
         for kf, k, label, qs, lt, ops, paths in speed:
             cells = []
             for n in names:
@@ -310,7 +348,7 @@ def main():
             okq = all(k * qs[n] <= 6 for n in names)
             isconv = lambda n: not n.endswith("Gemm") and "gemm" not in n.lower() and "MatMul" not in n
             if not wide:
-                cells = [tot(lambda n, pth=pth: isconv(n) and paths[n] == pth) for pth in ("pixels", "tap", "window", "direct")]
+                cells = [tot(lambda n, pth=pth: isconv(n) and paths[n] == pth) for pth in ("pixels", "tap", "window", "window-pixels", "direct")]
                 cells.append(tot(lambda n: not isconv(n)))
             lines.append(f"| {kf} | {label} | {'yes' if okq else 'no'} | " + " | ".join(cells) +
                          f" | {tot(isconv)} |")
