@@ -117,7 +117,9 @@ def kernel_ceilings(repeat=5):
     int8 = R * K * M * 10 / best_time(many(lambda: g(a, 0, 255), 10), repeat)
     af, wf = a.astype(np.float32), g.w.astype(np.float32)
     f32 = R * K * M * 10 / best_time(many(lambda: af @ wf, 10), repeat)
+    from mpqc.runtime.intgemm import u8s8_exact
     return {"popcount_words_per_s": words, "int8_gemm_macs_per_s": int8, "sgemm_macs_per_s": f32,
+            "int8_kernel": "uint8 x int8, exact here (VNNI)" if u8s8_exact() else "uint8 x uint8",
             "break_even_kq": 64 * words / int8, "break_even_kq_sgemm": 64 * words / f32}
 
 
@@ -198,17 +200,6 @@ def main():
              f"**shared 2-core machine** (other jobs running: best of repeats, expect +-20% noise). Popcount "
              f"limit = {words_per_cycle()} AND+popcount word ops per cycle ({words_per_cycle() * 64} binary "
              f"ops/cycle: 256-bit VPOPCNTQ, 1/cycle, which is what LLVM emits for the kernels here).", ""]
-    ceil = kernel_ceilings()
-    lines += [f"Cores, measured in this run (one thread): the popcount core (_bgemm) "
-              f"{ceil['popcount_words_per_s'] / 1e9:.2f} G AND+popcount word ops/s "
-              f"({ceil['popcount_words_per_s'] * 64 / 1e9:.0f} G binary MACs/s; "
-              f"{ceil['popcount_words_per_s'] / cpu_hz() / words_per_cycle() * 100:.0f}% of the limit above); the "
-              f"int8 emulator's GEMM (onnxruntime MatMulInteger, uint8 x int8: VNNI) "
-              f"{ceil['int8_gemm_macs_per_s'] / 1e9:.0f} G MACs/s; float32 BLAS {ceil['sgemm_macs_per_s'] / 1e9:.0f} "
-              f"G MACs/s. A decomposed MAC costs k*Q binary MACs, so even with no other work the popcount "
-              f"core beats the int8 GEMM only below **k*Q = {ceil['break_even_kq']:.1f}** (float32 BLAS: "
-              f"below k*Q = {ceil['break_even_kq_sgemm']:.1f}); above it, a layer can only win where the emulator "
-              f"spends its time outside the GEMM (im2col, requantization, depthwise layers).", ""]
     for model in args.models.split(","):
         eff = model.startswith("efficientnet")
         g = load_graph(model_path(model))
@@ -241,6 +232,17 @@ def main():
         s8 = ort.InferenceSession(c1.onnx_bytes(), so, providers=["CPUExecutionProvider"])
         t_ort8 = best_time(lambda: s8.run(None, {g.inputs[0].name: xs}))
         rows, speed, sizes = [], [], []
+        ceil = kernel_ceilings()
+        ceil_line = [f"Cores, measured in this run (one thread): the popcount core (_bgemm) "
+                     f"{ceil['popcount_words_per_s'] / 1e9:.2f} G AND+popcount word ops/s "
+                     f"({ceil['popcount_words_per_s'] * 64 / 1e9:.0f} G binary MACs/s; "
+                     f"{ceil['popcount_words_per_s'] / cpu_hz() / words_per_cycle() * 100:.0f}% of the limit above); the "
+                     f"int8 emulator's GEMM (onnxruntime MatMulInteger, {ceil['int8_kernel']}) "
+                     f"{ceil['int8_gemm_macs_per_s'] / 1e9:.0f} G MACs/s; float32 BLAS {ceil['sgemm_macs_per_s'] / 1e9:.0f} "
+                     f"G MACs/s. A decomposed MAC costs k*Q binary MACs, so even with no other work the popcount "
+                     f"core beats the int8 GEMM only below **k*Q = {ceil['break_even_kq']:.1f}** (float32 BLAS: "
+                     f"below k*Q = {ceil['break_even_kq_sgemm']:.1f}); above it, a layer can only win where the emulator "
+                     f"spends its time outside the GEMM (im2col, requantization, depthwise layers)."]
         out_json = {"model": model, "float": float_acc, "configs": [], "ceilings": ceil}
         for fit, k in [(f, int(v)) for f in args.fit.split(",") for v in args.bases.split(",")]:
             kf = f"{k} ({fit})"
@@ -301,7 +303,7 @@ def main():
         lines += [f"### {model}", "", f"Command: {cmd}", "",
                   f"float accuracy {float_acc:.4f} on {len(xt)} test samples ({'agreement' if eff else 'top-1'}); "
                   f"whole network on {len(xs)} samples: onnxruntime float {t_float * 1e3:.1f} ms, onnxruntime int8 "
-                  f"(-O1 QDQ, fused) {t_ort8 * 1e3:.1f} ms, int8 emulator {t_emu * 1e3:.1f} ms.", "",
+                  f"(-O1 QDQ, fused) {t_ort8 * 1e3:.1f} ms, int8 emulator {t_emu * 1e3:.1f} ms.", "", *ceil_line, "",
                   "| k | Q | Q per layer | predicted | measured | popcount runtime ms | speed vs emulator | "
                   "speed vs ORT float | ORT/popcount rel diff | per layer (same input) | codes flipped | "
                   "popcount limit used |",
