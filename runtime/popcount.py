@@ -460,6 +460,23 @@ def _conv_window(segs, qsum, Wt, kh, seg_bits, sh, sw, dh, OH, OW, Q, k, cd, zpm
 
 
 @numba.njit(cache=True)
+def _combine_bases(Pk, cnt, o, cd, zpm, yr):
+    """yr[:cnt] = the float32 sum over the bases of :func:`epilogue_constants` for filter ``o``, given its
+    partial sums Pk (k, >= cnt) along consecutive positions: ``(f32(P_0 - zpm[0, o]) * cd[0, o] + ...)``,
+    the bases in order (the bias is the caller's last step)."""
+    for kk in range(Pk.shape[0]):
+        ak = cd[kk, o]
+        zk = zpm[kk, o]
+        pk = Pk[kk]
+        if kk == 0:
+            for i in range(cnt):
+                yr[i] = np.float32(np.int64(pk[i]) - zk) * ak
+        else:
+            for i in range(cnt):
+                yr[i] = yr[i] + np.float32(np.int64(pk[i]) - zk) * ak
+
+
+@numba.njit(cache=True)
 def _epilogue_line(Pk, n, o, p0, cnt, cd, zpm, bias, yr, psum, y, want_psum, want_y):
     """Filter ``o`` of sample ``n`` at ``cnt`` consecutive positions from ``p0``, given its partial
     sums Pk (k, >= cnt): psum[n, p, kk, o] = Pk; y[n, o, p] = the float32 epilogue of
@@ -470,15 +487,7 @@ def _epilogue_line(Pk, n, o, p0, cnt, cd, zpm, bias, yr, psum, y, want_psum, wan
             for i in range(cnt):
                 psum[n, p0 + i, kk, o] = Pk[kk, i]
     if want_y:
-        a0 = cd[0, o]
-        z0 = zpm[0, o]
-        for i in range(cnt):
-            yr[i] = np.float32(Pk[0, i] - z0) * a0
-        for kk in range(1, k):
-            ak = cd[kk, o]
-            zk = zpm[kk, o]
-            for i in range(cnt):
-                yr[i] = yr[i] + np.float32(Pk[kk, i] - zk) * ak
+        _combine_bases(Pk, cnt, o, cd, zpm, yr)
         b = bias[o]
         yo = y[n, o, p0:p0 + cnt]
         for i in range(cnt):
@@ -601,8 +610,7 @@ def direct_input(q: np.ndarray, pads, zp: int, sh: int, sw: int, dtype=np.int16)
         out = np.full((1, N, C, flat), zp, dtype)
         out[0, :, :, :Hp * Wp].reshape(N, C, Hp, Wp)[:, :, t:t + H, l:l + W] = q
         return out, wq
-    qp = np.full((N, C, Hp, Wp), zp, dtype)
-    qp[:, :, t:t + H, l:l + W] = q
+    qp = _pad_q(q, (t, l, b, r), zp, dtype)
     out = np.zeros((sh * sw, N, C, flat), dtype)
     for rh in range(sh):
         for rw in range(sw):
@@ -657,17 +665,7 @@ def _conv_direct(qp, S, G, kh, kw, sh, sw, dh, dw, OH, OW, wq, cd, zpm, bias, ps
                             for ox in range(OW):
                                 psum[n, (oy0 + oyl) * OW + ox, kk, o] = acc[kk, oyl * wq + ox]
                 if want_y:  # the float32 epilogue over the whole block, then its valid columns
-                    yv = yb[:L]
-                    for kk in range(k):
-                        ak = cd[kk, o]
-                        zk = zpm[kk, o]
-                        sk = acc[kk, :L]
-                        if kk == 0:
-                            for i in range(L):
-                                yv[i] = np.float32(np.int64(sk[i]) - zk) * ak
-                        else:
-                            for i in range(L):
-                                yv[i] = yv[i] + np.float32(np.int64(sk[i]) - zk) * ak
+                    _combine_bases(acc, L, o, cd, zpm, yb)
                     b = bias[o]
                     for oyl in range(nr):
                         p0 = (oy0 + oyl) * OW
@@ -785,11 +783,15 @@ def _crop_negative(q: np.ndarray, pads) -> tuple[np.ndarray, list]:
     return q, [max(int(p), 0) for p in pads]
 
 
-def _pad_q(q: np.ndarray, pads, value: int) -> np.ndarray:
-    """Pad the spatial axes of (N, C, H, W) with ``value``; negative pads crop."""
+def _pad_q(q: np.ndarray, pads, value: int, dtype=None) -> np.ndarray:
+    """Pad the spatial axes of (N, C, H, W) with ``value``; negative pads crop. ``dtype``: of the padded
+    array (default q's; q itself is returned when nothing is padded)."""
     q, (t, l, b, r) = _crop_negative(q, pads)
     if t or l or b or r:
-        q = np.pad(q, ((0, 0), (0, 0), (t, b), (l, r)), mode="constant", constant_values=value)
+        N, C, H, W = q.shape
+        out = np.full((N, C, H + t + b, W + l + r), value, dtype or q.dtype)  # np.pad is several times slower
+        out[:, :, t:t + H, l:l + W] = q
+        q = out
     return q
 
 
