@@ -101,7 +101,7 @@ def kernel_ceilings(repeat=5):
     emulator's GEMM (onnxruntime MatMulInteger, uint8 x int8, 1024 x 576 x 64) and float32 BLAS in
     MAC/s. A binary MAC at k bases and Q planes costs k*Q/64 word ops, so the popcount core beats the int8
     GEMM only while k*Q < 64 * words/s / MAC/s (``break_even_kq``), whatever the overheads."""
-    from mpqc.runtime.intgemm import IntGemm
+    from mpqc.runtime.intgemm import IntGemm, u8s8_exact
     from mpqc.runtime.popcount import _bgemm
     r = np.random.default_rng(0)
     A = r.integers(0, 2**63, (4, 1, 36)).astype(np.uint64)
@@ -117,7 +117,6 @@ def kernel_ceilings(repeat=5):
     int8 = R * K * M * 10 / best_time(many(lambda: g(a, 0, 255), 10), repeat)
     af, wf = a.astype(np.float32), g.w.astype(np.float32)
     f32 = R * K * M * 10 / best_time(many(lambda: af @ wf, 10), repeat)
-    from mpqc.runtime.intgemm import u8s8_exact
     return {"popcount_words_per_s": words, "int8_gemm_macs_per_s": int8, "sgemm_macs_per_s": f32,
             "int8_kernel": "uint8 x int8, exact here (VNNI)" if u8s8_exact() else "uint8 x uint8",
             "break_even_kq": 64 * words / int8, "break_even_kq_sgemm": 64 * words / f32}
