@@ -8,12 +8,18 @@ photos; optional: ``pip install nncf``); and mpqc rows, each a CLI compile (``--
 model by onnxruntime, exactly as ONNX defines it (QDQ fusion off) and with its default fused
 int8 kernels (``mpqc eval --runtime ort``). The mpqc rows (``--rows``):
 
-    1. -O1 --target npu8, round to nearest (the -O1 passes without optimize-rounding)
-    2. -O1 with optimize-rounding{inputs=float} (fitted on the float network's inputs)
-    3. -O1 --target npu8 (the default: optimize-rounding on the quantized network's inputs)
-    4. 4-bit weights, 8-bit activations everywhere, round to nearest
-    5. 4-bit weights, 8-bit activations, optimize-rounding
-    6. -O2 --target npu8 --max-drop 0.02 --jobs 2 (searched on x_eval)
+    1. -O1 --target npu8 without equalize and optimize-rounding (weights rounded to nearest)
+    2. 1 with cross-layer equalization (equalize)
+    3. 1 with optimize-rounding{inputs=float} (fitted on the float network's inputs)
+    4. 1 with optimize-rounding (on the quantized network's inputs)
+    5. -O1 --target npu8 (the default: equalize and optimize-rounding)
+    6. 4-bit weights, 8-bit activations everywhere, round to nearest
+    7. 6 with equalize{bits=4} and optimize-rounding
+    8. -O2 --target npu8 --max-drop 0.02 --jobs 2 (searched on x_eval)
+    9. -O2 --target npu8 --max-drop 0.05 --jobs 2
+
+Logit MSE: the emulator's outputs against the float model's on the test photos (``mpqc eval
+--metric mse --reference``), the measure that does not move by a photo at a time.
 
 Weight bytes: the Conv/Gemm weights at their stored width plus the biases (32 bits), as in
 mpqc's report (``quantization.totals``); seconds: wall time to quantize (mpqc: the whole CLI
@@ -50,20 +56,22 @@ SECTION = "## Real mobile networks (EfficientNet-Lite0)"
 ENV = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
 SOURCES = ("mpqc", "compiler", "core", "passes", "runtime")  # the package's source folders
 NEAREST = "optimize-rounding"  # the pass whose absence means round-to-nearest weights
+EQUALIZE = "equalize"  # cross-layer equalization (docs/EQUALIZATION.md)
 
 
-def o1_passes(choose: str = "choose-formats", rounding: str | None = None, before_formats: str | None = None) -> str:
+def o1_passes(choose: str = "choose-formats", rounding: str | None = None, equalize: str | None = None) -> str:
     """The -O1 npu8 pass list with ``choose`` for choose-formats, ``rounding`` for optimize-rounding
-    (None: dropped, round to nearest) and ``before_formats`` (a pass, e.g. an equalization) ahead of
-    choose-formats."""
+    (None: dropped, round to nearest) and ``equalize`` for the equalize pass (None: dropped)."""
     from mpqc.compiler.pipelines import pipeline_spec
     from mpqc.compiler.targets import get_target
     spec = []
     for p in pipeline_spec(1, get_target("npu8")):
         if p == "choose-formats":
-            spec += [before_formats, choose] if before_formats else [choose]
+            spec.append(choose)
         elif p == NEAREST:
             spec += [rounding] if rounding else []
+        elif p == EQUALIZE:
+            spec += [equalize] if equalize else []
         else:
             spec.append(p)
     return ",".join(spec)
@@ -72,19 +80,21 @@ def o1_passes(choose: str = "choose-formats", rounding: str | None = None, befor
 W4 = "choose-formats{weight_bits=4,act_bits=8}"
 #: number -> (configuration, mpqc CLI arguments after the model)
 ROWS = {
-    1: ("-O1 npu8, round to nearest", lambda: ["--target", "npu8", "--passes", o1_passes()]),
-    2: ("-O1 npu8, optimize-rounding{inputs=float}",
+    1: ("-O1 npu8, round to nearest, no equalization", lambda: ["--target", "npu8", "--passes", o1_passes()]),
+    2: ("-O1 npu8, equalize, round to nearest",
+        lambda: ["--target", "npu8", "--passes", o1_passes(equalize=EQUALIZE)]),
+    3: ("-O1 npu8, optimize-rounding{inputs=float}, no equalization",
         lambda: ["--target", "npu8", "--passes", o1_passes(rounding=f"{NEAREST}{{inputs=float}}")]),
-    3: ("-O1 npu8 (default: optimize-rounding, quantized inputs)", lambda: ["-O1", "--target", "npu8"]),
-    4: ("w4a8 everywhere, round to nearest", lambda: ["--target", "npu8", "--passes", o1_passes(W4)]),
-    5: ("w4a8 everywhere, optimize-rounding", lambda: ["--target", "npu8", "--passes", o1_passes(W4, NEAREST)]),
-    6: ("-O2 npu8 --max-drop 0.02 --jobs 2 (searched on x_eval)",
+    4: ("-O1 npu8, optimize-rounding, no equalization",
+        lambda: ["--target", "npu8", "--passes", o1_passes(rounding=NEAREST)]),
+    5: ("-O1 npu8 (default: equalize, optimize-rounding)", lambda: ["-O1", "--target", "npu8"]),
+    6: ("w4a8 everywhere, round to nearest", lambda: ["--target", "npu8", "--passes", o1_passes(W4)]),
+    7: ("w4a8 everywhere, equalize{bits=4}, optimize-rounding",
+        lambda: ["--target", "npu8", "--passes", o1_passes(W4, NEAREST, f"{EQUALIZE}{{bits=4}}")]),
+    8: ("-O2 npu8 --max-drop 0.02 --jobs 2 (searched on x_eval)",
         lambda: ["-O2", "--target", "npu8", "--eval", f"{DATA}:eval", "--max-drop", "0.02", "--jobs", "2"]),
-    7: ("-O2 npu8 --max-drop 0.05 --jobs 2 (searched on x_eval)",
+    9: ("-O2 npu8 --max-drop 0.05 --jobs 2 (searched on x_eval)",
         lambda: ["-O2", "--target", "npu8", "--eval", f"{DATA}:eval", "--max-drop", "0.05", "--jobs", "2"]),
-    # 8, once mpqc has a cross-layer equalization pass (not yet):
-    # 8: ("-O1 npu8, cross-layer equalization", lambda: ["--target", "npu8", "--passes",
-    #     o1_passes(rounding=NEAREST, before_formats="equalize-cross-layer")]),
 }
 
 
@@ -169,6 +179,10 @@ def mpqc_row(args: list[str], folder: Path) -> dict:
     report = json.loads(rep.read_text())
     tot = report["quantization"]["totals"]
     xt, yt = load_split(MODEL, "test")
+    mse = subprocess.run([str(ROOT / ".venv" / "bin" / "mpqc"), "eval", str(bundle), "--data", f"{DATA}:test",
+                          "--metric", "mse", "--reference", str(model_path(MODEL)), "--json", "--batch-size", "16",
+                          "-q"], env=ENV, capture_output=True, text=True)
+    row["logit_mse"] = abs(json.loads(mse.stdout)["value"]) if mse.returncode == 0 else None
     row.update(emulator=evaluate(bundle, "emulator"), ort_default=evaluate(onnx_out, "ort"),
                ort_exact=agreements(onnx_out.read_bytes(), xt, yt)["ort_exact"],
                weight_bytes=tot["weight_bytes"]["quantized"], weight_bytes_vs_int8=tot["weight_bytes_vs_int8"],
@@ -233,13 +247,13 @@ def table(res: dict, meta: dict) -> str:
              "kernels (for mpqc `mpqc eval M.onnx --runtime ort`). Weight bytes: Conv/Gemm weights at their stored "
              "width plus 32-bit biases. MAC cost: bit-weighted MACs against w8a8 (mpqc's report). Seconds: wall "
              "time to quantize (mpqc: the whole `mpqc ... --no-cache` process).", "",
-             "| # | configuration | emulator | ORT exact | ORT default | mean bits w/a | weight bytes | of float | "
-             "of int8 | MAC cost / w8a8 | seconds | goal |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| # | configuration | emulator | ORT exact | ORT default | logit MSE | mean bits w/a | weight bytes | "
+             "of float | of int8 | MAC cost / w8a8 | seconds | goal |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def line(num, name, r):
         if "error" in r:
-            lines.append(f"| {num} | {name} | {r['error']} | | | | | | | | {_cell(r.get('seconds'), '{:.1f}')} | |")
+            lines.append(f"| {num} | {name} | {r['error']} | | | | | | | | | {_cell(r.get('seconds'), '{:.1f}')} | |")
             return
         wb = r.get("weight_bytes")
         bits = f"{r['mean_weight_bits']:g}/{r['mean_act_bits']:g}" if "mean_weight_bits" in r else "-"
@@ -247,7 +261,7 @@ def table(res: dict, meta: dict) -> str:
             f"{'met' if r['goal_met'] else 'missed'}{' from the start' if r['missed_from_start'] else ''} "
             f"(exit {r['exit']}): eval {_cell(r['eval_value'])}, goal {_cell(r['goal'])}")
         lines.append(f"| {num} | {name} | {_cell(r.get('emulator'))} | {_cell(r.get('ort_exact'))} | "
-                     f"{_cell(r.get('ort_default'))} | {bits} | {wb:,.0f} | {wb / fbytes:.3f} | "
+                     f"{_cell(r.get('ort_default'))} | {_cell(r.get('logit_mse'), '{:.2g}')} | {bits} | {wb:,.0f} | {wb / fbytes:.3f} | "
                      f"{_cell(r.get('weight_bytes_vs_int8'), '{:.3f}')} | {_cell(r.get('mac_cost_vs_int8'), '{:.3f}')} | "
                      f"{_cell(r.get('seconds'), '{:.1f}')} | {goal} |")
     line("", "float (onnxruntime)", res["float"])

@@ -477,7 +477,7 @@ def apply_prune(graph: Graph, unit: PruneUnit | str, keep: Sequence[int], new_co
             if n.bias is not None:
                 _set(graph, n, 2, n.bias.const[kidx])
             n.attrs["group"] = int(len(kidx))
-        elif n.op_type in ("BatchNormalization", "PRelu") or n.op_type in ("Add", "Sub", "Mul", "Div"):
+        elif n.op_type in ("BatchNormalization", "PRelu", "Clip") or n.op_type in ("Add", "Sub", "Mul", "Div"):
             for i in range(len(n.inputs)):
                 if n.inputs[i] is not None and n.inputs[i].is_const:
                     _slice_const(graph, n, i, rank, total, kidx)

@@ -60,6 +60,9 @@ def to_onnx(graph: Graph, *, check: bool = True, opset: int | None = None) -> on
                 t.shape = None
                 t.dtype = None
             outs.append(t)
+        if n.op_type == "Clip" and per_channel_clip(n):
+            nodes.extend(_clip_as_max_min(n, conv, outs))
+            continue
         nodes.append(gs.Node(n.op_type, n.name, attrs, [conv(v) for v in n.inputs], outs,
                              domain=n.domain or None))
     outputs = [conv(v) for v in graph.outputs]
@@ -84,6 +87,31 @@ def to_onnx(graph: Graph, *, check: bool = True, opset: int | None = None) -> on
             raise CompilerError(f"exported model fails the ONNX checker: {str(e).splitlines()[0][:300]}",
                                 hint="this is an mpqc bug; please report it with the model") from None
     return model
+
+
+def per_channel_clip(n) -> bool:
+    """A Clip whose bounds are per-channel constants (cross-layer equalization through a ReLU6):
+    mpqc's IR allows it, ONNX Clip does not (its bounds are scalars)."""
+    return any(v is not None and v.is_const and v.const.ndim > 0 for v in n.inputs[1:3])
+
+
+def _clip_as_max_min(n, conv, outs) -> list:
+    """A per-channel Clip written as ``Max(x, min)`` then ``Min(., max)``; ``from_onnx`` reads the
+    pair back as one Clip (``frontend.fuse_max_min``)."""
+    x = conv(n.inputs[0])
+    lo, hi = n.input(1), n.input(2)
+    out = []
+    if lo is not None and hi is not None:
+        mid = gs.Variable(f"{n.outputs[0].name}_lower_bounded")
+        out.append(gs.Node("Max", f"{n.name}_max", {}, [x, conv(lo)], [mid]))
+        out.append(gs.Node("Min", n.name, {}, [mid, conv(hi)], outs))
+    elif lo is not None:
+        out.append(gs.Node("Max", n.name, {}, [x, conv(lo)], outs))
+    elif hi is not None:
+        out.append(gs.Node("Min", n.name, {}, [x, conv(hi)], outs))
+    else:
+        out.append(gs.Node("Identity", n.name, {}, [x], outs))
+    return out
 
 
 def _narrow_dtype(v: Value):

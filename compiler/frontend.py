@@ -576,10 +576,53 @@ def from_onnx(model: onnx.ModelProto, *, origin: str = "model", fold: bool = Tru
             node.outputs.append(v)
         graph.nodes.append(node)
     graph.outputs = [conv(t) for t in g.outputs]
+    fuse_max_min(graph)
     if check_ops:
         check_supported(graph)
     graph.verify()
     return graph
+
+
+def _channel_bound(v: Value | None, rank: int | None) -> bool:
+    """A constant that is a scalar or one value per channel (axis 1) of a rank-``rank`` tensor."""
+    if v is None or not v.is_const:
+        return False
+    a = v.const
+    if a.ndim == 0:
+        return True
+    if rank is None or a.ndim != rank - 1:
+        return False
+    return all(d == 1 for d in a.shape[1:])
+
+
+def fuse_max_min(graph: Graph) -> int:
+    """Read ``Min(Max(x, lo), hi)`` with per-channel constant bounds back as one Clip: the form in which
+    ``export.to_onnx`` writes a Clip whose bounds are per channel (ONNX Clip takes scalars only)."""
+    fused = 0
+    outs = {id(v) for v in graph.outputs}
+    for mn in list(graph.nodes):
+        if mn.op_type != "Min" or len(mn.inputs) != 2:
+            continue
+        mid, hi = mn.inputs
+        mx = mid.producer if mid is not None else None
+        if mx is None or mx.op_type != "Max" or len(mx.inputs) != 2 or len(mid.uses) != 1 or id(mid) in outs:
+            continue
+        x, lo = mx.inputs
+        rank = x.rank if x is not None else None
+        if x is None or x.is_const or not (_channel_bound(lo, rank) and _channel_bound(hi, rank)):
+            continue
+        if lo.const.ndim == 0 and hi.const.ndim == 0:
+            continue  # scalar Max/Min: left as the model wrote it
+        if lo.const.dtype != x.dtype or hi.const.dtype != x.dtype:
+            continue
+        idx = graph.nodes.index(mx)
+        out = mn.outputs[0]
+        graph.remove_node(mn, force=True)
+        graph.remove_node(mx, force=True)
+        clip = graph.add_node("Clip", [x, lo, hi], [out], name=mn.name, index=idx)
+        assert clip.outputs[0] is out
+        fused += 1
+    return fused
 
 
 def _dims_text(dims) -> str:

@@ -403,12 +403,22 @@ class _Lowering:
         if x.den != 1.0:
             return None
         s = np.asarray(x.scale, np.float64).reshape(-1)
-        lo = np.asarray(lo_real, np.float64) / s
-        hi = np.asarray(hi_real, np.float64) / s
+        lo_r = np.asarray(lo_real, np.float64).reshape(-1)
+        hi_r = np.asarray(hi_real, np.float64).reshape(-1)
+        # bounds per channel (a Clip rescaled by cross-layer equalization) clamp along the channel axis
+        bounds_axis = 1 if max(lo_r.size, hi_r.size) > 1 else None
+        axis = x.axis if x.per_channel else bounds_axis
+        if bounds_axis is not None and axis != bounds_axis:
+            return None
+        lo = lo_r / s
+        hi = hi_r / s
         integral = x.integral and bool(np.all((lo == np.floor(lo)) | ~np.isfinite(lo))) and bool(
             np.all((hi == np.floor(hi)) | ~np.isfinite(hi)))
+        if axis is not None:
+            C = max(lo.size, hi.size)
+            lo, hi = np.broadcast_to(lo, (C,)), np.broadcast_to(hi, (C,))
         self.emit("clamp", n, [x.name], [out], lo=np.where(np.isfinite(lo), lo, -1e300),
-                  hi=np.where(np.isfinite(hi), hi, 1e300), axis=x.axis if x.per_channel else None)
+                  hi=np.where(np.isfinite(hi), hi, 1e300), axis=axis)
         bound = min(x.bound, float(np.max(np.maximum(np.abs(np.where(np.isfinite(lo), lo, 0)),
                                                       np.abs(np.where(np.isfinite(hi), hi, 0))))) if
                     np.all(np.isfinite(lo)) and np.all(np.isfinite(hi)) else x.bound)
@@ -426,6 +436,12 @@ class _Lowering:
         hi = ins[2] if len(ins) > 2 else None
         if any(a is not None and a.kind != "const" for a in (lo, hi)):
             return None
+        if any(a is not None and np.asarray(a.const).size > 1 for a in (lo, hi)):
+            # per-channel bounds (cross-layer equalization through a ReLU6): on an accumulator only
+            if not x.is_fix:
+                return None
+            return self._clamp(n, x, -np.inf if lo is None else np.asarray(lo.const, np.float64),
+                               np.inf if hi is None else np.asarray(hi.const, np.float64))
         lo_v = -np.inf if lo is None else float(np.asarray(lo.const).reshape(()))
         hi_v = np.inf if hi is None else float(np.asarray(hi.const).reshape(()))
         if x.kind == "qint":  # a clamp in the integer domain (a narrow format in a wider container)

@@ -40,7 +40,7 @@ from ..core.errors import CompilerError
 from ..core.ir import Graph, Node, Value
 from ..core.qformat import QFormat
 from ..runtime.executor import Executor
-from .export import to_onnx
+from .export import per_channel_clip, to_onnx
 
 def supported(fmt: QFormat | None) -> bool:
     """True if ``fmt`` has an ONNX chain equal to the numpy engine's rounding (power-of-two formats up
@@ -176,6 +176,14 @@ class OrtSim:
             p = protos.get(n.name)
             if p is None:
                 raise CompilerError(f"node {n.name!r} is missing from the exported model")
+            pre = protos.get(f"{n.name}_max") if n.op_type == "Clip" and per_channel_clip(n) else None
+            if pre is not None and p.op_type == "Min":  # a per-channel Clip is exported as Max, then Min
+                q0 = onnx.NodeProto()
+                q0.CopyFrom(pre)
+                del q0.input[:]
+                q0.input.extend(read_as.get(x, x) if x else x for x in pre.input)
+                b.nodes.append(q0)
+                used_inits.update(x for x in q0.input if x)
             ins = [read_as.get(x, x) if x else x for x in p.input]
             sub = params(n) if params is not None else None
             if sub:

@@ -396,7 +396,10 @@ def _apply(graph: Graph, node: Node, r: RoundingResult, table) -> dict:
     """Write ``r`` onto the IR (weights, bias, formats; ``table``: the FormatTable kept in step)."""
     q = node.qconfig
     graph.set_input(node, 1, graph.constant(node.weight.name + "_rounded", r.weight))
-    row = {"applied": True, "error_nearest": r.error_nearest, "error_optimised": r.error_optimised,
+    # 10 significant digits: the sums behind them change in the last bits with the BLAS thread count,
+    # and the report must be byte-identical run to run
+    row = {"applied": True, "error_nearest": float(f"{r.error_nearest:.10g}"),
+           "error_optimised": float(f"{r.error_optimised:.10g}"),
            "finer_channels": r.finer, "bias_refit": False}
     if r.fmt != q.weight_format:
         table.set_weight_format(node, q.weight_bits, r.fmt)

@@ -11,6 +11,7 @@ from .bias_correction import BiasCorrectionPass
 from .binary_decompose import BinaryDecomposePass
 from .choose_formats import ChooseFormatsPass
 from .eliminate_dead_code import EliminateDeadCodePass
+from .equalize import EqualizePass
 from .finetune import FinetunePass
 from .fold_batchnorm import FoldBatchNormPass
 from .fold_constants import FoldConstantsPass
@@ -28,7 +29,7 @@ _PASSES: tuple[type[Pass], ...] = (
     FoldConstantsPass, RemoveIdentityPass, InferShapesPass, FoldPadIntoConvPass, FoldBatchNormPass,
     ReshapeToFlattenPass, EliminateDeadCodePass, SerializeResidualPass, PruneChannelsPass, ChooseFormatsPass,
     LayerInfluencePass, AssignBitWidthsPass, BiasCorrectionPass, FinetunePass, InsertQDQPass, BinaryDecomposePass,
-    OptimizeRoundingPass,
+    OptimizeRoundingPass, EqualizePass,
 )
 
 

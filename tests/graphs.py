@@ -18,6 +18,22 @@ def conv(b: "GraphBuilder", x: Value, cin: int, cout: int, name: str, k: int = 3
     return b.op("Conv", ins, name=name, **attrs)
 
 
+def conv_pool_fc(names=("conv1", "relu1", "pool", "flat", "fc"), fc_seed: int = 7, **gemm_attrs) -> Graph:
+    """x [N, 3, 4, 4] -> 3x3 Conv (4 channels) -> Relu -> 2x2 MaxPool -> Flatten -> Gemm (16 -> 5), with
+    static shapes: a layer whose channels reach a Gemm as H*W columns each."""
+    c, r, p, f, fc = names
+    b = GraphBuilder()
+    x = b.input("x", ["N", 3, 4, 4])
+    y = b.op("Relu", [conv(b, x, 3, 4, c, seed=1)], name=r)
+    y = b.op("MaxPool", [y], name=p, kernel_shape=[2, 2], strides=[2, 2])
+    y = b.op("Flatten", [y], name=f, axis=1)
+    y = b.op("Gemm", [y, b.const(f"{fc}_w", randn(5, 16, seed=fc_seed)), b.const(f"{fc}_b", randn(5, seed=fc_seed + 1))],
+             name=fc, transB=1, **gemm_attrs)
+    g = b.output(y)
+    set_shapes(g)
+    return g
+
+
 def set_shapes(g: Graph) -> None:
     """Static shapes of every activation (the tests' graphs are built without shape inference)."""
     feeds = {v: np.zeros([2] + list(v.shape[1:]), np.float32) for v in g.inputs}

@@ -9,7 +9,7 @@ from mpqc.compiler.channel_prune import (PruneRecord, apply_prune, collect_patch
 from mpqc.compiler.reap import brute_force_prune, lstsq_refit, reap_prune
 
 from tests.conftest import bench_path
-from tests.graphs import GraphBuilder, conv, randn, rel_err, run_float, run_ort, set_shapes
+from tests.graphs import GraphBuilder, conv, conv_pool_fc, randn, rel_err, run_float, run_ort, set_shapes
 
 
 def chain3():
@@ -178,16 +178,7 @@ def test_depthwise_coupling():
 
 
 def test_flatten_gemm_coupling():
-    b = GraphBuilder()
-    x = b.input("x", ["N", 3, 4, 4])
-    c1 = conv(b, x, 3, 4, "conv1", seed=1)
-    r1 = b.op("Relu", [c1], name="relu1")
-    p = b.op("MaxPool", [r1], name="pool", kernel_shape=[2, 2], strides=[2, 2])
-    f = b.op("Flatten", [p], name="flat", axis=1)
-    fc = b.op("Gemm", [f, b.const("fc_w", randn(5, 16, seed=7)), b.const("fc_b", randn(5, seed=8))],
-              name="fc", transB=1, alpha=0.5)
-    g = b.output(fc)
-    set_shapes(g)
+    g = conv_pool_fc(alpha=0.5)
     u = unit_of(g, "conv1")
     assert u.consumer.name == "fc" and u.in_factor == 4 and [n.name for n in u.coupled] == ["relu1", "pool", "flat"]
     fcn = g.node_by_name("fc")
