@@ -12,11 +12,12 @@ int8 kernels (``mpqc eval --runtime ort``). The mpqc rows (``--rows``):
     2. 1 with cross-layer equalization (equalize)
     3. 1 with optimize-rounding{inputs=float} (fitted on the float network's inputs)
     4. 1 with optimize-rounding (on the quantized network's inputs)
-    5. -O1 --target npu8 (the default: equalize and optimize-rounding)
+    5. -O1 --target npu8 --equalize (equalize, then optimize-rounding)
     6. 4-bit weights, 8-bit activations everywhere, round to nearest
-    7. 6 with equalize{bits=4} and optimize-rounding
-    8. -O2 --target npu8 --max-drop 0.02 --jobs 2 (searched on x_eval)
-    9. -O2 --target npu8 --max-drop 0.05 --jobs 2
+    7. 6 with optimize-rounding
+    8. 6 with equalize{bits=4} and optimize-rounding
+    9. -O2 --target npu8 --max-drop 0.02 --jobs 2 (searched on x_eval); 10. the same with --equalize
+    11. -O2 --target npu8 --max-drop 0.05 --jobs 2; 12. the same with --equalize
 
 Logit MSE: the emulator's outputs against the float model's on the test photos (``mpqc eval
 --metric mse --reference``), the measure that does not move by a photo at a time.
@@ -87,14 +88,19 @@ ROWS = {
         lambda: ["--target", "npu8", "--passes", o1_passes(rounding=f"{NEAREST}{{inputs=float}}")]),
     4: ("-O1 npu8, optimize-rounding, no equalization",
         lambda: ["--target", "npu8", "--passes", o1_passes(rounding=NEAREST)]),
-    5: ("-O1 npu8 (default: equalize, optimize-rounding)", lambda: ["-O1", "--target", "npu8"]),
+    5: ("-O1 npu8 --equalize (equalize, optimize-rounding)", lambda: ["-O1", "--target", "npu8", "--equalize"]),
     6: ("w4a8 everywhere, round to nearest", lambda: ["--target", "npu8", "--passes", o1_passes(W4)]),
-    7: ("w4a8 everywhere, equalize{bits=4}, optimize-rounding",
+    7: ("w4a8 everywhere, optimize-rounding", lambda: ["--target", "npu8", "--passes", o1_passes(W4, NEAREST)]),
+    8: ("w4a8 everywhere, equalize{bits=4}, optimize-rounding",
         lambda: ["--target", "npu8", "--passes", o1_passes(W4, NEAREST, f"{EQUALIZE}{{bits=4}}")]),
-    8: ("-O2 npu8 --max-drop 0.02 --jobs 2 (searched on x_eval)",
+    9: ("-O2 npu8 --max-drop 0.02 --jobs 2 (searched on x_eval)",
         lambda: ["-O2", "--target", "npu8", "--eval", f"{DATA}:eval", "--max-drop", "0.02", "--jobs", "2"]),
-    9: ("-O2 npu8 --max-drop 0.05 --jobs 2 (searched on x_eval)",
-        lambda: ["-O2", "--target", "npu8", "--eval", f"{DATA}:eval", "--max-drop", "0.05", "--jobs", "2"]),
+    10: ("-O2 npu8 --max-drop 0.02 --equalize --jobs 2",
+         lambda: ["-O2", "--target", "npu8", "--eval", f"{DATA}:eval", "--max-drop", "0.02", "--equalize", "--jobs", "2"]),
+    11: ("-O2 npu8 --max-drop 0.05 --jobs 2 (searched on x_eval)",
+         lambda: ["-O2", "--target", "npu8", "--eval", f"{DATA}:eval", "--max-drop", "0.05", "--jobs", "2"]),
+    12: ("-O2 npu8 --max-drop 0.05 --equalize --jobs 2",
+         lambda: ["-O2", "--target", "npu8", "--eval", f"{DATA}:eval", "--max-drop", "0.05", "--equalize", "--jobs", "2"]),
 }
 
 

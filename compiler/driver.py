@@ -172,6 +172,9 @@ def compile_model(model: str | os.PathLike | Graph, *, level: int = 1, target: s
         raise OptionError(f"--jobs must be a whole number of at least 1, got {jobs}")
     if scheduler is not None and (not isinstance(scheduler, str) or not scheduler.strip()):
         raise OptionError(f"--scheduler must be a scheduler address (tcp://HOST:PORT) or 'local', got {scheduler!r}")
+    if passes is not None and opts.equalize is not None:
+        raise OptionError("--equalize/--no-equalize choose a level's pipeline; with --passes list 'equalize' "
+                          "in the pass list instead")
     if passes is not None and opts.finetune is not None:
         raise OptionError("--finetune/--no-finetune choose a level's pipeline; with --passes list 'finetune' "
                           "in the pass list instead")
@@ -221,7 +224,7 @@ def compile_model(model: str | os.PathLike | Graph, *, level: int = 1, target: s
         if bdcnn:
             pipeline = build_pipeline(0)  # canonicalize; then compile_bdcnn decomposes and searches Q
         elif passes is None:
-            pipeline = build_pipeline(level, tgt, finetune=opts.finetune)
+            pipeline = build_pipeline(level, tgt, finetune=opts.finetune, equalize=opts.equalize)
         elif isinstance(passes, str):
             pipeline = parse_pipeline(passes)
         else:

@@ -129,7 +129,8 @@ class CompileOptions:
     model; target_score [--target-score]: lowest allowed absolute value (give one of them);
     strategy [--strategy]: the bit-width search strategy; cycles [--cycles]: training cycles of
     the weight-difference statistic; finetune [--finetune/--no-finetune]: add or drop the
-    finetune pass (None: the level's own choice); finetune_epochs [--finetune-epochs];
+    finetune pass (None: the level's own choice); finetune_epochs [--finetune-epochs]; equalize
+    [--equalize]: cross-layer equalization before the formats are chosen (-O1 and above; default off);
     flops [--flops]: fraction of the float model's MACs to keep (pruning, -O3); prune
     [--prune]: channel selection (reap, l1, l1-norefit, thinet); ratios [--ratios]: per-layer
     pruning ratios (pro, uniform). Binary decomposition (``--target bdcnn``): bases [--bases] (k,
@@ -158,6 +159,7 @@ class CompileOptions:
     strategy: str | None = None
     cycles: int | None = None
     finetune: bool | None = None
+    equalize: bool | None = None
     finetune_epochs: float | None = None
     flops: float | None = None
     prune: str | None = None

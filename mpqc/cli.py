@@ -139,6 +139,10 @@ def compile_parser() -> argparse.ArgumentParser:
                    help="fine-tune with fake quantization after the bit widths are chosen (and after "
                         "pruning at -O3); default off")
     t.add_argument("--finetune-epochs", type=float, metavar="N", help="epochs of fine-tuning (default 3)")
+    t.add_argument("--equalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="cross-layer equalization before the formats are chosen: each filter scaled to fill "
+                        "its power-of-two grid, the scale moved into the next layer (docs/EQUALIZATION.md); "
+                        "default off")
     o = p.add_argument_group("outputs")
     o.add_argument("--report", metavar="OUT.json", help="JSON report: per-layer bits, formats, search trace")
     o.add_argument("--html", metavar="OUT.html", help="HTML report with plots")
@@ -244,6 +248,7 @@ def cmd_compile(argv: list[str]) -> int:
                                  ("--train", args.train)])
     options = CompileOptions(max_drop=args.max_drop, target_score=args.target_score, strategy=args.strategy,
                              cycles=args.cycles, finetune=args.finetune, finetune_epochs=args.finetune_epochs,
+                             equalize=args.equalize,
                              flops=args.flops, prune=args.prune, ratios=args.ratios, bases=args.bases,
                              restarts=args.restarts, iterations=args.iterations, planes=args.planes, fit=args.fit,
                              strict=args.strict, time_budget=args.time_budget, sim=args.sim,

@@ -294,11 +294,11 @@ def test_pipeline_spec_per_level():
         assert spec[:len(CANONICALIZE)] == CANONICALIZE
         return [s.split("{")[0] for s in spec[len(CANONICALIZE):]]
 
-    assert names(1) == ["equalize", "choose-formats", "optimize-rounding", "insert-qdq"]
-    assert names(2) == ["equalize", "choose-formats", "optimize-rounding", "layer-influence", "assign-bit-widths",
+    assert names(1) == ["choose-formats", "optimize-rounding", "insert-qdq"]
+    assert names(2) == ["choose-formats", "optimize-rounding", "layer-influence", "assign-bit-widths",
                         "optimize-rounding", "bias-correction", "insert-qdq"]
     assert names(3) == ["serialize-residual", "prune-channels", "eliminate-dead-code", "infer-shapes",
-                        "equalize", "choose-formats", "optimize-rounding", "layer-influence", "assign-bit-widths",
+                        "choose-formats", "optimize-rounding", "layer-influence", "assign-bit-widths",
                         "optimize-rounding", "bias-correction", "insert-qdq"]
     for level in (1, 2, 3):  # every spec parses as far as the registered passes go
         for s in pipeline_spec(level, t):

@@ -161,12 +161,25 @@ def test_emulator_equals_onnxruntime_with_per_channel_relu6():
     assert "Max" in res.onnx_bytes().decode("latin1") and "Min" in res.onnx_bytes().decode("latin1")
 
 
-def test_levels_run_it_on_power_of_two_targets_only():
-    assert "equalize" in pipeline_spec(1, get_target("npu8"))
-    assert "equalize" in pipeline_spec(2, get_target("npu4"))
-    assert "equalize" not in pipeline_spec(1, get_target("ort-int8"))
-    assert "equalize" not in pipeline_spec(2, get_target("bdcnn"))
-    assert "equalize" not in pipeline_spec(0, None)
+def test_levels_run_it_with_the_equalize_flag():
+    from mpqc.core.errors import OptionError
+    assert not any(s.startswith("equalize") for lv in (1, 2, 3) for s in pipeline_spec(lv, get_target("npu8")))
+    spec = pipeline_spec(2, get_target("npu4"), equalize=True)
+    assert spec[spec.index("equalize") + 1] == "choose-formats{start=ladder}"
+    assert "equalize{mode=range}" in pipeline_spec(1, get_target("ort-int8"), equalize=True)
+    with pytest.raises(OptionError, match="--equalize needs a quantizing level"):
+        pipeline_spec(0, None, equalize=True)
+
+
+def test_cli_flag_and_its_conflict_with_passes(tmp_path):
+    g = separable()
+    x = feed(8)["x"]
+    res = compile_model(g, level=1, target="npu8", calib=(x, None), options={"equalize": True})
+    assert res.report["passes"]["equalize"]["chains"][0]["layer"] == "c1"
+    from mpqc.core.errors import OptionError
+    with pytest.raises(OptionError, match="--equalize/--no-equalize choose a level's pipeline"):
+        compile_model(separable(), level=1, target="npu8", calib=(x, None), options={"equalize": True},
+                      passes="choose-formats,insert-qdq")
 
 
 def test_refuses_a_quantized_graph_and_bad_options():

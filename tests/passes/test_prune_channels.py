@@ -132,8 +132,8 @@ def test_without_strict_a_missed_goal_keeps_the_pruned_network_and_says_so():
 def test_o3_pipeline():
     spec = pipeline_spec(3, get_target("npu4"))
     i = spec.index("prune-channels")
-    assert spec[i - 1] == "serialize-residual" and spec[i + 1:i + 5] == ["eliminate-dead-code", "infer-shapes",
-                                                                          "equalize", "choose-formats{start=ladder}"]
+    assert spec[i - 1] == "serialize-residual" and spec[i + 1:i + 4] == ["eliminate-dead-code", "infer-shapes",
+                                                                          "choose-formats{start=ladder}"]
     assert spec[-2:] == ["bias-correction", "insert-qdq"] and "finetune" not in spec
     assert pipeline_spec(3, get_target("npu4"), finetune=True)[-2:] == ["finetune", "insert-qdq"]
 
