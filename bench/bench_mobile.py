@@ -67,12 +67,10 @@ def o1_passes(choose: str = "choose-formats", rounding: str | None = None, equal
     from mpqc.compiler.targets import get_target
     spec = []
     for p in pipeline_spec(1, get_target("npu8")):
-        if p == "choose-formats":
-            spec.append(choose)
+        if p == "choose-formats":  # the levels run equalize only with --equalize: it goes right before
+            spec += [equalize, choose] if equalize else [choose]
         elif p == NEAREST:
             spec += [rounding] if rounding else []
-        elif p == EQUALIZE:
-            spec += [equalize] if equalize else []
         else:
             spec.append(p)
     return ",".join(spec)
