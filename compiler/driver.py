@@ -172,12 +172,10 @@ def compile_model(model: str | os.PathLike | Graph, *, level: int = 1, target: s
         raise OptionError(f"--jobs must be a whole number of at least 1, got {jobs}")
     if scheduler is not None and (not isinstance(scheduler, str) or not scheduler.strip()):
         raise OptionError(f"--scheduler must be a scheduler address (tcp://HOST:PORT) or 'local', got {scheduler!r}")
-    if passes is not None and opts.equalize is not None:
-        raise OptionError("--equalize/--no-equalize choose a level's pipeline; with --passes list 'equalize' "
-                          "in the pass list instead")
-    if passes is not None and opts.finetune is not None:
-        raise OptionError("--finetune/--no-finetune choose a level's pipeline; with --passes list 'finetune' "
-                          "in the pass list instead")
+    for flag, chosen in (("finetune", opts.finetune), ("equalize", opts.equalize)):
+        if passes is not None and chosen is not None:
+            raise OptionError(f"--{flag}/--no-{flag} choose a level's pipeline; with --passes list '{flag}' "
+                              "in the pass list instead")
     bdcnn = passes is None and level >= 1 and tgt_is_bdcnn(target)
     if bdcnn and level >= 3:
         raise OptionError("--target bdcnn compiles at -O1 (Q fixed) or -O2 (Q searched per layer); pruning "

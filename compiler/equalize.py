@@ -35,6 +35,8 @@ import numpy as np
 from ..core.errors import CompilerError
 from ..core.ir import Graph, Node, Value
 from ..runtime.executor import Executor, batches
+from .quant import zero_pad
+from .rounding import weight_matrix, weight_tensor
 
 #: operators through which a positive per-channel scale passes unchanged (Clip: with scaled bounds)
 HOMOGENEOUS = {"Relu", "LeakyRelu", "PRelu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool",
@@ -61,23 +63,17 @@ class Chain:
 
 
 def _rows(node: Node) -> np.ndarray:
-    """The layer's weights as (output channel, fan-in) in float64."""
-    w = node.weight.const.astype(np.float64)
-    if node.op_type == "Conv":
-        return w.reshape(w.shape[0], -1)
-    if node.op_type == "Gemm":
-        return w if node.attr("transB", 0) else w.T
-    return w.T  # MatMul [K, N]
+    """The layer's weights as (output channel, fan-in) in float64 (``rounding.weight_matrix``'s rows)."""
+    m = weight_matrix(node)
+    return m.reshape(-1, m.shape[-1]).astype(np.float64)
 
 
 def _out_channels(node: Node) -> int | None:
-    if node.op_type == "Conv":
-        return int(node.weight.const.shape[0])
-    if node.op_type == "Gemm" and not node.attr("transA", 0):
-        return int(node.weight.const.shape[0] if node.attr("transB", 0) else node.weight.const.shape[1])
-    if node.op_type == "MatMul" and node.weight.const.ndim == 2 and node.inputs[1] is node.weight:
-        return int(node.weight.const.shape[1])
-    return None
+    if node.op_type == "Gemm" and node.attr("transA", 0):
+        return None
+    if node.op_type == "MatMul" and (node.weight.const.ndim != 2 or node.inputs[1] is not node.weight):
+        return None
+    return int(_rows(node).shape[0])
 
 
 def _spatial_size(v: Value) -> int | None:
@@ -124,14 +120,9 @@ def find_chain(graph: Graph, a: Node) -> Chain | str:
             if len(n.outputs) > 1 and any(o.uses for o in n.outputs[1:]):
                 return f"{op} node {n.name!r} has a second output in use"
             nfac = fac
-            if op == "Pad":
-                mode = n.attr("mode", "constant")
-                val = n.input(2)
-                if mode not in ("constant", b"constant") or (val is not None and np.any(val.const)):
-                    return f"Pad node {n.name!r} pads with a non-zero value"
-            elif op == "PRelu":
-                pass
-            elif op == "Flatten":
+            if op == "Pad" and not zero_pad(n):
+                return f"Pad node {n.name!r} pads with a non-zero value"
+            if op == "Flatten":
                 if int(n.attr("axis", 1)) != 1:
                     return f"Flatten node {n.name!r} has axis {n.attr('axis')}"
                 hw = _spatial_size(v)
@@ -181,12 +172,8 @@ def find_chains(graph: Graph) -> tuple[list[Chain], dict[str, str]]:
 
 def _scale_producer(graph: Graph, a: Node, s: np.ndarray) -> None:
     w = a.weight.const
-    if a.op_type == "Conv":
-        nw = w.astype(np.float64) * s.reshape((-1,) + (1,) * (w.ndim - 1))
-    elif a.op_type == "Gemm" and a.attr("transB", 0):
-        nw = w.astype(np.float64) * s[:, None]
-    else:
-        nw = w.astype(np.float64) * s[None, :]
+    m = weight_matrix(a).astype(np.float64)
+    nw = weight_tensor(a, (m.reshape(len(s), -1) * s[:, None]).reshape(m.shape))
     graph.set_input(a, 1, graph.constant(a.weight.name + "_eq", nw.astype(w.dtype)))
     b = a.bias
     if b is not None:
@@ -252,12 +239,10 @@ def apply_scales(graph: Graph, chain: Chain, s: np.ndarray) -> None:
 def pow2_scales(rows: np.ndarray, bits: int) -> np.ndarray:
     """The scale in [1, 2) that takes each row's largest |weight| to ``qmax * 2^-n`` (the top of the
     power-of-two grid at ``bits`` bits that holds it); zero rows get 1."""
-    qmax = 2 ** (bits - 1) - 1
     r = np.max(np.abs(rows), axis=1)
     ok = r > 0
     rr = np.where(ok, r, 1.0)
-    step = np.ldexp(1.0, np.ceil(np.log2(rr / qmax)).astype(np.int64))  # grid step that holds r
-    s = qmax * step / rr  # in [1, 2) up to float rounding
+    s = grid_top(rr, bits) / rr  # in [1, 2) up to float rounding
     s = np.where(s < 1.0, s * 2.0, s)
     return np.where(ok, s, 1.0)
 
@@ -317,8 +302,9 @@ def equalize(graph: Graph, *, mode: str = "pow2", bits: int = 8, direction: str 
     if mode == "pow2" and direction == "auto" and calib is not None and chains:
         maxima = channel_maxima(graph, chains, calib, batch_size)
     rows_report = []
-    for it in range(max(1, iterations if mode == "range" else 1)):
-        for ch in find_chains(graph)[0]:  # graph order: a producer's inputs are already rescaled
+    # the chains hold nodes, not weights: one search serves every sweep
+    for it in range(max(1, iterations) if mode == "range" else 1):
+        for ch in chains:  # graph order: a producer's inputs are already rescaled
             rows = _rows(ch.producer)
             before = wasted_bits(rows, bits)
             if mode == "range":
@@ -335,14 +321,13 @@ def equalize(graph: Graph, *, mode: str = "pow2", bits: int = 8, direction: str 
                 grew = int(np.sum(up & (s > 1.0)))
             apply_scales(graph, ch, s)
             after = wasted_bits(_rows(ch.producer), bits)
-            if it == 0 or mode == "range":
-                rows_report.append({"layer": ch.producer.name, "iteration": it, "channels": ch.channels,
-                                    "consumers": [n.name for n, _ in ch.consumers],
-                                    "through": [n.op_type for n in ch.path],
-                                    "per_channel_clips": len(ch.clips),
-                                    "grown": grew, "shrunk": int(np.sum(s < 1.0)),
-                                    "log2_scale_range": [float(np.log2(s.min())), float(np.log2(s.max()))],
-                                    "wasted_bits_before": before, "wasted_bits_after": after})
+            rows_report.append({"layer": ch.producer.name, "iteration": it, "channels": ch.channels,
+                                "consumers": [n.name for n, _ in ch.consumers],
+                                "through": [n.op_type for n in ch.path],
+                                "per_channel_clips": len(ch.clips),
+                                "grown": grew, "shrunk": int(np.sum(s < 1.0)),
+                                "log2_scale_range": [float(np.log2(s.min())), float(np.log2(s.max()))],
+                                "wasted_bits_before": before, "wasted_bits_after": after})
     return {"mode": mode, "bits": bits, "direction": direction if mode == "pow2" else None,
             "data": maxima != {}, "chains": rows_report,
             "not_equalized": [{"layer": k, "why": v} for k, v in refused.items()]}
@@ -350,10 +335,15 @@ def equalize(graph: Graph, *, mode: str = "pow2", bits: int = 8, direction: str 
 
 def wasted_bits(rows: np.ndarray, bits: int) -> float:
     """Mean over rows of log2(top of the row's power-of-two grid / its largest |weight|)."""
-    qmax = 2 ** (bits - 1) - 1
     r = np.max(np.abs(rows), axis=1)
     r = r[r > 0]
     if not r.size:
         return 0.0
-    top = qmax * np.ldexp(1.0, np.ceil(np.log2(r / qmax)).astype(np.int64))
-    return float(np.mean(np.log2(top / r)))
+    return float(np.mean(np.log2(grid_top(r, bits) / r)))
+
+
+def grid_top(r: np.ndarray, bits: int) -> np.ndarray:
+    """``qmax * 2^-n`` of the power-of-two grid at ``bits`` bits whose step is the smallest holding ``r``
+    (positive) without clipping."""
+    qmax = 2 ** (bits - 1) - 1
+    return qmax * np.ldexp(1.0, np.ceil(np.log2(r / qmax)).astype(np.int64))

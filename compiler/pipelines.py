@@ -57,10 +57,9 @@ def pipeline_spec(level: int, target: Target | None, *, finetune: bool | None = 
         raise OptionError(f"-O{level} is not a level; use -O0, -O1, -O2 or -O3")
     spec = list(CANONICALIZE)
     if level == 0:
-        if finetune:
-            raise OptionError("--finetune needs a quantizing level (-O1 and above); -O0 only canonicalizes")
-        if equalize:
-            raise OptionError("--equalize needs a quantizing level (-O1 and above); -O0 only canonicalizes")
+        for flag, on in (("finetune", finetune), ("equalize", equalize)):
+            if on:
+                raise OptionError(f"--{flag} needs a quantizing level (-O1 and above); -O0 only canonicalizes")
         return spec
     if target is None:
         raise OptionError(f"-O{level} needs a --target (see 'mpqc targets')")

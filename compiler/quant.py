@@ -145,7 +145,7 @@ class QuantPlan:
             if not acts or any(v not in points for v in acts):
                 raise CompilerError(f"node {n.name!r} ({n.op_type}) reads a tensor that is neither quantized "
                                     "nor a constant; mpqc cannot place it in the fixed-point region")
-            if n.op_type in LAYOUT_OPS and len(acts) == 1 and not (n.op_type == "Pad" and not _zero_pad(n)):
+            if n.op_type in LAYOUT_OPS and len(acts) == 1 and not (n.op_type == "Pad" and not zero_pad(n)):
                 for o in n.outputs:
                     points[o] = QuantPoint(o, "layout", source=_root(points, acts[0]))
             else:
@@ -166,7 +166,8 @@ def _root(points: dict[Value, QuantPoint], v: Value) -> Value:
     return v
 
 
-def _zero_pad(n: Node) -> bool:
+def zero_pad(n: Node) -> bool:
+    """A constant Pad with value 0 (or none)."""
     mode = n.attr("mode", "constant")
     val = n.input(2)
     return mode in ("constant", b"constant") and (val is None or (val.is_const and not np.any(val.const)))
