@@ -457,13 +457,16 @@ def optimise_rounding(graph: Graph, layers: list[Node], table, grams: dict[Node,
 def optimise_rounding_sequential(graph: Graph, layers: list[Node], table, x: np.ndarray, *,
                                  rounding: str = "half-up", batch_size: int = 64, damp: float = 0.01,
                                  act_order: bool = True, finer: int = 1, bias: bool = True,
-                                 min_samples: float = 32.0, quiet: bool = True) -> list[dict]:
+                                 min_samples: float = 32.0, solve=None, quiet: bool = True) -> list[dict]:
     """Quantized-input mode: the float network and the quantized network (the IR's formats, the layers
     before this one already optimised) run side by side over the calibration samples ``x``, node by
     node, in batches of ``batch_size`` (a model with a fixed batch runs at its batch); each layer is
     fitted to reproduce the float network's output from the quantized network's input
     (``E|W_q x_q - W x_f|^2``), so it also compensates what the earlier layers and activations lost.
-    Holds the live activations of both networks for all of ``x`` (the caller bounds its size)."""
+    Holds the live activations of both networks for all of ``x`` (the caller bounds its size).
+    ``solve(node, args_f, xq, fmt) -> RoundingResult``: another per-layer solver (AdaRound:
+    ``adaround.adaround_solver``) given the float network's arguments of the layer and the quantized
+    network's (quantized) inputs, batch by batch; default the OBQ solve from the layer's Grams."""
     todo = {id(n) for n in layers}
     rows: dict[int, dict] = {}
     nodes = list(graph.nodes)
@@ -478,12 +481,14 @@ def optimise_rounding_sequential(graph: Graph, layers: list[Node], table, x: np.
             row.update(applied=False, reason=why)
         else:
             f_in = n.inputs[0].qformat
-            hqq, hqf, hff, cnt = mean_layer_grams(n, ((af[0], aq[0] if f_in is None else
-                                                       fake_quant_act(aq[0], f_in, rounding))
-                                                      for af, aq in zip(args_f, args_q)))
-            r = optimise_layer(n, (hqq, hqf, hff), n.qconfig.weight_format, damp=damp,
-                               count=cnt, min_samples=min_samples,
-                               act_order=act_order, finer=finer, bias=bias, frac_cap=table.frac_cap(n))
+            xq = [aq[0] if f_in is None else fake_quant_act(aq[0], f_in, rounding) for aq in args_q]
+            if solve is not None:
+                r = solve(n, args_f, xq, n.qconfig.weight_format)
+            else:
+                hqq, hqf, hff, cnt = mean_layer_grams(n, ((af[0], q) for af, q in zip(args_f, xq)))
+                r = optimise_layer(n, (hqq, hqf, hff), n.qconfig.weight_format, damp=damp,
+                                   count=cnt, min_samples=min_samples,
+                                   act_order=act_order, finer=finer, bias=bias, frac_cap=table.frac_cap(n))
             row.update(_apply(graph, n, r, table))
         rows[id(n)] = row
 

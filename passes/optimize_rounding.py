@@ -25,7 +25,13 @@ Options:
 * samples (64); damp (ridge added to H, relative to its mean diagonal; 0.01); act_order (columns by
   decreasing H[i, i]; true); finer (how many finer power-of-two steps a channel may take where that
   lowers its error; 1, 0 = never); bias (refit the bias in the same solve; true); min_samples (input
-  vectors per input a layer needs for the correction of its inputs' quantization error; 32).
+  vectors per input a layer needs for the correction of its inputs' quantization error; 32);
+* solver: "obq" (default, the closed-form sweep above) or "adaround": each layer's rounding learned by
+  gradient descent through the autograd engine on the error of its output after its activation, from
+  the quantized network's inputs to the float network's outputs (Nagel et al., ICML 2020; the bias
+  trained with it when ``bias``; ``finer``, ``damp``, ``act_order`` and ``min_samples`` are the OBQ
+  solver's); iters (Adam steps per layer; 400), lr (0.01), reg (the weight of the rounding
+  regulariser; 0.01), seed (the order of the random crops; 0). compiler/adaround.py.
 
 Requires: calibration data, widths on the IR (after choose-formats or
 assign-bit-widths). Preserves: activation ranges, quant plan, format table (the formats stay those
@@ -44,6 +50,7 @@ from mpqc.compiler.quant import FormatTableAnalysis, QuantPlanAnalysis, config_f
 from mpqc.compiler.ranges import ActivationRanges
 from mpqc.compiler.bitsearch import search_context, search_goal
 from mpqc.compiler.cache import graph_digest
+from mpqc.compiler.adaround import AdaRoundOptions, adaround_solver
 from mpqc.compiler.rounding import (META_KEY, LayerInputGrams, apply_rounding_state, check_rounding_state,
                                     optimise_rounding, optimise_rounding_sequential, restore_layers,
                                     rounding_state, snapshot_layers)
@@ -66,12 +73,24 @@ class OptimizeRoundingPass(Pass):
     finer: int = 1
     bias: bool = True
     min_samples: float = 32.0
+    solver: Literal["obq", "adaround"] = "obq"
+    iters: int = 400
+    lr: float = 0.01
+    reg: float = 0.01
+    seed: int = 0
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         if not self.damp > 0:
             raise OptionError(f"optimize-rounding: damp={self.damp} must be positive (e.g. 0.01)")
         if self.samples < 1:
             raise OptionError(f"optimize-rounding: samples={self.samples} must be at least 1")
+        solve = None
+        if self.solver == "adaround":
+            if self.inputs == "float":
+                raise OptionError("optimize-rounding: solver=adaround fits each layer from the quantized "
+                                  "network's inputs; drop inputs=float")
+            solve = adaround_solver(AdaRoundOptions(iters=self.iters, lr=self.lr, reg=self.reg, bias=self.bias,
+                                                    seed=self.seed))
         sec = ctx.section(self.name)
         if self.when == "start-misses-goal":  # -O2 runs the pass twice: this one reports on its own
             sec = sec.setdefault("start_network", {})
@@ -106,7 +125,7 @@ class OptimizeRoundingPass(Pass):
                 computed.append(True)
                 rows = optimise_rounding_sequential(graph, plan.layers, table, x, batch_size=ctx.batch_size,
                                                     rounding=getattr(ctx.target, "rounding", "half-up"),
-                                                    min_samples=self.min_samples, **opts)
+                                                    min_samples=self.min_samples, solve=solve, **opts)
                 meta, arrays = rounding_state(plan.layers)
                 return {"rows": rows, **meta}, arrays
 
