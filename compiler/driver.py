@@ -176,6 +176,9 @@ def compile_model(model: str | os.PathLike | Graph, *, level: int = 1, target: s
         if passes is not None and chosen is not None:
             raise OptionError(f"--{flag}/--no-{flag} choose a level's pipeline; with --passes list '{flag}' "
                               "in the pass list instead")
+    if passes is not None and opts.rounding is not None:
+        raise OptionError("--rounding chooses a level's pipeline; with --passes give "
+                          "'optimize-rounding{solver=...}' in the pass list instead")
     bdcnn = passes is None and level >= 1 and tgt_is_bdcnn(target)
     if bdcnn and level >= 3:
         raise OptionError("--target bdcnn compiles at -O1 (Q fixed) or -O2 (Q searched per layer); pruning "
@@ -222,7 +225,8 @@ def compile_model(model: str | os.PathLike | Graph, *, level: int = 1, target: s
         if bdcnn:
             pipeline = build_pipeline(0)  # canonicalize; then compile_bdcnn decomposes and searches Q
         elif passes is None:
-            pipeline = build_pipeline(level, tgt, finetune=opts.finetune, equalize=opts.equalize)
+            pipeline = build_pipeline(level, tgt, finetune=opts.finetune, equalize=opts.equalize,
+                                      rounding=opts.rounding)
         elif isinstance(passes, str):
             pipeline = parse_pipeline(passes)
         else:

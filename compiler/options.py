@@ -98,6 +98,9 @@ def parse_input_shapes(specs, where: str = "--input-shape") -> dict[str | None, 
 #: what a binary decomposition is fitted to (``--fit``; compiler/bdcnn.py ``compile_bdcnn``)
 BDCNN_FITS = ("outputs", "outputs-float", "weights")
 
+#: how a level chooses the integer weights (--rounding): the optimize-rounding solver, or none
+ROUNDINGS = ("obq", "adaround", "nearest")
+
 
 def parse_bases(text: str | int, where: str = "--bases") -> int | dict[str, int]:
     """``"3"`` (every layer) or ``"3,LAYER=2,..."`` / ``"LAYER=2,*=3"`` (per layer, ``*`` or a bare
@@ -131,6 +134,9 @@ class CompileOptions:
     the weight-difference statistic; finetune [--finetune/--no-finetune]: add or drop the
     finetune pass (None: the level's own choice); finetune_epochs [--finetune-epochs]; equalize
     [--equalize]: cross-layer equalization before the formats are chosen (-O1 and above; default off);
+    rounding [--rounding]: how the levels choose the integer weights (``ROUNDINGS``: "obq", the
+    closed-form rounding optimisation; "adaround", learned by gradient descent, slower; "nearest",
+    no optimisation; None: the level's own choice, obq);
     flops [--flops]: fraction of the float model's MACs to keep (pruning, -O3); prune
     [--prune]: channel selection (reap, l1, l1-norefit, thinet); ratios [--ratios]: per-layer
     pruning ratios (pro, uniform). Binary decomposition (``--target bdcnn``): bases [--bases] (k,
@@ -160,6 +166,7 @@ class CompileOptions:
     cycles: int | None = None
     finetune: bool | None = None
     equalize: bool | None = None
+    rounding: str | None = None
     finetune_epochs: float | None = None
     flops: float | None = None
     prune: str | None = None
@@ -194,6 +201,8 @@ class CompileOptions:
             raise OptionError(f"--iterations must be >= 0, got {self.iterations}")
         if self.planes is not None and not 2 <= self.planes <= 8:
             raise OptionError(f"--planes (activation bit-planes Q) must be in 2..8, got {self.planes}")
+        if self.rounding is not None and self.rounding not in ROUNDINGS:
+            raise OptionError(f"--rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
         if self.fit not in BDCNN_FITS:
             raise OptionError(f"--fit must be one of {', '.join(BDCNN_FITS)}, got {self.fit!r}")
         if self.time_budget is not None and not (self.time_budget > 0 and self.time_budget < float("inf")):

@@ -32,6 +32,7 @@ from importlib import metadata
 
 from ..core.errors import OptionError
 from ..passes.registry import get_all_passes
+from .options import ROUNDINGS
 from .passes import Pass, build_pass
 from .targets import Target
 
@@ -51,16 +52,18 @@ LEVELS = (0, 1, 2, 3)
 
 
 def pipeline_spec(level: int, target: Target | None, *, finetune: bool | None = None,
-                  equalize: bool | None = None) -> list[str]:
+                  equalize: bool | None = None, rounding: str | None = None) -> list[str]:
     """The pass specs of a level, before parsing."""
     if level not in LEVELS:
         raise OptionError(f"-O{level} is not a level; use -O0, -O1, -O2 or -O3")
     spec = list(CANONICALIZE)
     if level == 0:
-        for flag, on in (("finetune", finetune), ("equalize", equalize)):
+        for flag, on in (("finetune", finetune), ("equalize", equalize), ("rounding", rounding)):
             if on:
                 raise OptionError(f"--{flag} needs a quantizing level (-O1 and above); -O0 only canonicalizes")
         return spec
+    if rounding not in (None, *ROUNDINGS):
+        raise OptionError(f"--rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
     if target is None:
         raise OptionError(f"-O{level} needs a --target (see 'mpqc targets')")
     if level >= 3:
@@ -86,6 +89,10 @@ def pipeline_spec(level: int, target: Target | None, *, finetune: bool | None = 
                      "assign-bit-widths{bias_correction=true,report_variants=false}"])
     if level >= 2:
         spec.extend(["optimize-rounding{guard=true}", "bias-correction"])
+    if rounding is not None and rounding != "obq":  # docs/ROUNDING.md
+        rounds = [p for p in spec if p.split("{")[0] == "optimize-rounding"]
+        spec = [p for p in spec if p not in rounds] if rounding == "nearest" else \
+            [with_option(p, "solver=adaround") if p in rounds else p for p in spec]
     if finetune:
         # last before QDQ: fine-tuning trains the network exactly as it is exported; a bias correction
         # after it would move the biases it learned (digits_vgg, 3-bit per-tensor weights: test 0.9975 -> 0.9675)
@@ -94,11 +101,17 @@ def pipeline_spec(level: int, target: Target | None, *, finetune: bool | None = 
     return spec
 
 
+def with_option(spec: str, option: str) -> str:
+    """``"name{a=1}"`` with ``option`` added first: ``"name{option,a=1}"`` (``"name"``: ``"name{option}"``)."""
+    name, brace, rest = spec.partition("{")
+    return f"{name}{{{option},{rest}" if brace else f"{name}{{{option}}}"
+
+
 def build_pipeline(level: int, target: Target | None = None, *, finetune: bool | None = None,
-                   equalize: bool | None = None) -> list[Pass]:
+                   equalize: bool | None = None, rounding: str | None = None) -> list[Pass]:
     """The pass instances of ``-O{level}`` for ``target`` (see the module docstring); ``finetune``
     adds (True) or drops (False) the finetune pass, ``equalize`` the equalize pass."""
-    spec = pipeline_spec(level, target, finetune=finetune, equalize=equalize)
+    spec = pipeline_spec(level, target, finetune=finetune, equalize=equalize, rounding=rounding)
     registry = pass_registry()
     missing = [s for s in spec if s.split("{")[0] not in registry]
     if missing:

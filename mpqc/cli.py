@@ -56,6 +56,7 @@ def compile_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="input float model (.onnx)")
     p.add_argument("-o", "--output", help="output model (.onnx); written only if compilation succeeds")
     p.add_argument("--version", action="version", version=f"mpqc {_version()}", help="print the version and exit")
+    from mpqc.compiler.options import ROUNDINGS, SIGNALS, SIM_ENGINES  # start-up: options.py imports only the core's errors
     g = p.add_argument_group("pipeline")
     g.add_argument("-O", dest="level", type=int, default=None, choices=[0, 1, 2, 3], metavar="LEVEL",
                    help="optimisation level: 0 canonicalize, 1 fixed point at default widths, "
@@ -64,6 +65,15 @@ def compile_parser() -> argparse.ArgumentParser:
     g.add_argument("--target", default="npu8", help="target profile (see 'mpqc targets'; default npu8)")
     g.add_argument("--passes", help="run this pass list instead of a level, e.g. "
                                     "'fold-batchnorm,assign-bit-widths{strategy=min-influence}'")
+    g.add_argument("--equalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="cross-layer equalization before the formats are chosen: each filter scaled to fill "
+                        "its power-of-two grid, the scale moved into the next layer (docs/EQUALIZATION.md); "
+                        "default off")
+    g.add_argument("--rounding", choices=ROUNDINGS, default=None,
+                   help="how the integer weights are chosen: obq (default: each layer's weights fitted to the "
+                        "float network's outputs in closed form), adaround (learned by gradient descent through "
+                        "each layer and its activation; several times slower), nearest (round to nearest); "
+                        "docs/ROUNDING.md")
     d = p.add_argument_group("data")
     d.add_argument("--calib", metavar="FILE.npz[:SPLIT]", help="calibration data (default split: calib)")
     d.add_argument("--eval", metavar="FILE.npz[:SPLIT]", help="evaluation data for searches (default split: eval)")
@@ -94,7 +104,6 @@ def compile_parser() -> argparse.ArgumentParser:
     s.add_argument("--time-budget", type=float, metavar="SECONDS",
                    help="stop the bit-width search this many seconds after the compile started and keep the "
                         "best network accepted so far (the report's time_budget_exceeded says where it stopped)")
-    from mpqc.compiler.options import SIGNALS, SIM_ENGINES  # start-up: options.py imports only the core's errors
     s.add_argument("--sim", choices=SIM_ENGINES, default=SIM_ENGINES[0],
                    help="engine that simulates the candidate networks during the search: onnxruntime (default; "
                         "the fake-quantized network as an ONNX model) or numpy (mpqc's own runtime)")
@@ -139,10 +148,6 @@ def compile_parser() -> argparse.ArgumentParser:
                    help="fine-tune with fake quantization after the bit widths are chosen (and after "
                         "pruning at -O3); default off")
     t.add_argument("--finetune-epochs", type=float, metavar="N", help="epochs of fine-tuning (default 3)")
-    t.add_argument("--equalize", action=argparse.BooleanOptionalAction, default=None,
-                   help="cross-layer equalization before the formats are chosen: each filter scaled to fill "
-                        "its power-of-two grid, the scale moved into the next layer (docs/EQUALIZATION.md); "
-                        "default off")
     o = p.add_argument_group("outputs")
     o.add_argument("--report", metavar="OUT.json", help="JSON report: per-layer bits, formats, search trace")
     o.add_argument("--html", metavar="OUT.html", help="HTML report with plots")
@@ -248,7 +253,7 @@ def cmd_compile(argv: list[str]) -> int:
                                  ("--train", args.train)])
     options = CompileOptions(max_drop=args.max_drop, target_score=args.target_score, strategy=args.strategy,
                              cycles=args.cycles, finetune=args.finetune, finetune_epochs=args.finetune_epochs,
-                             equalize=args.equalize,
+                             equalize=args.equalize, rounding=args.rounding,
                              flops=args.flops, prune=args.prune, ratios=args.ratios, bases=args.bases,
                              restarts=args.restarts, iterations=args.iterations, planes=args.planes, fit=args.fit,
                              strict=args.strict, time_budget=args.time_budget, sim=args.sim,

@@ -180,3 +180,30 @@ def test_adaround_needs_quantized_inputs_and_valid_options():
         compile_(FORMATS + ",optimize-rounding{solver=adaround,inputs=float}")
     with pytest.raises(OptionError, match="iters"):
         compile_(FORMATS + ",optimize-rounding{solver=adaround,iters=0}")
+
+
+def test_levels_choose_the_solver_with_the_rounding_option():
+    from mpqc.compiler.driver import compile_model
+    from mpqc.compiler.pipelines import pipeline_spec
+    t = get_target("npu8")
+    rounds = {r: [p for lv in (1, 2, 3) for p in pipeline_spec(lv, t, rounding=r) if "rounding" in p]
+              for r in (None, "obq", "adaround", "nearest")}
+    o2 = ["optimize-rounding{when=start-misses-goal}", "optimize-rounding{guard=true}"]
+    assert rounds[None] == rounds["obq"] == ["optimize-rounding"] + o2 * 2  # -O1, -O2, -O3
+    assert rounds["adaround"][0] == "optimize-rounding{solver=adaround}"
+    assert rounds["adaround"][1:3] == ["optimize-rounding{solver=adaround,when=start-misses-goal}",
+                                       "optimize-rounding{solver=adaround,guard=true}"]
+    assert rounds["nearest"] == []
+    with pytest.raises(OptionError, match="--rounding must be one of obq, adaround, nearest"):
+        pipeline_spec(1, t, rounding="gptq")
+    with pytest.raises(OptionError, match="--rounding needs a quantizing level"):
+        pipeline_spec(0, None, rounding="adaround")
+    x = randn(24, 3, 8, 8, seed=9) + 0.3
+    res = compile_model(graph(), level=1, target="npu4", calib=(x, None),
+                        options={"rounding": "adaround"})
+    assert res.report["passes"]["optimize-rounding"]["options"]["solver"] == "adaround"
+    with pytest.raises(OptionError, match="--rounding chooses a level's pipeline"):
+        compile_model(graph(), level=1, target="npu4", calib=(x, None), options={"rounding": "nearest"},
+                      passes="choose-formats,insert-qdq")
+    with pytest.raises(OptionError, match="--rounding must be one of"):
+        compile_model(graph(), level=1, target="npu4", calib=(x, None), options={"rounding": "up"})
