@@ -99,6 +99,11 @@ ROWS = {
          lambda: ["-O2", "--target", "npu8", "--eval", f"{DATA}:eval", "--max-drop", "0.05", "--jobs", "2"]),
     12: ("-O2 npu8 --max-drop 0.05 --equalize --jobs 2",
          lambda: ["-O2", "--target", "npu8", "--eval", f"{DATA}:eval", "--max-drop", "0.05", "--equalize", "--jobs", "2"]),
+    13: ("-O1 npu8 --rounding adaround (AdaRound through the autograd engine)",
+         lambda: ["-O1", "--target", "npu8", "--rounding", "adaround"]),
+    14: ("-O2 npu8 --max-drop 0.02 --rounding adaround --jobs 2",
+         lambda: ["-O2", "--target", "npu8", "--eval", f"{DATA}:eval", "--max-drop", "0.02", "--rounding", "adaround",
+                  "--jobs", "2"]),
 }
 
 

@@ -17,7 +17,10 @@
 ``finetune`` (``--finetune`` / ``--no-finetune``): ``True`` adds the finetune pass; it
 is the last step before QDQ insertion (after bias correction), so it trains the network
 exactly as it is exported (at ``-O3``: pruned and quantized). ``None`` (default) and
-``False``: no fine-tuning.
+``False``: no fine-tuning. ``equalize`` (``--equalize``) puts the equalize pass before
+choose-formats. ``rounding`` (``--rounding``, ``options.ROUNDINGS``): ``"obq"`` (default) keeps the
+optimize-rounding passes as above, ``"adaround"`` runs them with ``solver=adaround``, ``"nearest"``
+drops them.
 
 Pass names resolve against the explicit registry of built-in passes
 (``passes/registry.py``, ``get_all_passes()``), the passes installed packages declare in
