@@ -97,3 +97,22 @@ def test_efficientnet_emulator_agrees_with_onnxruntime():
     assert np.max(np.abs(emu - ref)) <= lsb_of(res.graph)
     kinds = {s.kind for s in lower(res.graph).steps}
     assert "float" in kinds  # the host normalisation runs in float before the input quantizer
+
+
+@pytest.mark.slow
+def test_efficientnet_adaround_runs_every_layer_and_the_emulator_agrees_with_onnxruntime():
+    """--rounding adaround on EfficientNet-Lite0 (4 calibration photos, 10 steps a layer: the machinery,
+    not the accuracy, which bench/bench_mobile.py measures): every layer fitted or kept at nearest,
+    the emulator equal to onnxruntime within 1 LSB."""
+    photos = np.load(bench_path("photos.npz"))
+    xc = photos["x_calib"][:4].astype(np.float32)
+    x = photos["x_test"][:8].astype(np.float32)
+    res = compile_model(bench_path("efficientnet_lite0.onnx"), target="npu8", calib=(xc, None), batch_size=4,
+                        passes="fold-constants,fold-batchnorm,infer-shapes,choose-formats,"
+                               "optimize-rounding{solver=adaround,iters=10},insert-qdq")
+    rows = res.report["passes"]["optimize-rounding"]["layers"]
+    assert len(rows) == 50 and all(r["applied"] for r in rows)  # 49 Convs and the Gemm
+    assert all(r["error_optimised"] <= r["error_nearest"] for r in rows)
+    ref = ort_outputs(res.onnx_bytes(), x, batch=8)
+    emu = run_emulator(res.graph, x, batch_size=8)
+    assert np.max(np.abs(emu - ref)) <= lsb_of(res.graph)
