@@ -35,7 +35,7 @@ from ..core.qformat import QFormat, qrange
 from ..runtime.autograd import BACKWARD, GradEngine
 from ..runtime.executor import float_node_fn
 from ..runtime.ops import conv_params
-from .rounding import RoundingResult, weight_matrix, weight_tensor
+from .rounding import RoundingResult, channel_steps, round_nearest, weight_matrix, weight_tensor
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -101,23 +101,15 @@ def layer_graph(node: Node, act: Node | None, x_shape: tuple[int, ...]) -> tuple
     b = None
     if node.op_type in ("Conv", "Gemm"):
         src = node.bias
-        b = g.constant("b", np.zeros(_out_channels(node), np.float32) if src is None
+        rows = weight_matrix(node).shape  # (groups, channels per group, fan-in)
+        b = g.constant("b", np.zeros(rows[0] * rows[1], np.float32) if src is None
                        else np.array(src.const, np.float32))
     ins = [x, w] + ([b] if b is not None else [])
-    if node.op_type == "Gemm" and node.input(2) is None and b is not None:
-        attrs.setdefault("beta", 1.0)
     y = g.add_node(node.op_type, ins, 1, attrs, name=node.name).outputs[0]
     if act is not None:
         y = g.add_node(act.op_type, [y] + list(act.inputs[1:]), 1, dict(act.attrs), name=act.name).outputs[0]
     g.outputs.append(y)
     return g, w, b
-
-
-def _out_channels(node: Node) -> int:
-    w = node.weight.const
-    if node.op_type == "Conv":
-        return w.shape[0]
-    return w.shape[0] if node.attr("transB", 0) else w.shape[1]
 
 
 class _Crops:
@@ -209,7 +201,8 @@ def adaround_layer(node: Node, xq: np.ndarray, yf: np.ndarray, act: Node | None,
     wm = weight_matrix(node, np.asarray(node.weight.const, np.float64))
     g, o, d = wm.shape
     lo, hi = qrange(fmt.bits, fmt.signed)
-    sc = np.broadcast_to(np.asarray(fmt.scale(), np.float64).reshape(-1), (g * o,)).reshape(g, o)[:, :, None]
+    step = channel_steps(fmt, g, o)
+    sc = step[:, :, None]
     base = np.floor(wm / sc)
 
     def weights(h):
@@ -219,7 +212,7 @@ def adaround_layer(node: Node, xq: np.ndarray, yf: np.ndarray, act: Node | None,
     def set_weight(m):
         engine.params[wv] = weight_tensor(node, m).astype(np.float32)
 
-    near = np.clip(np.floor(wm / sc + 0.5), lo, hi) * sc
+    near = round_nearest(wm, step, lo, hi)
     set_weight(near)
     err_near, energy = _output_error(engine, crops)
 

@@ -102,6 +102,12 @@ BDCNN_FITS = ("outputs", "outputs-float", "weights")
 ROUNDINGS = ("obq", "adaround", "nearest")
 
 
+def check_rounding(rounding: str | None) -> None:
+    """``--rounding``: None (the level's own choice) or one of ``ROUNDINGS``."""
+    if rounding is not None and rounding not in ROUNDINGS:
+        raise OptionError(f"--rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
+
+
 def parse_bases(text: str | int, where: str = "--bases") -> int | dict[str, int]:
     """``"3"`` (every layer) or ``"3,LAYER=2,..."`` / ``"LAYER=2,*=3"`` (per layer, ``*`` or a bare
     number the default) into k or ``{layer: k, "*": default}``; k in 1..8."""
@@ -201,8 +207,7 @@ class CompileOptions:
             raise OptionError(f"--iterations must be >= 0, got {self.iterations}")
         if self.planes is not None and not 2 <= self.planes <= 8:
             raise OptionError(f"--planes (activation bit-planes Q) must be in 2..8, got {self.planes}")
-        if self.rounding is not None and self.rounding not in ROUNDINGS:
-            raise OptionError(f"--rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
+        check_rounding(self.rounding)
         if self.fit not in BDCNN_FITS:
             raise OptionError(f"--fit must be one of {', '.join(BDCNN_FITS)}, got {self.fit!r}")
         if self.time_budget is not None and not (self.time_budget > 0 and self.time_budget < float("inf")):

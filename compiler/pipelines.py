@@ -35,7 +35,7 @@ from importlib import metadata
 
 from ..core.errors import OptionError
 from ..passes.registry import get_all_passes
-from .options import ROUNDINGS
+from .options import check_rounding
 from .passes import Pass, build_pass
 from .targets import Target
 
@@ -65,8 +65,7 @@ def pipeline_spec(level: int, target: Target | None, *, finetune: bool | None = 
             if on:
                 raise OptionError(f"--{flag} needs a quantizing level (-O1 and above); -O0 only canonicalizes")
         return spec
-    if rounding not in (None, *ROUNDINGS):
-        raise OptionError(f"--rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
+    check_rounding(rounding)
     if target is None:
         raise OptionError(f"-O{level} needs a --target (see 'mpqc targets')")
     if level >= 3:

@@ -184,6 +184,17 @@ def weight_tensor(node: Node, m: np.ndarray) -> np.ndarray:
     return m[0].T
 
 
+def channel_steps(fmt: QFormat, g: int, o: int) -> np.ndarray:
+    """Each output channel's grid step as ``(G, O)`` (a per-tensor format's one step broadcast)."""
+    return np.broadcast_to(np.asarray(fmt.scale(), np.float64).reshape(-1), (g * o,)).reshape(g, o)
+
+
+def round_nearest(wm: np.ndarray, step: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
+    """``wm`` ``(G, O, D)`` rounded half up to its channels' grids (``step`` ``(G, O)``), saturated."""
+    s = step[:, :, None]
+    return np.clip(np.floor(wm / s + 0.5), qmin, qmax) * s
+
+
 def obq_sweep(w: np.ndarray, h: np.ndarray, pick, *, damp: float = 0.01, act_order: bool = True,
               free: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Optimal-brain-quantization sweep of the rows of ``w`` in the metric of ``h``: column by column
@@ -349,7 +360,7 @@ def optimise_layer(node: Node, grams: tuple[np.ndarray, np.ndarray, np.ndarray],
     wt, (hqq, hqf, hff), free = augmented_problem(wm, b, grams, use_bias)
     wstar = least_squares_target(wt, hqq, hqf, damp=damp, count=count, min_samples=min_samples)
     lo, hi = qrange(fmt.bits, fmt.signed)
-    sc = np.broadcast_to(np.asarray(fmt.scale(), np.float64).reshape(-1), (g * o,)).reshape(g, o)
+    sc = channel_steps(fmt, g, o)
 
     def solve(step):
         q, _ = obq_round(wstar, hqq, step, lo, hi, damp=damp, act_order=act_order, free=free)
@@ -371,7 +382,7 @@ def optimise_layer(node: Node, grams: tuple[np.ndarray, np.ndarray, np.ndarray],
             best = np.where(take[:, :, None], cand, best)
             err = np.where(take, err2, err)
             frac = np.where(take, frac0 + k, frac)
-    near = np.clip(np.floor(wm / sc[:, :, None] + 0.5), lo, hi) * sc[:, :, None]
+    near = round_nearest(wm, sc, lo, hi)
     if use_bias:
         near = np.concatenate([near, wt[:, :, d:]], axis=2)  # the bias column, as it is
     err_near = row_loss(near, wt, hqq, hqf, hff)
@@ -481,9 +492,10 @@ def optimise_rounding_sequential(graph: Graph, layers: list[Node], table, x: np.
             row.update(applied=False, reason=why)
         else:
             f_in = n.inputs[0].qformat
-            xq = [aq[0] if f_in is None else fake_quant_act(aq[0], f_in, rounding) for aq in args_q]
+            # batch by batch: the Grams never hold more than one quantized batch
+            xq = (aq[0] if f_in is None else fake_quant_act(aq[0], f_in, rounding) for aq in args_q)
             if solve is not None:
-                r = solve(n, args_f, xq, n.qconfig.weight_format)
+                r = solve(n, args_f, list(xq), n.qconfig.weight_format)
             else:
                 hqq, hqf, hff, cnt = mean_layer_grams(n, ((af[0], q) for af, q in zip(args_f, xq)))
                 r = optimise_layer(n, (hqq, hqf, hff), n.qconfig.weight_format, damp=damp,
