@@ -195,7 +195,8 @@ def adaround_layer(node: Node, xq: np.ndarray, yf: np.ndarray, act: Node | None,
     round to nearest when the learned rounding does not lower the output error on those samples."""
     crops = _Crops(node, np.asarray(xq, np.float32), np.asarray(yf, np.float32), opts.crop)
     graph, wv, bv = layer_graph(node, act, (None, crops.x.shape[1]) + (None,) * (crops.x.ndim - 2))
-    params = [wv] + ([bv] if bv is not None and opts.bias else [])
+    train_bias = bv is not None and opts.bias
+    params = [wv] + ([bv] if train_bias else [])
     engine = GradEngine(graph, params=params, dtype=np.float32)
 
     wm = weight_matrix(node, np.asarray(node.weight.const, np.float64))
@@ -217,13 +218,13 @@ def adaround_layer(node: Node, xq: np.ndarray, yf: np.ndarray, act: Node | None,
     err_near, energy = _output_error(engine, crops)
 
     state = {"v": initial_v(wm / sc - base)}
-    if len(params) > 1:
+    if train_bias:
         state["b"] = engine.params[bv].astype(np.float64)
     adam = _Adam(opts.lr)
     rng = np.random.default_rng(opts.seed)
     warm = int(opts.warmup * opts.iters)
     b0, b1 = opts.beta
-    for step in range(opts.iters):
+    for it in range(opts.iters):
         h, dh = rectified_sigmoid(state["v"])
         wsoft, inside = weights(h)
         set_weight(wsoft)
@@ -235,8 +236,8 @@ def adaround_layer(node: Node, xq: np.ndarray, yf: np.ndarray, act: Node | None,
         positions = diff.size / diff.shape[1]  # the error summed over channels, averaged over positions
         grads = engine.backward(tape, (2.0 * diff / positions).astype(np.float32))
         gv = weight_matrix(node, grads[wv].astype(np.float64)) * sc * inside * dh
-        if step >= warm and opts.reg > 0:
-            beta = b1 + (b0 - b1) * (1 - (step - warm) / max(1, opts.iters - warm))
+        if it >= warm and opts.reg > 0:
+            beta = b1 + (b0 - b1) * (1 - (it - warm) / max(1, opts.iters - warm))
             u = 2 * h - 1
             gv -= opts.reg * beta * np.abs(u) ** (beta - 1) * np.sign(u) * 2 * dh
         upd = {"v": gv}
