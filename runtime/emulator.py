@@ -8,7 +8,10 @@ B-bit integers is exact in float64, and in float32 while it stays below 2^24 (th
 lowering checks it per layer); the shifts, rounding and saturation are numba kernels
 (``runtime/emulator_kernels.py``). Conv and Gemm layers with 8-bit weights run on exact 8-bit
 integer kernels when a batch's activations span at most 256 values (``runtime/intgemm.py``;
-``int8_kernels=False`` keeps every layer on float BLAS: the same integers, slower).
+``int8_kernels=False`` keeps every layer on float BLAS: the same integers, slower). A layer whose
+only reader is a shift requantization runs with it as one pass over its accumulators (bias,
+rounding, saturation; depthwise convolutions entirely in one numba kernel); ``fuse=False`` runs
+the steps one by one: the same integers, more passes over memory.
 """
 from __future__ import annotations
 
@@ -43,7 +46,8 @@ def _int8_conv_pays(x_shape, w_shape) -> bool:
 class Emulator:
     """Executes a Program on numpy arrays (see module docstring)."""
 
-    def __init__(self, program: Program, *, check_overflow: int | None = 32, int8_kernels: bool = True):
+    def __init__(self, program: Program, *, check_overflow: int | None = 32, int8_kernels: bool = True,
+                 fuse: bool = True):
         self.p = program
         self.check_overflow = check_overflow
         self.int8_kernels = int8_kernels
@@ -59,6 +63,42 @@ class Emulator:
             self._nodes.append(node)
         # tensors to drop after their last reader
         self._free = free_lists(program.steps, program.consts, program.outputs)
+        self._fused = self._fusable() if fuse else {}
+
+    def _fusable(self) -> dict[int, tuple[int, tuple]]:
+        """Layer steps whose only reader is a shift requantization (no divisor): ``{layer step:
+        (requant step, (bias, shift, lo, hi, mode) per output channel)}``. Such a layer runs with
+        its requantization as one pass (``_layer_requant``), the same integers in fewer passes over
+        memory. Not where the accumulator's overflow check applies (bound >= 2^(check_overflow-1))."""
+        steps = self.p.steps
+        readers: dict[str, list[int]] = {}
+        for j, s in enumerate(steps):
+            for x in dict.fromkeys(s.inputs):
+                if x:
+                    readers.setdefault(x, []).append(j)
+        outputs = {o["tensor"] for o in self.p.outputs}
+        lim = float(1 << (self.check_overflow - 1)) if self.check_overflow else np.inf
+        fused = {}
+        for i, s in enumerate(steps):
+            if s.kind != "layer" or s.params["bound"] >= lim or s.outputs[0] in outputs:
+                continue
+            r = readers.get(s.outputs[0], [])
+            if len(r) != 1 or r[0] <= i:
+                continue
+            q = steps[r[0]]
+            P = q.params
+            if q.kind != "requant" or "shift" not in P or P.get("den") not in (None, 1.0) or len(q.inputs) != 1:
+                continue
+            if s.op not in ("Conv", "Gemm") or P["axis"] not in (None, 1):
+                continue
+            w_shape = self.p.consts[s.inputs[1]].shape
+            C = int(w_shape[0] if s.op == "Conv" or self._nodes[i].attr("transB", 0) else w_shape[1])
+            chan = [np.ascontiguousarray(np.broadcast_to(np.asarray(P[k], dt), (C,)))
+                    for k, dt in (("shift", np.int64), ("lo", np.float64), ("hi", np.float64))]
+            bias = (np.zeros(C) if not s.inputs[2]
+                    else np.ascontiguousarray(np.asarray(self.p.consts[s.inputs[2]], np.float64).reshape(C)))
+            fused[i] = (r[0], (bias, *chan, K.MODES[P["mode"]]))
+        return fused
 
     def _const(self, name: str, dtype) -> np.ndarray:
         key = (name, str(dtype))
@@ -78,8 +118,20 @@ class Emulator:
             env[k] = np.asarray(v)
         keep = set(keep)
         kept = {}
+        ahead: dict[int, np.ndarray] = {}  # requantizations computed with their layer
         for i, s in enumerate(self.p.steps):
-            outs = self._exec(i, s, env)
+            fuse = self._fused.get(i)
+            if i in ahead:
+                outs = (ahead.pop(i),)
+            elif fuse is not None and s.outputs[0] not in keep:
+                y = self._layer_requant(i, s, env, fuse[1])
+                if y is None:
+                    outs = self._exec(i, s, env)
+                else:
+                    ahead[fuse[0]] = y
+                    outs = ()
+            else:
+                outs = self._exec(i, s, env)
             for o, a in zip(s.outputs, outs):
                 env[o] = a
                 if o in keep:
@@ -167,9 +219,10 @@ class Emulator:
             self._gemms[i] = g
         return self._gemms[i]
 
-    def _layer_int8(self, i: int, s: Step, x: np.ndarray, dt) -> np.ndarray | None:
+    def _gemm_int8(self, i: int, s: Step, x: np.ndarray) -> tuple[np.ndarray, tuple] | None:
         """Conv (2-D, one group) and Gemm layers on 8-bit integer kernels (runtime/intgemm.py), when
-        the weights are 8-bit and this batch's activations span at most 256 values; None otherwise."""
+        the weights are 8-bit and this batch's activations span at most 256 values: the int32
+        accumulators channels-last (N, positions, M) and the layer's NCHW output shape; None otherwise."""
         node = self._nodes[i]
         wc = self.p.consts[s.inputs[1]]
         if s.op == "Conv" and x.ndim == 4 and int(node.attr("group", 1)) == 1 and _int8_conv_pays(x.shape, wc.shape):
@@ -183,9 +236,8 @@ class Emulator:
                       for k in range(2)]
             a = im2col_channels_last(x + np.float32(z), wc.shape[2:], pads, strides, dil, out_sp,
                                      pad_value=z, dtype=np.uint8)
-            y = g(a, z, a_max)
             N, M = x.shape[0], wc.shape[0]
-            return y.reshape(N, -1, M).transpose(0, 2, 1).reshape(N, M, *out_sp).astype(dt)
+            return g(a, z, a_max).reshape(N, -1, M), (N, M, *out_sp)
         if s.op == "Gemm" and x.ndim == 2 and not node.attr("transA", 0):
             trans_b = bool(node.attr("transB", 0))
             g = self._int_gemm(i, s, lambda: np.ascontiguousarray(np.asarray(wc).T if trans_b else wc))
@@ -193,8 +245,48 @@ class Emulator:
             if shift is None:
                 return None
             z, a_max = shift
-            return g((x + np.float32(z)).astype(np.uint8), z, a_max).astype(dt)
+            y = g((x + np.float32(z)).astype(np.uint8), z, a_max)
+            return y[:, None, :], y.shape
         return None
+
+    def _layer_requant(self, i: int, s: Step, env: dict, chan: tuple) -> np.ndarray | None:
+        """The layer and the requantization that reads it (``_fusable``) with the bias, rounding and
+        saturation in one pass: depthwise convolutions in ``depthwise_requant`` (the accumulators
+        never leave a scratch row), other layers' products through ``requant_bias``; None when this
+        batch cannot take the fused path (a depthwise layer with negative pads)."""
+        dt = np.dtype(s.params["dtype"])
+        x = env[s.inputs[0]]
+        node = self._nodes[i]
+        w = self._const(s.inputs[1], dt)
+        group = int(node.attr("group", 1))
+        if s.op == "Conv" and x.ndim == 4 and group > 1 and group == x.shape[1] and w.shape[1] == 1:
+            strides, pads, dil = conv_params(node, x.shape, w.shape)
+            if min(pads) < 0:
+                return None
+            N, C, H, W = x.shape
+            oh, ow = (out_size(x.shape[2 + k], w.shape[2 + k], strides[k], dil[k], pads[k], pads[k + 2])
+                      for k in range(2))
+            Wp = W + pads[1] + pads[3]
+            plane = np.zeros((H + pads[0] + pads[2] + 1, Wp), dt)
+            acc = np.empty(max(oh * Wp, Wp), dt)
+            out = np.empty((N, w.shape[0], oh, ow), np.float32)
+            K.depthwise_requant(np.ascontiguousarray(x), w, w.shape[0] // group, pads[0], pads[1], *strides, *dil,
+                                *chan, out, plane, acc)
+            return out
+        y = self._layer_int8(i, s, x, dt)
+        if y is None:
+            y = float_node_fn(node, [x.astype(dt, copy=False), w])[0]
+        y = np.ascontiguousarray(y)
+        out = np.empty(y.shape, np.float32)
+        K.requant_bias(K.as_pcs(y, 1), *chan, K.as_pcs(out, 1))
+        return out
+
+    def _layer_int8(self, i: int, s: Step, x: np.ndarray, dt) -> np.ndarray | None:
+        r = self._gemm_int8(i, s, x)
+        if r is None:
+            return None
+        y, shape = r
+        return y.transpose(0, 2, 1).reshape(shape).astype(dt, order="C")
 
     def _layer(self, i: int, s: Step, env: dict) -> np.ndarray:
         dt = np.dtype(s.params["dtype"])

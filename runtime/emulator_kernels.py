@@ -33,7 +33,9 @@ def _round(y, mode):
 
 @numba.njit(cache=True, inline="always")
 def _clamp(q, lo, hi):
-    return lo if q < lo else (hi if q > hi else q)
+    # min/max, not branches: LLVM emits maxsd/minsd, and scalar loops (the transposing epilogues)
+    # do not pay a mispredicted branch per saturated element
+    return min(max(q, lo), hi)
 
 
 @numba.njit(cache=True)
@@ -145,3 +147,91 @@ def as_pcs(a: np.ndarray, axis: int | None) -> np.ndarray:
     pre = int(np.prod(a.shape[:ax], dtype=np.int64))
     post = int(np.prod(a.shape[ax + 1:], dtype=np.int64))
     return a.reshape(pre, a.shape[ax], post)
+
+
+# --------------------------------------------------------------------------- fused layer epilogues
+# A layer followed by the shift requantization that is its only reader runs as one pass over the
+# accumulators (runtime/emulator.py ``_fused``): out = clamp(round((acc + bias[c]) * 2^-shift[c])).
+# ``acc + bias`` is computed in float64, exact for the integers below 2^53 the lowering allows, so
+# the result is the same integers as the unfused layer (bias added in the accumulator's dtype, exact
+# by the lowering's bound) followed by ``requant_shift``.
+
+@numba.njit(cache=True)
+def requant_bias(acc, bias, shift, lo, hi, mode, out):
+    """``requant_shift`` of ``acc + bias[c]`` (acc viewed (pre, C, post))."""
+    P, C, S = acc.shape
+    for p in range(P):
+        for c in range(C):
+            m = math.ldexp(1.0, -shift[c])
+            b = bias[c]
+            l = lo[c]
+            h = hi[c]
+            for s in range(S):
+                q = _round((float(acc[p, c, s]) + b) * m, mode)
+                out[p, c, s] = _clamp(q, l, h)
+
+
+@numba.njit(cache=True)
+def depthwise_requant(x, w, mg, pt, pl, sh, sw, dh, dw, bias, shift, lo, hi, mode, out, plane, acc):
+    """Depthwise convolution (output channel m reads input channel m // mg) with its requantization,
+    one plane at a time: the input plane is copied into the zero-bordered scratch ``plane``
+    (Hp + 1, Wp), the taps are summed in ``acc`` (the accumulator dtype: exact integers, as in
+    runtime/kernels.py), and each output row is requantized from ``acc``. Stride 1 sums each tap over
+    the flattened plane (one run of oh * Wp elements), other strides row by row. Every inner loop
+    reads slices indexed from 0 (no negative-index checks), so that LLVM vectorizes it."""
+    N, C, H, W = x.shape
+    M, _, kh, kw = w.shape
+    oh, ow = out.shape[2], out.shape[3]
+    Wp = plane.shape[1]
+    flat = plane.reshape(-1)
+    flat_sum = sh == 1 and sw == 1
+    L = oh * Wp
+    T = (ow - 1) * sw + 1
+    for n in range(N):
+        for m in range(M):
+            c = m // mg
+            src = x[n, c]
+            for i in range(H):
+                dst = plane[pt + i, pl:pl + W]
+                s_row = src[i]
+                for j in range(W):
+                    dst[j] = s_row[j]
+            e = math.ldexp(1.0, -shift[m])
+            b = bias[m]
+            l = lo[m]
+            h = hi[m]
+            if flat_sum:
+                a_run = acc[:L]
+                for k in range(L):
+                    a_run[k] = 0
+                for a in range(kh):
+                    for bb in range(kw):
+                        wv = w[m, 0, a, bb]
+                        base = a * dh * Wp + bb * dw
+                        seg = flat[base:base + L]
+                        for k in range(L):
+                            a_run[k] += seg[k] * wv
+                for i in range(oh):
+                    o = out[n, m, i]
+                    a_row = acc[i * Wp:i * Wp + ow]
+                    for j in range(ow):
+                        q = _round((float(a_row[j]) + b) * e, mode)
+                        o[j] = _clamp(q, l, h)
+            else:
+                a_run = acc[:T]
+                a_out = a_run[::sw]
+                for i in range(oh):
+                    for k in range(T):
+                        a_run[k] = 0
+                    for a in range(kh):
+                        row = plane[i * sh + a * dh]
+                        for bb in range(kw):
+                            wv = w[m, 0, a, bb]
+                            off = bb * dw
+                            seg = row[off:off + T]
+                            for k in range(T):
+                                a_run[k] += seg[k] * wv
+                    o = out[n, m, i]
+                    for j in range(ow):
+                        q = _round((float(a_out[j]) + b) * e, mode)
+                        o[j] = _clamp(q, l, h)
