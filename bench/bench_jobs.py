@@ -98,18 +98,21 @@ def emulator_speed(model: str) -> dict:
     batch = 16 if model.startswith("efficientnet") else 64
     res = compile_model(model_path(model), level=1, target="npu8", calib=(xc, None), batch_size=batch)
     prog = lower(res.graph)
-    fast, slow = Emulator(prog), Emulator(prog, int8_kernels=False)
+    fast, slow, steps = Emulator(prog), Emulator(prog, int8_kernels=False), Emulator(prog, fuse=False)
     xb = xt[:batch]
-    a, b = fast.run(xb), slow.run(xb)
-    identical = all(np.array_equal(a[k], b[k]) for k in a)
+    a, b, c = fast.run(xb), slow.run(xb), steps.run(xb)
+    identical = all(np.array_equal(a[k], b[k]) and np.array_equal(a[k], c[k]) for k in a)
     int8, _ = quantize_ort(model, xc, True)
     s_f, s_8 = ort_session(model_path(model), threads=1), ort_session(int8, threads=1)
     with threadpool_limits(1):
-        r = {"batch": batch, "emulator": best_rate(lambda: fast.run(xb), batch),
-             "emulator (float BLAS only)": best_rate(lambda: slow.run(xb), batch),
-             "onnxruntime float": best_rate(lambda: ort_run(s_f, xb, batch), batch),
-             "onnxruntime int8": best_rate(lambda: ort_run(s_8, xb, batch), batch)}
+        r = {"batch": batch, "emulator": best_rate(lambda: fast.run(xb), batch, repeat=10),
+             "emulator (float BLAS only)": best_rate(lambda: slow.run(xb), batch, repeat=10),
+             "emulator (steps one by one)": best_rate(lambda: steps.run(xb), batch, repeat=10),
+             "onnxruntime float": best_rate(lambda: ort_run(s_f, xb, batch), batch, repeat=10),
+             "onnxruntime int8": best_rate(lambda: ort_run(s_8, xb, batch), batch, repeat=10)}
     r["int8 layers"] = sum(1 for g in fast._gemms.values() if g is not None)
+    r["fused layers"] = len(fast._fused)
+    r["codes"] = len(fast._codes_out)
     r["layers"] = sum(1 for st in prog.steps if st.kind == "layer")
     r["identical"] = identical
     return r
@@ -260,16 +263,23 @@ def table(res: dict, argv: str = "") -> str:
     emu = {m: r["emulator"] for m, r in res.items() if r.get("emulator")}
     if emu:
         lines += ["", "Fixed-point emulator (-O1 npu8, integer program lowered, one thread, one batch; images/s). "
-                  "`int8 layers`: layers that ran on the 8-bit integer kernels (runtime/intgemm.py); `identical`: "
-                  "same integers as the float-BLAS path.", "",
-                  "| model | batch | emulator | float BLAS only | onnxruntime float | onnxruntime int8 (quantize_static "
-                  "per-channel) | emulator / ORT int8 | emulator / ORT float | int8 layers | identical |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "`int8 layers`: layers that ran on the 8-bit integer kernels (runtime/intgemm.py); `fused`: "
+                  "layers run with their requantization in one pass, and of those, how many hand uint8 codes "
+                  "channels last to the next 8-bit convolution; `steps one by one`: the same program with "
+                  "`fuse=False`; `identical`: the same integers from all three emulator columns.", "",
+                  "| model | batch | emulator | steps one by one | float BLAS only | onnxruntime float | "
+                  "onnxruntime int8 (quantize_static per-channel) | emulator / ORT int8 | steps one by one / ORT "
+                  "int8 | emulator / ORT float | int8 layers | fused (codes) | identical |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for m, e in emu.items():
-            lines.append(f"| {m} | {e['batch']} | {e['emulator']:.0f} | {e['emulator (float BLAS only)']:.0f} | "
+            one = e.get("emulator (steps one by one)")
+            lines.append(f"| {m} | {e['batch']} | {e['emulator']:.0f} | {one or 0:.0f} | "
+                         f"{e['emulator (float BLAS only)']:.0f} | "
                          f"{e['onnxruntime float']:.0f} | {e['onnxruntime int8']:.0f} | "
-                         f"{e['emulator'] / e['onnxruntime int8']:.2f}x | {e['emulator'] / e['onnxruntime float']:.2f}x | "
-                         f"{e['int8 layers']}/{e['layers']} | {'yes' if e['identical'] else '**no**'} |")
+                         f"{e['emulator'] / e['onnxruntime int8']:.2f}x | {(one or 0) / e['onnxruntime int8']:.2f}x | "
+                         f"{e['emulator'] / e['onnxruntime float']:.2f}x | "
+                         f"{e['int8 layers']}/{e['layers']} | {e.get('fused layers', '-')} ({e.get('codes', '-')}) | "
+                         f"{'yes' if e['identical'] else '**no**'} |")
     return "\n".join(lines) + "\n"
 
 

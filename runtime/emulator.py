@@ -11,7 +11,10 @@ integer kernels when a batch's activations span at most 256 values (``runtime/in
 ``int8_kernels=False`` keeps every layer on float BLAS: the same integers, slower). A layer whose
 only reader is a shift requantization runs with it as one pass over its accumulators (bias,
 rounding, saturation; depthwise convolutions entirely in one numba kernel); ``fuse=False`` runs
-the steps one by one: the same integers, more passes over memory.
+the steps one by one: the same integers, more passes over memory. Between 8-bit convolutions
+(and the max pools between them) activations stay the uint8 codes channels last that the next
+GEMM reads (``_Codes``), as an integer accelerator keeps them; every other step, ``keep`` and the
+outputs see the usual float32 NCHW integers.
 """
 from __future__ import annotations
 
@@ -24,23 +27,57 @@ from ..core.progress import progress_iter
 from . import emulator_kernels as K
 from .executor import batches, float_node_fn
 from .intgemm import INT32_EXACT, IntGemm, uint8_zero_point
-from .ops import CHANNELS_LAST_FROM, conv_params, im2col_channels_last, out_size, weights_channels_last
+from .ops import (CHANNELS_LAST_FROM, conv_params, im2col_channels_last, max_pool_channels_last, out_size,
+                  weights_channels_last, windows_channels_last)
 
 ROUNDINGS = ("half-up", "half-even")
 F32_EXACT = float(1 << 24)
 F64_EXACT = float(1 << 53)
 
 
-def _int8_conv_pays(x_shape, w_shape) -> bool:
-    """Whether the 8-bit kernel is faster for this convolution: it needs the input channels-last
-    and the output back to NCHW, which the float path also pays for k x k kernels of 16 channels
-    or more (runtime/ops.py) but not for 1x1 kernels, whose float GEMM reads NCHW as it is. Measured
-    on the bench models (one thread): 1.2-2x faster for those k x k layers and for 1x1 layers of at
-    most 8x8 positions; slower for 1x1 layers on 28x28 and larger, which are memory-bound."""
+def _int8_conv_pays(x_shape, w_shape, codes_out: bool = False) -> bool:
+    """Whether the 8-bit kernel is faster for this convolution of a float32 NCHW input: it needs the
+    input channels-last and, unless the output stays uint8 codes (``codes_out``), the output back to
+    NCHW, which the float path also pays for k x k kernels of 16 channels or more (runtime/ops.py)
+    but not for 1x1 kernels, whose float GEMM reads NCHW as it is. Measured on the bench models (one
+    thread): 1.2-2x faster for those k x k layers, for k x k layers of fewer channels that write
+    codes (digits_alexnet's first layer) and for 1x1 layers of at most 8x8 positions; slower for 1x1
+    layers on 28x28 and larger, which are memory-bound."""
     k = int(np.prod(w_shape[2:]))
     if k > 1:
-        return x_shape[1] >= CHANNELS_LAST_FROM
+        return codes_out or x_shape[1] >= CHANNELS_LAST_FROM
     return int(np.prod(x_shape[2:])) <= 64
+
+
+class _Codes:
+    """A 4-D tensor of centered integers held as the uint8 codes an 8-bit GEMM reads, channels last:
+    ``value = data - z`` with ``data`` (N, H, W, C). Passed between 8-bit convolutions (and the max
+    pools between them) instead of float32 NCHW arrays; ``canonical()`` is the emulator's usual form."""
+
+    __slots__ = ("data", "z")
+
+    def __init__(self, data: np.ndarray, z: int):
+        self.data = data
+        self.z = z
+
+    @property
+    def nchw_shape(self) -> tuple:
+        N, H, W, C = self.data.shape
+        return N, C, H, W
+
+    def canonical(self) -> np.ndarray:
+        out = np.empty(self.nchw_shape, np.float32)
+        np.subtract(self.data.transpose(0, 3, 1, 2), np.float32(self.z), out=out)
+        return out
+
+
+def _nchw(y: np.ndarray, shape: tuple, dt) -> np.ndarray:
+    """An 8-bit GEMM's channels-last accumulators (N, positions, M) as the NCHW layer output ``shape``."""
+    return y.transpose(0, 2, 1).reshape(shape).astype(dt, order="C")
+
+
+def _canonical(v):
+    return v.canonical() if isinstance(v, _Codes) else v
 
 
 class Emulator:
@@ -64,6 +101,7 @@ class Emulator:
         # tensors to drop after their last reader
         self._free = free_lists(program.steps, program.consts, program.outputs)
         self._fused = self._fusable() if fuse else {}
+        self._codes_out, self._codes_pools = self._codes_plan() if fuse and int8_kernels else ({}, set())
 
     def _fusable(self) -> dict[int, tuple[int, tuple]]:
         """Layer steps whose only reader is a shift requantization (no divisor): ``{layer step:
@@ -71,11 +109,7 @@ class Emulator:
         its requantization as one pass (``_layer_requant``), the same integers in fewer passes over
         memory. Not where the accumulator's overflow check applies (bound >= 2^(check_overflow-1))."""
         steps = self.p.steps
-        readers: dict[str, list[int]] = {}
-        for j, s in enumerate(steps):
-            for x in dict.fromkeys(s.inputs):
-                if x:
-                    readers.setdefault(x, []).append(j)
+        readers = self._readers()
         outputs = {o["tensor"] for o in self.p.outputs}
         lim = float(1 << (self.check_overflow - 1)) if self.check_overflow else np.inf
         fused = {}
@@ -100,6 +134,70 @@ class Emulator:
             fused[i] = (r[0], (bias, *chan, K.MODES[P["mode"]]))
         return fused
 
+    def _readers(self) -> dict[str, list[int]]:
+        readers: dict[str, list[int]] = {}
+        for j, s in enumerate(self.p.steps):
+            for x in dict.fromkeys(s.inputs):
+                if x:
+                    readers.setdefault(x, []).append(j)
+        return readers
+
+    def _int8_conv(self, i: int) -> bool:
+        """Whether layer step ``i`` is a one-group 2-D convolution with 8-bit weights and an int32 bound."""
+        s = self.p.steps[i]
+        if s.kind != "layer" or s.op != "Conv" or int(self._nodes[i].attr("group", 1)) != 1:
+            return False
+        w = self.p.consts[s.inputs[1]]
+        return w.ndim == 4 and s.params["bound"] < INT32_EXACT and IntGemm.supports(w.reshape(w.shape[0], -1))
+
+    def _codes_plan(self) -> tuple[dict[int, int], set[int]]:
+        """Where tensors stay uint8 codes channels last (``_Codes``) between steps: ``({requant step
+        fused into an 8-bit convolution: its zero point z}, {max pool and shift-0 requant steps run on
+        codes})``. A requantization qualifies when its range fits 256 codes and every reader is an
+        8-bit convolution (as its input), or a max pool or a shift-0 requantization whose readers all
+        qualify in turn; program outputs never do. At run time a layer that cannot take the 8-bit path still writes float32 NCHW, and
+        every other step reads the canonical form (``_Codes.canonical``)."""
+        steps = self.p.steps
+        readers = self._readers()
+        outputs = {o["tensor"] for o in self.p.outputs}
+
+        def codes_ok(t: str, pools: set[int], depth: int = 0) -> bool:
+            if t in outputs or depth > 8 or not readers.get(t):
+                return False
+            for j in readers[t]:
+                r = steps[j]
+                if self._int8_conv(j) and r.inputs[0] == t and t not in r.inputs[1:]:
+                    continue
+                if r.kind == "move" and r.op == "MaxPool" and len(r.outputs) == 1:
+                    kernel = self._nodes[j].attr("kernel_shape")
+                    pads = list(self._nodes[j].attr("pads", [0] * 4))
+                    ok = (len(kernel) == 2 and self._nodes[j].attr("auto_pad", "NOTSET") == "NOTSET"
+                          and all(0 <= p < kernel[k % 2] for k, p in enumerate(pads)))
+                elif r.kind == "requant":  # a change of range only (as after a max pool): a clip of the codes
+                    P = r.params
+                    ok = (len(r.inputs) == 1 and "shift" in P and not np.any(np.asarray(P["shift"]))
+                          and P.get("den") in (None, 1.0) and P["axis"] in (None, 1))
+                else:
+                    ok = False
+                if ok and codes_ok(r.outputs[0], pools, depth + 1):
+                    pools.add(j)
+                    continue
+                return False
+            return True
+
+        out: dict[int, int] = {}
+        pools: set[int] = set()
+        for i, (j, chan) in self._fused.items():
+            lo, hi = float(np.min(chan[2])), float(np.max(chan[3]))
+            z = -lo
+            if not self._int8_conv(i) or not (0 <= z <= 255 and hi + z <= 255):
+                continue
+            found: set[int] = set()
+            if codes_ok(steps[j].outputs[0], found):
+                out[j] = int(z)
+                pools |= found
+        return out, pools
+
     def _const(self, name: str, dtype) -> np.ndarray:
         key = (name, str(dtype))
         a = self._cache.get(key)
@@ -118,27 +216,33 @@ class Emulator:
             env[k] = np.asarray(v)
         keep = set(keep)
         kept = {}
-        ahead: dict[int, np.ndarray] = {}  # requantizations computed with their layer
+        ahead: dict[int, np.ndarray | _Codes] = {}  # requantizations computed with their layer
         for i, s in enumerate(self.p.steps):
             fuse = self._fused.get(i)
             if i in ahead:
                 outs = (ahead.pop(i),)
+            elif i in self._codes_pools and isinstance(env[s.inputs[0]], _Codes):
+                outs = (self._on_codes(i, s, env[s.inputs[0]]),)
             elif fuse is not None and s.outputs[0] not in keep:
-                y = self._layer_requant(i, s, env, fuse[1])
+                y = self._layer_requant(i, s, env, fuse[1], self._codes_out.get(fuse[0]))
                 if y is None:
                     outs = self._exec(i, s, env)
                 else:
                     ahead[fuse[0]] = y
                     outs = ()
             else:
+                if s.kind != "layer":  # layers read codes themselves (_gemm_int8)
+                    for x in s.inputs:
+                        if x and isinstance(env.get(x), _Codes):
+                            env[x] = env[x].canonical()
                 outs = self._exec(i, s, env)
             for o, a in zip(s.outputs, outs):
                 env[o] = a
                 if o in keep:
-                    kept[o] = a
+                    kept[o] = _canonical(a)
             for x in self._free[i]:
                 env.pop(x, None)
-        res = {o["name"]: env[o["tensor"]] for o in self.p.outputs}
+        res = {o["name"]: _canonical(env[o["tensor"]]) for o in self.p.outputs}
         res.update(kept)
         return res
 
@@ -219,13 +323,15 @@ class Emulator:
             self._gemms[i] = g
         return self._gemms[i]
 
-    def _gemm_int8(self, i: int, s: Step, x: np.ndarray) -> tuple[np.ndarray, tuple] | None:
+    def _gemm_int8(self, i: int, s: Step, x, codes_out: bool = False) -> tuple[np.ndarray, tuple] | None:
         """Conv (2-D, one group) and Gemm layers on 8-bit integer kernels (runtime/intgemm.py), when
         the weights are 8-bit and this batch's activations span at most 256 values: the int32
         accumulators channels-last (N, positions, M) and the layer's NCHW output shape; None otherwise."""
         node = self._nodes[i]
         wc = self.p.consts[s.inputs[1]]
-        if s.op == "Conv" and x.ndim == 4 and int(node.attr("group", 1)) == 1 and _int8_conv_pays(x.shape, wc.shape):
+        if isinstance(x, _Codes):
+            return self._conv_codes(i, s, x) if s.op == "Conv" else None
+        if s.op == "Conv" and x.ndim == 4 and int(node.attr("group", 1)) == 1 and _int8_conv_pays(x.shape, wc.shape, codes_out):
             g = self._int_gemm(i, s, lambda: weights_channels_last(np.asarray(wc)))
             shift = None if g is None else uint8_zero_point(x)
             if shift is None:
@@ -249,13 +355,60 @@ class Emulator:
             return y[:, None, :], y.shape
         return None
 
-    def _layer_requant(self, i: int, s: Step, env: dict, chan: tuple) -> np.ndarray | None:
+    def _on_codes(self, i: int, s: Step, x: _Codes) -> _Codes:
+        """A max pool or a shift-0 requantization (``_codes_plan``) on codes."""
+        if s.kind == "move":  # codes >= 0: padding with 0 never wins a window
+            return _Codes(max_pool_channels_last(self._nodes[i], x.data, 0), x.z)
+        lo = np.asarray(s.params["lo"], np.float64) + x.z
+        hi = np.asarray(s.params["hi"], np.float64) + x.z
+        if np.all(lo <= 0) and np.all(hi >= 255):
+            return x  # the range holds every code
+        C = x.data.shape[3]
+        lo = np.clip(np.broadcast_to(lo, (C,)), 0, 255).astype(np.uint8)
+        hi = np.clip(np.broadcast_to(hi, (C,)), 0, 255).astype(np.uint8)
+        return _Codes(np.minimum(np.maximum(x.data, lo), hi), x.z)
+
+    def _conv_codes(self, i: int, s: Step, x: _Codes) -> tuple[np.ndarray, tuple] | None:
+        """``_gemm_int8`` of a convolution whose input is already uint8 codes channels last: a 1x1
+        stride-1 layer multiplies them as they are, others pad them with ``z`` (the code of 0) and
+        copy the windows; no conversion, no transpose."""
+        node = self._nodes[i]
+        wc = self.p.consts[s.inputs[1]]
+        g = self._int_gemm(i, s, lambda: weights_channels_last(np.asarray(wc)))
+        strides, pads, dil = conv_params(node, x.nchw_shape, wc.shape)
+        if g is None or min(pads) < 0:
+            return None
+        N, H, W, C = x.data.shape
+        out_sp = [out_size(x.nchw_shape[2 + k], wc.shape[2 + k], strides[k], dil[k], pads[k], pads[k + 2])
+                  for k in range(2)]
+        if wc.shape[2:] == (1, 1) and strides == [1, 1] and not any(pads):
+            a = x.data.reshape(-1, C)
+        else:
+            xh = np.full((N, H + pads[0] + pads[2], W + pads[1] + pads[3], C), x.z, np.uint8)
+            xh[:, pads[0]:pads[0] + H, pads[1]:pads[1] + W] = x.data
+            a = windows_channels_last(xh, wc.shape[2:], strides, dil, out_sp)
+        M = wc.shape[0]
+        return g(a, x.z, 255).reshape(N, -1, M), (N, M, *out_sp)
+
+    def _layer_requant(self, i: int, s: Step, env: dict, chan: tuple, codes_z: int | None = None):
         """The layer and the requantization that reads it (``_fusable``) with the bias, rounding and
         saturation in one pass: depthwise convolutions in ``depthwise_requant`` (the accumulators
-        never leave a scratch row), other layers' products through ``requant_bias``; None when this
-        batch cannot take the fused path (a depthwise layer with negative pads)."""
+        never leave a scratch row), other layers' products through ``requant_bias``; an 8-bit
+        convolution with ``codes_z`` (``_codes_plan``) writes uint8 codes channels last
+        (``requant_codes``). None when this batch cannot take the fused path (a depthwise layer with
+        negative pads)."""
         dt = np.dtype(s.params["dtype"])
         x = env[s.inputs[0]]
+        r = self._gemm_int8(i, s, x, codes_z is not None)
+        if r is not None:
+            y, shape = r
+            if codes_z is not None:
+                N, M = shape[:2]
+                out = np.empty((N, *shape[2:], M), np.uint8)
+                K.requant_codes(y.reshape(-1, M), *chan, codes_z, out.reshape(-1, M))
+                return _Codes(out, codes_z)
+            return self._requant_bias(_nchw(y, shape, dt), chan)
+        x = _canonical(x)
         node = self._nodes[i]
         w = self._const(s.inputs[1], dt)
         group = int(node.attr("group", 1))
@@ -273,27 +426,25 @@ class Emulator:
             K.depthwise_requant(np.ascontiguousarray(x), w, w.shape[0] // group, pads[0], pads[1], *strides, *dil,
                                 *chan, out, plane, acc)
             return out
-        y = self._layer_int8(i, s, x, dt)
-        if y is None:
-            y = float_node_fn(node, [x.astype(dt, copy=False), w])[0]
+        return self._requant_bias(float_node_fn(node, [x.astype(dt, copy=False), w])[0], chan)
+
+    @staticmethod
+    def _requant_bias(y: np.ndarray, chan: tuple) -> np.ndarray:
         y = np.ascontiguousarray(y)
         out = np.empty(y.shape, np.float32)
         K.requant_bias(K.as_pcs(y, 1), *chan, K.as_pcs(out, 1))
         return out
 
-    def _layer_int8(self, i: int, s: Step, x: np.ndarray, dt) -> np.ndarray | None:
+    def _layer_int8(self, i: int, s: Step, x, dt) -> np.ndarray | None:
         r = self._gemm_int8(i, s, x)
-        if r is None:
-            return None
-        y, shape = r
-        return y.transpose(0, 2, 1).reshape(shape).astype(dt, order="C")
+        return None if r is None else _nchw(*r, dt)
 
     def _layer(self, i: int, s: Step, env: dict) -> np.ndarray:
         dt = np.dtype(s.params["dtype"])
         x = env[s.inputs[0]]
         y = self._layer_int8(i, s, x, dt)
         if y is None:
-            x = x.astype(dt, copy=False)
+            x = _canonical(x).astype(dt, copy=False)
             w = self._const(s.inputs[1], dt)
             y = float_node_fn(self._nodes[i], [x, w])[0]
         if y.dtype != dt:

@@ -172,6 +172,23 @@ def requant_bias(acc, bias, shift, lo, hi, mode, out):
 
 
 @numba.njit(cache=True)
+def requant_codes(acc, bias, shift, lo, hi, mode, z, out):
+    """An integer GEMM's channels-last accumulators ``acc`` (R, C) requantized to uint8 codes
+    ``clamp(round((acc + bias[c]) * 2^-shift[c]), lo[c], hi[c]) + z`` in ``out`` (R, C), the layout
+    the next 8-bit GEMM reads (``lo + z >= 0``, ``hi + z <= 255``: the caller checks)."""
+    R, C = acc.shape
+    mult = np.empty(C)
+    for c in range(C):
+        mult[c] = math.ldexp(1.0, -shift[c])
+    for r in range(R):
+        a = acc[r]
+        o = out[r]
+        for c in range(C):
+            q = _round((float(a[c]) + bias[c]) * mult[c], mode)
+            o[c] = np.uint8(_clamp(q, lo[c], hi[c]) + z)
+
+
+@numba.njit(cache=True)
 def depthwise_requant(x, w, mg, pt, pl, sh, sw, dh, dw, bias, shift, lo, hi, mode, out, plane, acc):
     """Depthwise convolution (output channel m reads input channel m // mg) with its requantization,
     one plane at a time: the input plane is copied into the zero-bordered scratch ``plane``

@@ -207,12 +207,18 @@ def im2col_channels_last(x, kernel, pads, strides, dilations, out_sp, *, pad_val
     a padded NHWC buffer (filled with ``pad_value``; negative pads crop), whose windows are C-long
     contiguous runs. Used by the float convolution and by the emulator's integer GEMMs."""
     N, C, H, W = x.shape
-    kh, kw = kernel
-    oh, ow = out_sp
     pt, pl, pb, pr = pads
     xh = np.full((N, H + pt + pb, W + pl + pr, C), pad_value, dtype or x.dtype)
     xh[:, max(pt, 0):max(pt, 0) + H + min(pt, 0) + min(pb, 0), max(pl, 0):max(pl, 0) + W + min(pl, 0) + min(pr, 0)] = \
         x[:, :, max(-pt, 0):H - max(-pb, 0), max(-pl, 0):W - max(-pr, 0)].transpose(0, 2, 3, 1)
+    return windows_channels_last(xh, kernel, strides, dilations, out_sp)
+
+
+def windows_channels_last(xh, kernel, strides, dilations, out_sp) -> np.ndarray:
+    """``im2col_channels_last``'s columns of an input already padded and channels last (N, Hp, Wp, C)."""
+    N, C = xh.shape[0], xh.shape[3]
+    kh, kw = kernel
+    oh, ow = out_sp
     (sh, sw), (dh, dw) = strides, dilations
     win = sliding_window_view(xh, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(1, 2))
     win = win[:, :(oh - 1) * sh + 1:sh, :(ow - 1) * sw + 1:sw, :, ::dh, ::dw]  # N, oh, ow, C, kh, kw
@@ -616,20 +622,38 @@ def _tap_reduce(xp: np.ndarray, kernel, strides, dilations, out_sp, op, acc_dtyp
     return out
 
 
-def _pool(node, x, kind: str):
-    nd = x.ndim - 2
+def pool_geometry(node, x_shape):
+    """A pooling node's ``(kernel, strides, dilations, pads, extra, out_sp)``: ``pads`` as ONNX gives
+    them, ``extra`` the right padding that ceil-mode windows need on top."""
+    nd = len(x_shape) - 2
     kernel = list(node.attr("kernel_shape"))
     strides = list(node.attr("strides", [1] * nd))
     dil = list(node.attr("dilations", [1] * nd))
     ceil = bool(node.attr("ceil_mode", 0))
-    pads = conv_pads(node, list(x.shape[2:]), kernel, strides, dil)
+    pads = conv_pads(node, list(x_shape[2:]), kernel, strides, dil)
     if node.attr("storage_order", 0):
         _unsupported(node, "storage_order=1")
-    out_sp = [out_size(x.shape[2 + i], kernel[i], strides[i], dil[i], pads[i], pads[i + nd], ceil)
+    out_sp = [out_size(x_shape[2 + i], kernel[i], strides[i], dil[i], pads[i], pads[i + nd], ceil)
               for i in range(nd)]
-    # extra right padding so that ceil-mode windows fit
     extra = [max(0, (out_sp[i] - 1) * strides[i] + (kernel[i] - 1) * dil[i] + 1
-                 - (x.shape[2 + i] + pads[i] + pads[i + nd])) for i in range(nd)]
+                 - (x_shape[2 + i] + pads[i] + pads[i + nd])) for i in range(nd)]
+    return kernel, strides, dil, pads, extra, out_sp
+
+
+def max_pool_channels_last(node, x: np.ndarray, fill) -> np.ndarray:
+    """MaxPool of a channels-last 2-D input (N, H, W, C), channels last out; padded cells hold
+    ``fill`` (the caller's smallest value: a window always holds at least one input cell)."""
+    kernel, strides, dil, pads, extra, out_sp = pool_geometry(node, (x.shape[0], x.shape[3], *x.shape[1:3]))
+    width = ((0, 0), (pads[0], pads[2] + extra[0]), (pads[1], pads[3] + extra[1]), (0, 0))
+    xp = np.pad(x, width, constant_values=fill) if any(p for w in width for p in w) else x
+    # the taps of the NCHW view are strided views of the NHWC data; the result keeps that layout
+    out = _tap_reduce(xp.transpose(0, 3, 1, 2), kernel, strides, dil, out_sp, np.maximum)
+    return np.ascontiguousarray(out.transpose(0, 2, 3, 1))
+
+
+def _pool(node, x, kind: str):
+    nd = x.ndim - 2
+    kernel, strides, dil, pads, extra, out_sp = pool_geometry(node, x.shape)
     full_pads = pads[:nd] + [pads[nd + i] + extra[i] for i in range(nd)]
     if kind == "max":
         fill = -np.inf if np.issubdtype(x.dtype, np.floating) else np.iinfo(x.dtype).min

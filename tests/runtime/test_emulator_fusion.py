@@ -155,3 +155,59 @@ def test_kept_accumulators_and_shared_layers_are_not_fused():
     # a program output is never fused away
     prog.outputs.append({"name": "acc", "tensor": acc})
     assert layer not in Emulator(prog)._fused
+
+
+def _chain_net(pool_pads=(0, 0, 1, 1)):
+    """x -> conv 3x3 (1 channel in) -> int8 -> conv 3x3 -> relu -> uint8 -> max pool ->
+    int8 at the same scale (a clip of the codes above 127) -> conv 1x1 -> int8: every tensor between
+    the convolutions can stay uint8 codes channels last."""
+    rng = np.random.default_rng(11)
+    b = GraphBuilder("chain", opset=21)
+    x = qdq(b, b.input("x", [2, 1, 8, 8]), 1.0, np.int8, name="x")
+    specs = [(8, 1, 3, 64.0), (16, 8, 3, 32.0)]
+    in_scale = 1.0
+    for n, (m, c, k, out_scale) in enumerate(specs):
+        w = dq_const(b, rng.integers(-128, 128, (m, c, k, k)).astype(np.int8), 1.0, f"w{n}")
+        bias = dq_const(b, rng.integers(-500, 500, m).astype(np.int32), in_scale, f"b{n}")
+        in_scale = out_scale
+        y = b.op("Conv", [x, w, bias], name=f"conv{n}", pads=[1, 1, 1, 1])
+        if n:  # the first activation is int8 (codes z = 128: the next layer pads with 128), the second uint8
+            y = b.op("Relu", [y], name=f"relu{n}")
+        x = qdq(b, y, out_scale, np.uint8 if n else np.int8, name=f"a{n}")
+    x = b.op("MaxPool", [x], name="pool", kernel_shape=[2, 2], strides=[2, 2], pads=list(pool_pads))
+    x = qdq(b, x, 32.0, np.int8, name="p")  # the same scale: a shift-0 requantization
+    w = dq_const(b, rng.integers(-128, 128, (4, 16, 1, 1)).astype(np.int8), 1.0, "w2")
+    y = b.op("Conv", [x, w], name="conv2")
+    g = b.output(qdq(b, y, 16.0, np.int8, name="y"))
+    g.metadata["mpqc.rounding"] = "half-even"
+    return g
+
+
+@pytest.mark.parametrize("pool_pads", [(0, 0, 0, 0), (0, 0, 1, 1)])
+def test_codes_pass_between_8bit_convolutions_and_stay_exact(pool_pads):
+    g = _chain_net(pool_pads)
+    x = np.random.default_rng(1).integers(-128, 128, (2, 1, 8, 8)).astype(np.float32)
+    prog, emu, out = _run_both(g, x)
+    kinds = [prog.steps[j].kind for j in emu._codes_out]
+    assert kinds == ["requant", "requant"]  # both uint8 activations feed 8-bit convolutions as codes
+    assert sorted(prog.steps[j].op or prog.steps[j].kind for j in emu._codes_pools) == ["MaxPool", "requant"]
+    assert np.array_equal(next(iter(out.values())), ort_run(g, x))
+    # tensors asked for come back in the usual form, equal to the step-by-step run
+    names = [prog.steps[j].outputs[0] for j in sorted(set(emu._codes_out) | emu._codes_pools)]
+    _run_both(g, x, keep=names)
+
+
+def test_a_layer_that_cannot_write_codes_hands_on_the_usual_form(monkeypatch):
+    g = _chain_net()
+    x = np.random.default_rng(2).integers(-128, 128, (2, 1, 8, 8)).astype(np.float32)
+    prog = lower(g)
+    want = Emulator(prog, fuse=False).run(x)
+    emu = Emulator(prog)
+    first = min(i for i, s in enumerate(prog.steps) if s.kind == "layer")
+    real = Emulator._gemm_int8
+
+    def decline_first(self, i, s, xx, codes_out=False):
+        return None if i == first else real(self, i, s, xx, codes_out)
+    monkeypatch.setattr(Emulator, "_gemm_int8", decline_first)
+    got = emu.run(x)
+    assert all(np.array_equal(got[k], want[k]) for k in want)
