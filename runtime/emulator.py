@@ -485,7 +485,7 @@ class Emulator:
             d = np.full(x.shape, float(den))
             K.requant_div(xv.astype(np.float64), shift, K.as_pcs(d, P["axis"]), lo, hi, mode, ov)
         else:
-            K.requant_shift(xv, shift, lo, hi, mode, ov)
+            K.requant_bias(xv, np.zeros(C), shift, lo, hi, mode, ov)
         return out
 
 

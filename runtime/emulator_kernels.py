@@ -18,6 +18,8 @@ import math
 import numba
 import numpy as np
 
+from .kernels import tap_sums_flat, tap_sums_row
+
 HALF_UP = 0
 HALF_EVEN = 1
 MODES = {"half-up": HALF_UP, "half-even": HALF_EVEN}
@@ -36,20 +38,6 @@ def _clamp(q, lo, hi):
     # min/max, not branches: LLVM emits maxsd/minsd, and scalar loops (the transposing epilogues)
     # do not pay a mispredicted branch per saturated element
     return min(max(q, lo), hi)
-
-
-@numba.njit(cache=True)
-def requant_shift(acc, shift, lo, hi, mode, out):
-    """out = clamp(round(acc * 2^-shift[c]), lo[c], hi[c]); exact for |acc * 2^-shift| < 2^52."""
-    P, C, S = acc.shape
-    for p in range(P):
-        for c in range(C):
-            m = math.ldexp(1.0, -shift[c])
-            l = lo[c]
-            h = hi[c]
-            for s in range(S):
-                q = _round(acc[p, c, s] * m, mode)
-                out[p, c, s] = _clamp(q, l, h)
 
 
 @numba.njit(cache=True)
@@ -149,16 +137,14 @@ def as_pcs(a: np.ndarray, axis: int | None) -> np.ndarray:
     return a.reshape(pre, a.shape[ax], post)
 
 
-# --------------------------------------------------------------------------- fused layer epilogues
-# A layer followed by the shift requantization that is its only reader runs as one pass over the
-# accumulators (runtime/emulator.py ``_fused``): out = clamp(round((acc + bias[c]) * 2^-shift[c])).
-# ``acc + bias`` is computed in float64, exact for the integers below 2^53 the lowering allows, so
-# the result is the same integers as the unfused layer (bias added in the accumulator's dtype, exact
-# by the lowering's bound) followed by ``requant_shift``.
-
 @numba.njit(cache=True)
 def requant_bias(acc, bias, shift, lo, hi, mode, out):
-    """``requant_shift`` of ``acc + bias[c]`` (acc viewed (pre, C, post))."""
+    """out = clamp(round((acc + bias[c]) * 2^-shift[c]), lo[c], hi[c]) (acc viewed (pre, C, post));
+    exact for |(acc + bias) * 2^-shift| < 2^52. A requant step passes a zero bias; a layer whose
+    only reader is a shift requantization passes its own (runtime/emulator.py ``_fusable``: one pass
+    over the accumulators). ``acc + bias`` is computed in float64, exact for the integers below 2^53
+    the lowering allows, so the result is the same integers as the bias added in the accumulator's
+    dtype (exact by the lowering's bound) and requantized after."""
     P, C, S = acc.shape
     for p in range(P):
         for c in range(C):
@@ -196,8 +182,8 @@ def depthwise_requant(x, w, mg, pt, pl, sh, sw, dh, dw, bias, shift, lo, hi, mod
     runtime/kernels.py), and each output row is requantized from ``acc``. Stride 1 sums each tap over
     the flattened plane (one run of oh * Wp elements), other strides row by row. Every inner loop
     reads slices indexed from 0 (no negative-index checks), so that LLVM vectorizes it."""
-    N, C, H, W = x.shape
-    M, _, kh, kw = w.shape
+    N, _, H, W = x.shape
+    M = w.shape[0]
     oh, ow = out.shape[2], out.shape[3]
     Wp = plane.shape[1]
     flat = plane.reshape(-1)
@@ -218,16 +204,7 @@ def depthwise_requant(x, w, mg, pt, pl, sh, sw, dh, dw, bias, shift, lo, hi, mod
             l = lo[m]
             h = hi[m]
             if flat_sum:
-                a_run = acc[:L]
-                for k in range(L):
-                    a_run[k] = 0
-                for a in range(kh):
-                    for bb in range(kw):
-                        wv = w[m, 0, a, bb]
-                        base = a * dh * Wp + bb * dw
-                        seg = flat[base:base + L]
-                        for k in range(L):
-                            a_run[k] += seg[k] * wv
+                tap_sums_flat(flat, w[m, 0], acc, dh, dw, Wp, L)
                 for i in range(oh):
                     o = out[n, m, i]
                     a_row = acc[i * Wp:i * Wp + ow]
@@ -235,19 +212,9 @@ def depthwise_requant(x, w, mg, pt, pl, sh, sw, dh, dw, bias, shift, lo, hi, mod
                         q = _round((float(a_row[j]) + b) * e, mode)
                         o[j] = _clamp(q, l, h)
             else:
-                a_run = acc[:T]
-                a_out = a_run[::sw]
+                a_out = acc[:T:sw]
                 for i in range(oh):
-                    for k in range(T):
-                        a_run[k] = 0
-                    for a in range(kh):
-                        row = plane[i * sh + a * dh]
-                        for bb in range(kw):
-                            wv = w[m, 0, a, bb]
-                            off = bb * dw
-                            seg = row[off:off + T]
-                            for k in range(T):
-                                a_run[k] += seg[k] * wv
+                    tap_sums_row(plane, w[m, 0], acc, i * sh, dh, dw, T)
                     o = out[n, m, i]
                     for j in range(ow):
                         q = _round((float(a_out[j]) + b) * e, mode)

@@ -12,13 +12,45 @@ import numpy as np
 FLAT_BELOW = 48
 
 
+@numba.njit(cache=True, inline="always")
+def tap_sums_row(plane, wm, acc, r0, dh, dw, T):
+    """``acc[:T]`` = the taps (a, b) of one output row, in order from 0: ``sum wm[a, b] *
+    plane[r0 + a*dh, b*dw : b*dw + T]`` (slices indexed from 0, so that LLVM vectorizes)."""
+    kh, kw = wm.shape
+    for k in range(T):
+        acc[k] = 0
+    for a in range(kh):
+        row = plane[r0 + a * dh]
+        for b in range(kw):
+            wv = wm[a, b]
+            seg = row[b * dw:b * dw + T]
+            for k in range(T):
+                acc[k] += seg[k] * wv
+
+
+@numba.njit(cache=True, inline="always")
+def tap_sums_flat(p, wm, acc, dh, dw, Wp, L):
+    """``acc[:L]`` = the taps (a, b) of a stride-1 layer over a flattened padded plane ``p`` of width
+    ``Wp``, one contiguous run of ``L`` elements per tap, in order from 0."""
+    kh, kw = wm.shape
+    for k in range(L):
+        acc[k] = 0
+    for a in range(kh):
+        for b in range(kw):
+            wv = wm[a, b]
+            base = a * dh * Wp + b * dw
+            seg = p[base:base + L]
+            for k in range(L):
+                acc[k] += seg[k] * wv
+
+
 @numba.njit(cache=True, fastmath=False)
 def _depthwise_rows(xp, w, out, mg, sh, sw, dh, dw):
     # row by row: each output row sums its taps (a, b) in order from 0 over a stride-1 run of the
     # padded input row (contiguous, vectorized by LLVM); a column stride > 1 computes the stride-1
     # row and keeps every sw-th element (sw times the work, but no strided loads)
-    N, C, _, _ = xp.shape
-    M, _, kh, kw = w.shape
+    N = xp.shape[0]
+    M = w.shape[0]
     oh, ow = out.shape[2], out.shape[3]
     T = (ow - 1) * sw + 1
     tmp = np.empty(T, out.dtype)
@@ -28,15 +60,7 @@ def _depthwise_rows(xp, w, out, mg, sh, sw, dh, dw):
         c = m // mg
         for i in range(oh):
             acc = out[n, m, i] if sw == 1 else tmp
-            for k in range(T):
-                acc[k] = 0
-            for a in range(kh):
-                row = xp[n, c, i * sh + a * dh]
-                for b in range(kw):
-                    wv = w[m, 0, a, b]
-                    seg = row[b * dw:b * dw + T]
-                    for k in range(T):
-                        acc[k] += seg[k] * wv
+            tap_sums_row(xp[n, c], w[m, 0], acc, i * sh, dh, dw, T)
             if sw != 1:
                 orow = out[n, m, i]
                 for j in range(ow):
@@ -49,22 +73,11 @@ def _depthwise_flat(xf, w, out, mg, dh, dw, Wp, L):
     # one tap is one contiguous run of oh*Wp elements over the flattened plane; columns >= ow are
     # scratch, cut by the caller. Same per-element order of the taps as _depthwise_rows.
     N = xf.shape[0]
-    M, _, kh, kw = w.shape
+    M = w.shape[0]
     for nm in range(N * M):
         n = nm // M
         m = nm % M
-        c = m // mg
-        o = out[n, m]
-        for k in range(L):
-            o[k] = 0
-        p = xf[n, c]
-        for a in range(kh):
-            for b in range(kw):
-                wv = w[m, 0, a, b]
-                base = a * dh * Wp + b * dw
-                seg = p[base:base + L]
-                for k in range(L):
-                    o[k] += seg[k] * wv
+        tap_sums_flat(xf[n, m // mg], w[m, 0], out[n, m], dh, dw, Wp, L)
 
 
 def depthwise_conv2d(xp: np.ndarray, w: np.ndarray, mg: int, strides, dilations, out_sp) -> np.ndarray:
