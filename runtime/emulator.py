@@ -155,8 +155,11 @@ class Emulator:
         fused into an 8-bit convolution: its zero point z}, {max pool and shift-0 requant steps run on
         codes})``. A requantization qualifies when its range fits 256 codes and every reader is an
         8-bit convolution (as its input), or a max pool or a shift-0 requantization whose readers all
-        qualify in turn; program outputs never do. At run time a layer that cannot take the 8-bit path still writes float32 NCHW, and
-        every other step reads the canonical form (``_Codes.canonical``)."""
+        qualify in turn; program outputs never do. At run time a layer that cannot take the 8-bit
+        path still writes float32 NCHW, and every other step reads the canonical form
+        (``_Codes.canonical``). Codes are handed to the GEMM with the bound 255 (``_conv_codes``):
+        on a CPU without VNNI that can pick the widening uint8 x uint8 kernel where the data would
+        have allowed the faster one; the integers are the same."""
         steps = self.p.steps
         readers = self._readers()
         outputs = {o["tensor"] for o in self.p.outputs}
