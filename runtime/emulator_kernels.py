@@ -40,6 +40,13 @@ def _clamp(q, lo, hi):
     return min(max(q, lo), hi)
 
 
+@numba.njit(cache=True, inline="always")
+def _requant_one(acc, bias, mult, lo, hi, mode):
+    """clamp(round((acc + bias) * mult), lo, hi) for one accumulator, ``acc + bias`` in float64: the
+    fused epilogues' one formula (``requant_bias``, ``requant_codes``, ``depthwise_requant``)."""
+    return _clamp(_round((float(acc) + bias) * mult, mode), lo, hi)
+
+
 @numba.njit(cache=True)
 def requant_div(acc, shift, den, lo, hi, mode, out):
     """out = clamp(round(acc * 2^-shift[c] / den), lo[c], hi[c]) for integer ``acc`` and ``den``,
@@ -153,8 +160,7 @@ def requant_bias(acc, bias, shift, lo, hi, mode, out):
             l = lo[c]
             h = hi[c]
             for s in range(S):
-                q = _round((float(acc[p, c, s]) + b) * m, mode)
-                out[p, c, s] = _clamp(q, l, h)
+                out[p, c, s] = _requant_one(acc[p, c, s], b, m, l, h, mode)
 
 
 @numba.njit(cache=True)
@@ -170,8 +176,7 @@ def requant_codes(acc, bias, shift, lo, hi, mode, z, out):
         a = acc[r]
         o = out[r]
         for c in range(C):
-            q = _round((float(a[c]) + bias[c]) * mult[c], mode)
-            o[c] = np.uint8(_clamp(q, lo[c], hi[c]) + z)
+            o[c] = np.uint8(_requant_one(a[c], bias[c], mult[c], lo[c], hi[c], mode) + z)
 
 
 @numba.njit(cache=True)
@@ -209,13 +214,11 @@ def depthwise_requant(x, w, mg, pt, pl, sh, sw, dh, dw, bias, shift, lo, hi, mod
                     o = out[n, m, i]
                     a_row = acc[i * Wp:i * Wp + ow]
                     for j in range(ow):
-                        q = _round((float(a_row[j]) + b) * e, mode)
-                        o[j] = _clamp(q, l, h)
+                        o[j] = _requant_one(a_row[j], b, e, l, h, mode)
             else:
                 a_out = acc[:T:sw]
                 for i in range(oh):
                     tap_sums_row(plane, w[m, 0], acc, i * sh, dh, dw, T)
                     o = out[n, m, i]
                     for j in range(ow):
-                        q = _round((float(a_out[j]) + b) * e, mode)
-                        o[j] = _clamp(q, l, h)
+                        o[j] = _requant_one(a_out[j], b, e, l, h, mode)
