@@ -71,6 +71,13 @@ class _Codes:
         return out
 
 
+def _conv_geometry(node, x_shape, w_shape) -> tuple[list, list, list, list]:
+    """A 2-D convolution's ``(strides, pads, dilations, output size)``."""
+    strides, pads, dil = conv_params(node, x_shape, w_shape)
+    out_sp = [out_size(x_shape[2 + k], w_shape[2 + k], strides[k], dil[k], pads[k], pads[k + 2]) for k in range(2)]
+    return strides, pads, dil, out_sp
+
+
 def _nchw(y: np.ndarray, shape: tuple, dt) -> np.ndarray:
     """An 8-bit GEMM's channels-last accumulators (N, positions, M) as the NCHW layer output ``shape``."""
     return y.transpose(0, 2, 1).reshape(shape).astype(dt, order="C")
@@ -340,9 +347,7 @@ class Emulator:
             if shift is None:
                 return None
             z, a_max = shift
-            strides, pads, dil = conv_params(node, x.shape, wc.shape)
-            out_sp = [out_size(x.shape[2 + k], wc.shape[2 + k], strides[k], dil[k], pads[k], pads[k + 2])
-                      for k in range(2)]
+            strides, pads, dil, out_sp = _conv_geometry(node, x.shape, wc.shape)
             a = im2col_channels_last(x + np.float32(z), wc.shape[2:], pads, strides, dil, out_sp,
                                      pad_value=z, dtype=np.uint8)
             N, M = x.shape[0], wc.shape[0]
@@ -378,12 +383,10 @@ class Emulator:
         node = self._nodes[i]
         wc = self.p.consts[s.inputs[1]]
         g = self._int_gemm(i, s, lambda: weights_channels_last(np.asarray(wc)))
-        strides, pads, dil = conv_params(node, x.nchw_shape, wc.shape)
+        strides, pads, dil, out_sp = _conv_geometry(node, x.nchw_shape, wc.shape)
         if g is None or min(pads) < 0:
             return None
         N, H, W, C = x.data.shape
-        out_sp = [out_size(x.nchw_shape[2 + k], wc.shape[2 + k], strides[k], dil[k], pads[k], pads[k + 2])
-                  for k in range(2)]
         if wc.shape[2:] == (1, 1) and strides == [1, 1] and not any(pads):
             a = x.data.reshape(-1, C)
         else:
@@ -416,12 +419,10 @@ class Emulator:
         w = self._const(s.inputs[1], dt)
         group = int(node.attr("group", 1))
         if s.op == "Conv" and x.ndim == 4 and group > 1 and group == x.shape[1] and w.shape[1] == 1:
-            strides, pads, dil = conv_params(node, x.shape, w.shape)
+            strides, pads, dil, (oh, ow) = _conv_geometry(node, x.shape, w.shape)
             if min(pads) < 0:
                 return None
             N, C, H, W = x.shape
-            oh, ow = (out_size(x.shape[2 + k], w.shape[2 + k], strides[k], dil[k], pads[k], pads[k + 2])
-                      for k in range(2))
             Wp = W + pads[1] + pads[3]
             plane = np.zeros((H + pads[0] + pads[2] + 1, Wp), dt)
             acc = np.empty(max(oh * Wp, Wp), dt)
